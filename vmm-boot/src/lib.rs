@@ -1,0 +1,299 @@
+//! Boot loading for x86_64 guests: kernel images (ELF `vmlinux`, PVH ELF,
+//! bzImage) through linux-loader, the command line, the initrd, the Linux zero
+//! page or PVH start info with an e820 map, and the boot CPU state returned as
+//! plain data.
+//!
+//! Nothing here touches KVM: the caller applies [`BootCpuState`] to its vCPU.
+//!
+//! ```
+//! use std::io::Cursor;
+//! use vmm_boot::{boot_guest, BootConfig, BootProtocol, ProtocolChoice};
+//! use vmm_memory::{create_guest_ram, AddressMap, RamBacking};
+//!
+//! let map = AddressMap::new(32 << 20)?;
+//! let mem = create_guest_ram(&map, RamBacking::Anonymous)?;
+//! let config = BootConfig {
+//!     protocol: ProtocolChoice::Force(BootProtocol::Linux64),
+//!     cmdline: "console=ttyS0 testguest.run=hello",
+//! };
+//! let setup = boot_guest(&mem, &map, &mut Cursor::new(vmm_testguest::IMAGE), None::<&mut Cursor<&[u8]>>, &config)?;
+//! assert_eq!(setup.protocol, BootProtocol::Linux64);
+//! assert_eq!(setup.cpu.rsi, vmm_boot::layout::ZERO_PAGE_START);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+#![deny(missing_docs)]
+
+pub mod cpu;
+mod image;
+pub mod layout;
+mod load;
+pub mod params;
+
+use std::io::{self, Read, Seek};
+
+use linux_loader::cmdline::Cmdline;
+use linux_loader::loader::elf::PvhBootCapability;
+use vm_memory::{GuestAddress, GuestMemoryBackend, ReadVolatile};
+use vmm_memory::AddressMap;
+
+pub use cpu::{BootCpuState, DescriptorTable, Segment};
+pub use image::{inspect_kernel, BootProtocol, ImageError, KernelFormat, KernelInfo};
+pub use load::{load_initrd, load_kernel, LoadedKernel};
+
+use layout::{CMDLINE_MAX_SIZE, CMDLINE_START};
+
+/// Why a guest could not be set up for boot.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// The kernel image is not one this crate can boot.
+    #[error("bad kernel image")]
+    Image(#[from] ImageError),
+    /// Reading the kernel image failed.
+    #[error("cannot read the kernel image")]
+    KernelRead(#[source] io::Error),
+    /// The image does not support the protocol asked for.
+    #[error("the {format} kernel image does not support the {protocol} boot protocol")]
+    ProtocolUnsupported {
+        /// Protocol asked for.
+        protocol: BootProtocol,
+        /// Format of the image.
+        format: KernelFormat,
+    },
+    /// The kernel would load outside RAM (or below 1 MiB).
+    #[error(
+        "the kernel loads at {start:#x}..{end:#x}, which is not inside guest RAM \
+         (low RAM ends at {ram_end:#x}; give the guest more memory)"
+    )]
+    KernelDoesNotFit {
+        /// First address of the kernel.
+        start: u64,
+        /// End of the kernel.
+        end: u64,
+        /// End of low RAM.
+        ram_end: u64,
+    },
+    /// linux-loader refused the image.
+    #[error("cannot load the kernel")]
+    Load(#[source] linux_loader::loader::Error),
+    /// The command line has a character the kernel would not accept.
+    #[error("invalid kernel command line")]
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    /// The command line is longer than the kernel accepts.
+    #[error("the kernel command line is {len} bytes; at most {max} are accepted")]
+    CmdlineTooLong {
+        /// Its length with the NUL.
+        len: usize,
+        /// The limit with the NUL.
+        max: usize,
+    },
+    /// Reading the initrd failed.
+    #[error("cannot read the initrd")]
+    InitrdRead(#[source] io::Error),
+    /// The initrd has no room in low RAM above the kernel.
+    #[error("the initrd of {size} bytes does not fit: {room} bytes of low RAM are free above the kernel")]
+    InitrdDoesNotFit {
+        /// Initrd size.
+        size: u64,
+        /// Room available.
+        room: u64,
+    },
+    /// Low memory is too small for the boot tables.
+    #[error("guest memory is too small for the boot structures")]
+    BootStructuresDoNotFit,
+    /// The memory map is too long for the zero page.
+    #[error("the memory map has {0} entries; the zero page holds 128")]
+    TooManyE820Entries(usize),
+    /// linux-loader could not write the boot parameters.
+    #[error("cannot write the boot parameters")]
+    Configure(#[source] linux_loader::configurator::Error),
+    /// A guest memory access failed.
+    #[error("guest memory access failed")]
+    Memory(#[source] vm_memory::GuestMemoryError),
+}
+
+/// Which protocol to boot by.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ProtocolChoice {
+    /// The image's preferred protocol: PVH when it has the note, else the
+    /// 64-bit Linux protocol.
+    #[default]
+    Auto,
+    /// This protocol, or an error if the image lacks it.
+    Force(BootProtocol),
+}
+
+/// What to boot with, besides the images.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BootConfig<'a> {
+    /// Protocol selection.
+    pub protocol: ProtocolChoice,
+    /// The kernel command line.
+    pub cmdline: &'a str,
+}
+
+/// A guest ready to run: what was loaded and the state of the boot vCPU.
+#[derive(Clone, Debug)]
+pub struct BootSetup {
+    /// The protocol chosen.
+    pub protocol: BootProtocol,
+    /// What the kernel image is.
+    pub kernel: KernelInfo,
+    /// End of the loaded kernel.
+    pub kernel_end: u64,
+    /// Where the initrd went (address, size).
+    pub initrd: Option<(u64, u64)>,
+    /// The boot vCPU's state.
+    pub cpu: BootCpuState,
+}
+
+/// Loads the kernel (and initrd), writes the command line and boot
+/// parameters, and returns the boot vCPU state.
+pub fn boot_guest<M, K, I>(
+    mem: &M,
+    map: &AddressMap,
+    kernel: &mut K,
+    initrd: Option<&mut I>,
+    config: &BootConfig<'_>,
+) -> Result<BootSetup, BootError>
+where
+    M: GuestMemoryBackend,
+    K: Read + ReadVolatile + Seek,
+    I: Read + ReadVolatile + Seek,
+{
+    let cmdline = build_cmdline(config.cmdline)?;
+    let loaded = load_kernel(mem, map, kernel)?;
+    let protocol = match config.protocol {
+        ProtocolChoice::Auto => loaded.info.protocols[0],
+        ProtocolChoice::Force(p) if loaded.info.supports(p) => p,
+        ProtocolChoice::Force(protocol) => {
+            return Err(BootError::ProtocolUnsupported { protocol, format: loaded.info.format })
+        }
+    };
+    let hdr = loaded.result.setup_header;
+    if let Some(h) = hdr.filter(|h| h.version >= 0x0206 && h.cmdline_size > 0) {
+        let len = cmdline.as_cstring().map_err(BootError::Cmdline)?.as_bytes_with_nul().len();
+        if len > h.cmdline_size as usize + 1 {
+            return Err(BootError::CmdlineTooLong { len, max: h.cmdline_size as usize + 1 });
+        }
+    }
+    linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline).map_err(BootError::Load)?;
+    let cmdline_len = config.cmdline.len() + 1;
+
+    let kernel_end = loaded.result.kernel_end;
+    let initrd = match initrd {
+        Some(f) => Some(load_initrd(
+            mem,
+            map,
+            f,
+            kernel_end,
+            hdr.map(|h| u64::from(h.initrd_addr_max)).filter(|&m| m != 0),
+        )?),
+        None => None,
+    };
+
+    let cpu = match protocol {
+        BootProtocol::Linux64 => {
+            let params = params::LinuxParams { setup_header: hdr, cmdline: (CMDLINE_START, cmdline_len), initrd };
+            let zero_page = params::write_zero_page(mem, map, &params)?;
+            let entry = match loaded.info.format {
+                KernelFormat::Elf => loaded.result.kernel_load.0,
+                // The 64-bit entry of a bzImage is 0x200 past its start.
+                KernelFormat::BzImage => loaded.result.kernel_load.0 + 0x200,
+            };
+            cpu::linux64_cpu_state(mem, entry, zero_page)?
+        }
+        BootProtocol::Pvh => {
+            let PvhBootCapability::PvhEntryPresent(entry) = loaded.result.pvh_boot_cap else {
+                return Err(BootError::ProtocolUnsupported { protocol, format: loaded.info.format });
+            };
+            let start_info = params::write_pvh_start_info(mem, map, CMDLINE_START, initrd)?;
+            cpu::pvh_cpu_state(mem, entry.0, start_info)?
+        }
+    };
+    Ok(BootSetup { protocol, kernel: loaded.info, kernel_end, initrd, cpu })
+}
+
+fn build_cmdline(s: &str) -> Result<Cmdline, BootError> {
+    if s.len() + 1 > CMDLINE_MAX_SIZE {
+        return Err(BootError::CmdlineTooLong { len: s.len() + 1, max: CMDLINE_MAX_SIZE });
+    }
+    let mut c = Cmdline::new(CMDLINE_MAX_SIZE).map_err(BootError::Cmdline)?;
+    if !s.trim().is_empty() {
+        c.insert_str(s).map_err(BootError::Cmdline)?;
+    }
+    Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+    use vm_memory::{Bytes, GuestMemoryMmap};
+
+    fn setup() -> (AddressMap, GuestMemoryMmap) {
+        let map = AddressMap::new(32 << 20).unwrap();
+        let mem = vmm_memory::create_guest_ram(&map, vmm_memory::RamBacking::Anonymous).unwrap();
+        (map, mem)
+    }
+
+    fn boot(protocol: ProtocolChoice, cmdline: &str) -> Result<(BootSetup, GuestMemoryMmap), BootError> {
+        let (map, mem) = setup();
+        let config = BootConfig { protocol, cmdline };
+        let s = boot_guest(&mem, &map, &mut Cursor::new(vmm_testguest::IMAGE), None::<&mut Cursor<&[u8]>>, &config)?;
+        Ok((s, mem))
+    }
+
+    #[test]
+    fn auto_picks_pvh_for_an_image_with_the_note() {
+        let (s, mem) = boot(ProtocolChoice::Auto, "a=b").unwrap();
+        assert_eq!(s.protocol, BootProtocol::Pvh);
+        assert_eq!(s.cpu.rip, s.kernel.pvh_entry.unwrap());
+        let mut buf = [0u8; 4];
+        mem.read_slice(&mut buf, GuestAddress(CMDLINE_START)).unwrap();
+        assert_eq!(&buf, b"a=b\0");
+    }
+
+    #[test]
+    fn forced_linux64_enters_at_the_elf_entry() {
+        let (s, _) = boot(ProtocolChoice::Force(BootProtocol::Linux64), "").unwrap();
+        assert_eq!(s.protocol, BootProtocol::Linux64);
+        assert_eq!(s.cpu.rip, s.kernel.entry64.unwrap());
+    }
+
+    #[test]
+    fn pvh_on_an_image_without_the_note_is_refused() {
+        let (map, mem) = setup();
+        let elf = image::tests::tiny_elf(0x20_0000, &[0xf4; 8], 8, None);
+        let config = BootConfig { protocol: ProtocolChoice::Force(BootProtocol::Pvh), cmdline: "" };
+        assert!(matches!(
+            boot_guest(&mem, &map, &mut Cursor::new(elf), None::<&mut Cursor<&[u8]>>, &config),
+            Err(BootError::ProtocolUnsupported { protocol: BootProtocol::Pvh, format: KernelFormat::Elf })
+        ));
+    }
+
+    #[test]
+    fn bad_command_lines_are_refused() {
+        assert!(matches!(boot(ProtocolChoice::Auto, "a\u{1}b"), Err(BootError::Cmdline(_))));
+        let long = "x".repeat(CMDLINE_MAX_SIZE);
+        assert!(matches!(boot(ProtocolChoice::Auto, &long), Err(BootError::CmdlineTooLong { .. })));
+    }
+
+    #[test]
+    fn bzimage_boots_by_linux64_at_load_address_plus_0x200_with_its_header() {
+        let (map, mem) = setup();
+        let bz = image::tests::tiny_bzimage(0x020f, 1, &[0x90; 4096]);
+        let mut initrd = Cursor::new(vec![7u8; 100]);
+        let config = BootConfig { protocol: ProtocolChoice::Auto, cmdline: "root=/dev/vda" };
+        let s = boot_guest(&mem, &map, &mut Cursor::new(bz), Some(&mut initrd), &config).unwrap();
+        assert_eq!(s.protocol, BootProtocol::Linux64);
+        assert_eq!(s.cpu.rip, 0x10_0200);
+        let zp = s.cpu.rsi;
+        // The image's own header fields survive, ours are set.
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(zp + 0x206)).unwrap(), 0x020f);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(zp + 0x210)).unwrap(), 0xff);
+        let (addr, size) = s.initrd.unwrap();
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(zp + 0x218)).unwrap() as u64, addr);
+        assert_eq!(size, 100);
+    }
+}

@@ -1,0 +1,34 @@
+//! Scenarios, run at CPL3 in the order `testguest.run=` names them. Each
+//! returns the exit status it wants (`EXIT_OK` to go on with the next one).
+
+use crate::bootinfo::BootInfo;
+use crate::cmdline::Args;
+use crate::{io, EXIT_OK, EXIT_UNKNOWN_SCENARIO};
+
+/// Runs scenario `name`.
+pub fn run(name: &str, boot: &BootInfo, args: &Args) -> u8 {
+    match name {
+        "hello" => hello(boot),
+        "exit" => {
+            let status = args.exit_status.unwrap_or(EXIT_OK);
+            report!("exit status={}", status);
+            io::exit(status)
+        }
+        _ => {
+            report!("error unknown scenario \"{}\"", name);
+            EXIT_UNKNOWN_SCENARIO
+        }
+    }
+}
+
+fn hello(boot: &BootInfo) -> u8 {
+    report!(
+        "hello proto={} mem_mib={} ram_bytes={} ram_top={:#x} map_entries={}",
+        boot.protocol,
+        boot.ram_bytes.div_ceil(1 << 20),
+        boot.ram_bytes,
+        boot.ram_top,
+        boot.map_entries
+    );
+    EXIT_OK
+}

@@ -1,0 +1,133 @@
+//! The test guest: a small `no_std` x86_64 program that boots like Linux, by
+//! the 64-bit Linux boot protocol or by PVH, and drives a VMM's devices from
+//! inside. Its image is built from source when this crate builds and is
+//! embedded as [`IMAGE`].
+//!
+//! The guest reads `testguest.*` keys from its kernel command line:
+//! - `testguest.run=NAME[,NAME...]`: scenarios to run in order (default `hello`);
+//! - `testguest.exit=N`: the status the `exit` scenario ends with;
+//! - `testguest.exit_port=PORT`: the port it writes its exit status to
+//!   (default [`DEFAULT_EXIT_PORT`]).
+//!
+//! It reports on COM1 (0x3f8), one line per event, each starting with
+//! [`LINE_PREFIX`], and ends by writing its status byte to the exit port.
+//!
+//! Scenarios: `hello` (reports the boot protocol and the RAM it found in the
+//! memory map) and `exit` (ends with `testguest.exit`). An unknown name ends
+//! the guest with [`exit_status::UNKNOWN_SCENARIO`].
+//!
+//! ```
+//! use vmm_testguest::{parse_line, Report};
+//!
+//! let r = parse_line("testguest: hello proto=pvh mem_mib=128").unwrap();
+//! assert_eq!(r.event, "hello");
+//! assert_eq!(r.get("proto"), Some("pvh"));
+//! assert_eq!(r.get_u64("mem_mib"), Some(128));
+//! assert!(parse_line("Linux version 6.1").is_none());
+//! # let _: Option<Report> = None;
+//! ```
+
+#![deny(missing_docs)]
+
+/// The guest's ELF image: PVH note and a 64-bit Linux entry, loaded at 1 MiB.
+pub static IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/testguest.elf"));
+
+/// Port the guest writes its exit status to unless told otherwise.
+pub const DEFAULT_EXIT_PORT: u16 = 0xf4;
+
+/// Prefix of every line the guest prints.
+pub const LINE_PREFIX: &str = "testguest: ";
+
+/// Exit statuses of the guest.
+pub mod exit_status {
+    /// Every scenario passed.
+    pub const OK: u8 = 0;
+    /// A scenario failed.
+    pub const FAILED: u8 = 3;
+    /// `testguest.run=` named a scenario the guest does not have.
+    pub const UNKNOWN_SCENARIO: u8 = 4;
+    /// A CPU exception reached the guest's IDT.
+    pub const EXCEPTION: u8 = 5;
+    /// The guest panicked.
+    pub const PANIC: u8 = 6;
+    /// The boot information was unusable.
+    pub const BAD_BOOT: u8 = 7;
+}
+
+/// One parsed report line: `testguest: EVENT key=value key=value ...`.
+/// Words without `=` after the event are kept in `words`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Report {
+    /// The first word after the prefix (`boot`, `hello`, `done`, `error`, ...).
+    pub event: String,
+    /// `key=value` pairs in order.
+    pub fields: Vec<(String, String)>,
+    /// Other words in order.
+    pub words: Vec<String>,
+}
+
+impl Report {
+    /// The value of `key`, if present.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.fields.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    /// The value of `key` as a decimal or `0x` hexadecimal number.
+    pub fn get_u64(&self, key: &str) -> Option<u64> {
+        let v = self.get(key)?;
+        match v.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16).ok(),
+            None => v.parse().ok(),
+        }
+    }
+}
+
+/// Parses one line of guest output; `None` if it is not a report line.
+pub fn parse_line(line: &str) -> Option<Report> {
+    let rest = line.trim_end_matches(['\r', '\n']).strip_prefix(LINE_PREFIX)?;
+    let mut parts = rest.split_whitespace();
+    let event = parts.next()?.to_string();
+    let mut fields = Vec::new();
+    let mut words = Vec::new();
+    for p in parts {
+        match p.split_once('=') {
+            Some((k, v)) => fields.push((k.to_string(), v.to_string())),
+            None => words.push(p.to_string()),
+        }
+    }
+    Some(Report { event, fields, words })
+}
+
+/// Every report line in `output`, in order.
+pub fn parse_output(output: &str) -> Vec<Report> {
+    output.lines().filter_map(parse_line).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_is_an_x86_64_elf() {
+        assert_eq!(&IMAGE[..4], b"\x7fELF");
+        assert_eq!(u16::from_le_bytes([IMAGE[18], IMAGE[19]]), 62);
+    }
+
+    #[test]
+    fn report_lines_parse_into_event_fields_and_words() {
+        let r = parse_line("testguest: error unknown scenario \"foo\" code=0x10\r\n").unwrap();
+        assert_eq!(r.event, "error");
+        assert_eq!(r.words, vec!["unknown", "scenario", "\"foo\""]);
+        assert_eq!(r.get_u64("code"), Some(16));
+        assert_eq!(r.get("missing"), None);
+        assert!(parse_line("testguest:").is_none());
+        assert!(parse_line("other: hello").is_none());
+    }
+
+    #[test]
+    fn parse_output_skips_foreign_lines() {
+        let out = "noise\ntestguest: boot proto=pvh\nmore\ntestguest: done status=0\n";
+        let events: Vec<_> = parse_output(out).into_iter().map(|r| r.event).collect();
+        assert_eq!(events, vec!["boot", "done"]);
+    }
+}
