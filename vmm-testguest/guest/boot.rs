@@ -212,8 +212,12 @@ tg_kstack_top:
     options(att_syntax)
 );
 
-/// 64-bit task state segment (only RSP0 is used: the stack for exceptions
-/// and interrupts taken at CPL3).
+/// 64-bit task state segment: RSP0 (the stack for exceptions and interrupts
+/// taken at CPL3) and an I/O permission bitmap that grants every port.
+///
+/// IOPL 3 alone grants CPL3 the ports on hardware virtualization, but some
+/// hypervisors run guest user mode as host user mode and clear IOPL on the
+/// way there (KVM's PVM does); the bitmap is what they honour instead.
 #[repr(C, packed(4))]
 struct Tss {
     reserved0: u32,
@@ -223,6 +227,7 @@ struct Tss {
     reserved2: u64,
     reserved3: u16,
     iomap_base: u16,
+    iomap: [u8; 8193],
 }
 
 #[repr(C, align(16))]
@@ -258,8 +263,14 @@ static mut TSS: Tss = Tss {
     ist: [0; 7],
     reserved2: 0,
     reserved3: 0,
-    // No I/O permission bitmap: IOPL 3 grants the ports.
-    iomap_base: core::mem::size_of::<Tss>() as u16,
+    // The bitmap follows the 104-byte TSS: all zeros (every port allowed),
+    // then the terminating 0xff byte the CPU may read past the last port.
+    iomap_base: 104,
+    iomap: {
+        let mut m = [0u8; 8193];
+        m[8192] = 0xff;
+        m
+    },
 };
 
 static mut INTERRUPT_STACK: Stack<16384> = Stack([0; 16384]);

@@ -72,11 +72,12 @@ fn current_cpl() -> u16 {
 /// Called by the CPL0 exception path: reports and exits.
 pub fn report_exception(frame: &boot::ExceptionFrame, cr2: u64) -> ! {
     report!(
-        "exception vector={} error={:#x} rip={:#x} cs={:#x} rsp={:#x} cr2={:#x}",
+        "exception vector={} error={:#x} rip={:#x} cs={:#x} rflags={:#x} rsp={:#x} cr2={:#x}",
         frame.vector,
         frame.error,
         frame.rip,
         frame.cs,
+        frame.rflags,
         frame.rsp,
         cr2
     );
