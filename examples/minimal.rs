@@ -91,13 +91,15 @@ fn report(err: &dyn std::error::Error) {
 fn inspect(path: &PathBuf) -> ExitCode {
     let result = File::open(path)
         .map_err(|e| format!("cannot open {}: {e}", path.display()))
-        .and_then(|mut f| inspect_kernel(&mut f).map_err(|e| {
-            let mut s = format!("{}: {e}", path.display());
-            if let Some(src) = std::error::Error::source(&e) {
-                s.push_str(&format!(": {src}"));
-            }
-            s
-        }));
+        .and_then(|mut f| {
+            inspect_kernel(&mut f).map_err(|e| {
+                let mut s = format!("{}: {e}", path.display());
+                if let Some(src) = std::error::Error::source(&e) {
+                    s.push_str(&format!(": {src}"));
+                }
+                s
+            })
+        });
     match result {
         Ok(info) => {
             println!("{}: {info}", path.display());

@@ -3,7 +3,9 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::layout::{BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PDE_START, PDPTE_START, PML4_START};
+use crate::layout::{
+    BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PDE_START, PDPTE_START, PML4_START,
+};
 use crate::BootError;
 
 /// CR0 protection enable.
@@ -56,7 +58,11 @@ impl Segment {
         let g = (entry >> 55) & 1 == 1;
         Segment {
             base,
-            limit: if g { (raw_limit << 12) | 0xfff } else { raw_limit },
+            limit: if g {
+                (raw_limit << 12) | 0xfff
+            } else {
+                raw_limit
+            },
             selector,
             type_: ((entry >> 40) & 0xf) as u8,
             present: (entry >> 47) & 1 == 1,
@@ -161,15 +167,20 @@ fn write_gdt<M: GuestMemoryBackend>(mem: &M, gdt: &[u64]) -> Result<DescriptorTa
     }
     mem.write_obj(0u64, GuestAddress(BOOT_IDT_START))
         .map_err(|_| BootError::BootStructuresDoNotFit)?;
-    Ok(DescriptorTable { base: BOOT_GDT_START, limit: (gdt.len() * 8 - 1) as u16 })
+    Ok(DescriptorTable {
+        base: BOOT_GDT_START,
+        limit: (gdt.len() * 8 - 1) as u16,
+    })
 }
 
 /// Writes identity page tables for the first 1 GiB (2 MiB pages) and returns
 /// the PML4 address.
 fn write_identity_page_tables<M: GuestMemoryBackend>(mem: &M) -> Result<u64, BootError> {
     let err = |_| BootError::BootStructuresDoNotFit;
-    mem.write_obj(PDPTE_START | 0x03, GuestAddress(PML4_START)).map_err(err)?;
-    mem.write_obj(PDE_START | 0x03, GuestAddress(PDPTE_START)).map_err(err)?;
+    mem.write_obj(PDPTE_START | 0x03, GuestAddress(PML4_START))
+        .map_err(err)?;
+    mem.write_obj(PDE_START | 0x03, GuestAddress(PDPTE_START))
+        .map_err(err)?;
     let mut pd = [0u8; 4096];
     for (i, entry) in pd.chunks_exact_mut(8).enumerate() {
         // Present, writable, 2 MiB page.
@@ -206,7 +217,10 @@ pub fn linux64_cpu_state<M: GuestMemoryBackend>(
         ss: data,
         tr: Segment::from_gdt_entry(0x20, LINUX64_GDT[4]),
         gdt,
-        idt: DescriptorTable { base: BOOT_IDT_START, limit: 7 },
+        idt: DescriptorTable {
+            base: BOOT_IDT_START,
+            limit: 7,
+        },
         cr0: CR0_PE | CR0_ET | CR0_PG,
         cr3,
         cr4: CR4_PAE,
@@ -239,7 +253,10 @@ pub fn pvh_cpu_state<M: GuestMemoryBackend>(
         ss: data,
         tr: Segment::from_gdt_entry(0x18, PVH_GDT[3]),
         gdt,
-        idt: DescriptorTable { base: BOOT_IDT_START, limit: 7 },
+        idt: DescriptorTable {
+            base: BOOT_IDT_START,
+            limit: 7,
+        },
         cr0: CR0_PE | CR0_ET,
         cr3: 0,
         cr4: 0,
@@ -264,7 +281,10 @@ mod tests {
         assert_eq!(gdt_entry(0xc093, 0, 0xfffff), 0x00cf_9300_0000_ffff);
         assert_eq!(gdt_entry(0xc09b, 0, 0xfffff), 0x00cf_9b00_0000_ffff);
         assert_eq!(gdt_entry(0x808b, 0, 0xfffff), 0x008f_8b00_0000_ffff);
-        assert_eq!(gdt_entry(0x0093, 0x1234_5678, 0xabcde), 0x120a_9334_5678_bcde);
+        assert_eq!(
+            gdt_entry(0x0093, 0x1234_5678, 0xabcde),
+            0x120a_9334_5678_bcde
+        );
     }
 
     #[test]
@@ -287,7 +307,10 @@ mod tests {
             }
         );
         let odd = Segment::from_gdt_entry(0x8, gdt_entry(0x0093, 0x1234_5678, 0xabcde));
-        assert_eq!((odd.base, odd.limit, odd.g, odd.db), (0x1234_5678, 0xabcde, false, false));
+        assert_eq!(
+            (odd.base, odd.limit, odd.g, odd.db),
+            (0x1234_5678, 0xabcde, false, false)
+        );
     }
 
     #[test]
@@ -304,7 +327,10 @@ mod tests {
         assert_eq!(s.cr4 & CR4_PAE, CR4_PAE);
         assert_eq!(s.efer, EFER_LME | EFER_LMA);
         // The GDT in memory holds the descriptors the segments came from.
-        assert_eq!(m.read_obj::<u64>(GuestAddress(s.gdt.base + 0x10)).unwrap(), LINUX64_GDT[2]);
+        assert_eq!(
+            m.read_obj::<u64>(GuestAddress(s.gdt.base + 0x10)).unwrap(),
+            LINUX64_GDT[2]
+        );
         // Page walk: PML4[0] -> PDPT[0] -> PD[i] maps 2 MiB page i to itself.
         let pml4e: u64 = m.read_obj(GuestAddress(s.cr3)).unwrap();
         let pdpte: u64 = m.read_obj(GuestAddress(pml4e & !0xfff)).unwrap();
@@ -327,12 +353,19 @@ mod tests {
         assert_eq!((s.cs.base, s.cs.limit), (0, 0xffff_ffff));
         assert_eq!((s.ds.base, s.ds.limit, s.ds.type_), (0, 0xffff_ffff, 3));
         assert_eq!((s.tr.limit, s.tr.type_), (0x67, 0xb));
-        assert_eq!(s.rflags & ((1 << 17) | (1 << 9) | (1 << 8)), 0, "VM, IF, TF clear");
+        assert_eq!(
+            s.rflags & ((1 << 17) | (1 << 9) | (1 << 8)),
+            0,
+            "VM, IF, TF clear"
+        );
     }
 
     #[test]
     fn tables_that_do_not_fit_memory_are_an_error() {
         let tiny = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
-        assert!(matches!(linux64_cpu_state(&tiny, 0, 0), Err(BootError::BootStructuresDoNotFit)));
+        assert!(matches!(
+            linux64_cpu_state(&tiny, 0, 0),
+            Err(BootError::BootStructuresDoNotFit)
+        ));
     }
 }

@@ -206,7 +206,9 @@ fn inspect_elf<R: Read + Seek>(
         return Err(ImageError::UnsupportedElf("not an x86_64 ELF"));
     }
     if le16(head, 16) != ET_EXEC {
-        return Err(ImageError::UnsupportedElf("not an executable (ET_EXEC) ELF"));
+        return Err(ImageError::UnsupportedElf(
+            "not an executable (ET_EXEC) ELF",
+        ));
     }
     let entry = le64(head, 24);
     let phoff = le64(head, 32);
@@ -220,7 +222,9 @@ fn inspect_elf<R: Read + Seek>(
     }
     let table_len = u64::from(phnum) * 56;
     if phoff.checked_add(table_len).is_none_or(|end| end > len) {
-        return Err(ImageError::UnsupportedElf("program headers past the end of the file"));
+        return Err(ImageError::UnsupportedElf(
+            "program headers past the end of the file",
+        ));
     }
     image.seek(SeekFrom::Start(phoff))?;
     let mut table = vec![0u8; table_len as usize];
@@ -235,14 +239,20 @@ fn inspect_elf<R: Read + Seek>(
         let filesz = le64(ph, 32);
         let memsz = le64(ph, 40);
         if offset.checked_add(filesz).is_none_or(|end| end > len) {
-            return Err(ImageError::UnsupportedElf("segment past the end of the file"));
+            return Err(ImageError::UnsupportedElf(
+                "segment past the end of the file",
+            ));
         }
         match p_type {
             PT_LOAD if memsz > 0 => {
                 if filesz > memsz || paddr.checked_add(memsz).is_none() {
                     return Err(ImageError::UnsupportedElf("segment sizes are inconsistent"));
                 }
-                segments.push(ElfSegment { paddr, filesz, memsz });
+                segments.push(ElfSegment {
+                    paddr,
+                    filesz,
+                    memsz,
+                });
             }
             PT_NOTE if filesz <= MAX_NOTE_SEGMENT => notes.push((offset, filesz)),
             _ => {}
@@ -262,7 +272,11 @@ fn inspect_elf<R: Read + Seek>(
         }
     }
     let lo = segments.iter().map(|s| s.paddr).min().unwrap_or(0);
-    let hi = segments.iter().map(|s| s.paddr + s.memsz).max().unwrap_or(0);
+    let hi = segments
+        .iter()
+        .map(|s| s.paddr + s.memsz)
+        .max()
+        .unwrap_or(0);
     let mut protocols = Vec::new();
     if pvh_entry.is_some() {
         protocols.push(BootProtocol::Pvh);
@@ -305,24 +319,34 @@ fn find_pvh_note(notes: &[u8]) -> Option<u64> {
     None
 }
 
-fn inspect_bzimage<R: Read + Seek>(image: &mut R, head: &[u8], len: u64) -> Result<KernelInfo, ImageError> {
+fn inspect_bzimage<R: Read + Seek>(
+    image: &mut R,
+    head: &[u8],
+    len: u64,
+) -> Result<KernelInfo, ImageError> {
     let version = le16(head, 0x206);
     if version < 0x0206 {
-        return Err(ImageError::UnsupportedBzImage("boot protocol older than 2.06"));
+        return Err(ImageError::UnsupportedBzImage(
+            "boot protocol older than 2.06",
+        ));
     }
     if head[0x211] & BZ_LOADED_HIGH == 0 {
         return Err(ImageError::UnsupportedBzImage("zImage (not loaded high)"));
     }
     let xloadflags = le16(head, 0x236);
     if xloadflags & BZ_XLF_KERNEL_64 == 0 {
-        return Err(ImageError::UnsupportedBzImage("no 64-bit entry point (XLF_KERNEL_64)"));
+        return Err(ImageError::UnsupportedBzImage(
+            "no 64-bit entry point (XLF_KERNEL_64)",
+        ));
     }
     let setup_sects = match head[0x1f1] {
         0 => 4,
         n => u64::from(n),
     };
     if (setup_sects + 1) * 512 >= len {
-        return Err(ImageError::UnsupportedBzImage("setup sectors past the end of the file"));
+        return Err(ImageError::UnsupportedBzImage(
+            "setup sectors past the end of the file",
+        ));
     }
     // `head` holds the first 1024 bytes: the file is longer than the setup.
     let pref = le64(head, 0x258);
@@ -343,7 +367,11 @@ fn inspect_bzimage<R: Read + Seek>(image: &mut R, head: &[u8], len: u64) -> Resu
     })
 }
 
-fn read_cstr<R: Read + Seek>(image: &mut R, at: u64, max: usize) -> Result<Option<String>, ImageError> {
+fn read_cstr<R: Read + Seek>(
+    image: &mut R,
+    at: u64,
+    max: usize,
+) -> Result<Option<String>, ImageError> {
     image.seek(SeekFrom::Start(at))?;
     let mut buf = Vec::with_capacity(max);
     image.take(max as u64).read_to_end(&mut buf)?;
@@ -431,7 +459,10 @@ pub(crate) mod tests {
         let elf = tiny_elf(0x10_0000, &[0xf4; 16], 0x2000, Some(0x10_0004));
         let info = inspect_kernel(&mut Cursor::new(elf)).unwrap();
         assert_eq!(info.format, KernelFormat::Elf);
-        assert_eq!(info.protocols, vec![BootProtocol::Pvh, BootProtocol::Linux64]);
+        assert_eq!(
+            info.protocols,
+            vec![BootProtocol::Pvh, BootProtocol::Linux64]
+        );
         assert_eq!(info.pvh_entry, Some(0x10_0004));
         assert_eq!(info.entry64, Some(0x10_0000));
         assert_eq!(info.load_range, Some((0x10_0000, 0x10_2000)));
@@ -448,7 +479,10 @@ pub(crate) mod tests {
     #[test]
     fn the_test_guest_is_recognised() {
         let info = inspect_kernel(&mut Cursor::new(vmm_testguest::IMAGE)).unwrap();
-        assert_eq!(info.protocols, vec![BootProtocol::Pvh, BootProtocol::Linux64]);
+        assert_eq!(
+            info.protocols,
+            vec![BootProtocol::Pvh, BootProtocol::Linux64]
+        );
         assert_eq!(info.load_range.unwrap().0, 0x10_0000);
     }
 
@@ -493,11 +527,17 @@ pub(crate) mod tests {
         // Program header table pointing past the end.
         let mut bad = good.clone();
         bad[32..40].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(matches!(inspect_kernel(&mut Cursor::new(bad)), Err(ImageError::UnsupportedElf(_))));
+        assert!(matches!(
+            inspect_kernel(&mut Cursor::new(bad)),
+            Err(ImageError::UnsupportedElf(_))
+        ));
         // A 32-bit ELF.
         let mut bad = good.clone();
         bad[4] = 1;
-        assert!(matches!(inspect_kernel(&mut Cursor::new(bad)), Err(ImageError::UnsupportedElf(_))));
+        assert!(matches!(
+            inspect_kernel(&mut Cursor::new(bad)),
+            Err(ImageError::UnsupportedElf(_))
+        ));
         // A note with a huge name size.
         let mut bad = good;
         let note_at = 64 + 2 * 56 + 16;

@@ -167,17 +167,28 @@ where
         ProtocolChoice::Auto => loaded.info.protocols[0],
         ProtocolChoice::Force(p) if loaded.info.supports(p) => p,
         ProtocolChoice::Force(protocol) => {
-            return Err(BootError::ProtocolUnsupported { protocol, format: loaded.info.format })
+            return Err(BootError::ProtocolUnsupported {
+                protocol,
+                format: loaded.info.format,
+            })
         }
     };
     let hdr = loaded.result.setup_header;
     if let Some(h) = hdr.filter(|h| h.version >= 0x0206 && h.cmdline_size > 0) {
-        let len = cmdline.as_cstring().map_err(BootError::Cmdline)?.as_bytes_with_nul().len();
+        let len = cmdline
+            .as_cstring()
+            .map_err(BootError::Cmdline)?
+            .as_bytes_with_nul()
+            .len();
         if len > h.cmdline_size as usize + 1 {
-            return Err(BootError::CmdlineTooLong { len, max: h.cmdline_size as usize + 1 });
+            return Err(BootError::CmdlineTooLong {
+                len,
+                max: h.cmdline_size as usize + 1,
+            });
         }
     }
-    linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline).map_err(BootError::Load)?;
+    linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline)
+        .map_err(BootError::Load)?;
     let cmdline_len = config.cmdline.len() + 1;
 
     let kernel_end = loaded.result.kernel_end;
@@ -187,14 +198,19 @@ where
             map,
             f,
             kernel_end,
-            hdr.map(|h| u64::from(h.initrd_addr_max)).filter(|&m| m != 0),
+            hdr.map(|h| u64::from(h.initrd_addr_max))
+                .filter(|&m| m != 0),
         )?),
         None => None,
     };
 
     let cpu = match protocol {
         BootProtocol::Linux64 => {
-            let params = params::LinuxParams { setup_header: hdr, cmdline: (CMDLINE_START, cmdline_len), initrd };
+            let params = params::LinuxParams {
+                setup_header: hdr,
+                cmdline: (CMDLINE_START, cmdline_len),
+                initrd,
+            };
             let zero_page = params::write_zero_page(mem, map, &params)?;
             let entry = match loaded.info.format {
                 KernelFormat::Elf => loaded.result.kernel_load.0,
@@ -205,18 +221,30 @@ where
         }
         BootProtocol::Pvh => {
             let PvhBootCapability::PvhEntryPresent(entry) = loaded.result.pvh_boot_cap else {
-                return Err(BootError::ProtocolUnsupported { protocol, format: loaded.info.format });
+                return Err(BootError::ProtocolUnsupported {
+                    protocol,
+                    format: loaded.info.format,
+                });
             };
             let start_info = params::write_pvh_start_info(mem, map, CMDLINE_START, initrd)?;
             cpu::pvh_cpu_state(mem, entry.0, start_info)?
         }
     };
-    Ok(BootSetup { protocol, kernel: loaded.info, kernel_end, initrd, cpu })
+    Ok(BootSetup {
+        protocol,
+        kernel: loaded.info,
+        kernel_end,
+        initrd,
+        cpu,
+    })
 }
 
 fn build_cmdline(s: &str) -> Result<Cmdline, BootError> {
     if s.len() + 1 > CMDLINE_MAX_SIZE {
-        return Err(BootError::CmdlineTooLong { len: s.len() + 1, max: CMDLINE_MAX_SIZE });
+        return Err(BootError::CmdlineTooLong {
+            len: s.len() + 1,
+            max: CMDLINE_MAX_SIZE,
+        });
     }
     let mut c = Cmdline::new(CMDLINE_MAX_SIZE).map_err(BootError::Cmdline)?;
     if !s.trim().is_empty() {
@@ -237,10 +265,19 @@ mod tests {
         (map, mem)
     }
 
-    fn boot(protocol: ProtocolChoice, cmdline: &str) -> Result<(BootSetup, GuestMemoryMmap), BootError> {
+    fn boot(
+        protocol: ProtocolChoice,
+        cmdline: &str,
+    ) -> Result<(BootSetup, GuestMemoryMmap), BootError> {
         let (map, mem) = setup();
         let config = BootConfig { protocol, cmdline };
-        let s = boot_guest(&mem, &map, &mut Cursor::new(vmm_testguest::IMAGE), None::<&mut Cursor<&[u8]>>, &config)?;
+        let s = boot_guest(
+            &mem,
+            &map,
+            &mut Cursor::new(vmm_testguest::IMAGE),
+            None::<&mut Cursor<&[u8]>>,
+            &config,
+        )?;
         Ok((s, mem))
     }
 
@@ -250,7 +287,8 @@ mod tests {
         assert_eq!(s.protocol, BootProtocol::Pvh);
         assert_eq!(s.cpu.rip, s.kernel.pvh_entry.unwrap());
         let mut buf = [0u8; 4];
-        mem.read_slice(&mut buf, GuestAddress(CMDLINE_START)).unwrap();
+        mem.read_slice(&mut buf, GuestAddress(CMDLINE_START))
+            .unwrap();
         assert_eq!(&buf, b"a=b\0");
     }
 
@@ -265,18 +303,36 @@ mod tests {
     fn pvh_on_an_image_without_the_note_is_refused() {
         let (map, mem) = setup();
         let elf = image::tests::tiny_elf(0x20_0000, &[0xf4; 8], 8, None);
-        let config = BootConfig { protocol: ProtocolChoice::Force(BootProtocol::Pvh), cmdline: "" };
+        let config = BootConfig {
+            protocol: ProtocolChoice::Force(BootProtocol::Pvh),
+            cmdline: "",
+        };
         assert!(matches!(
-            boot_guest(&mem, &map, &mut Cursor::new(elf), None::<&mut Cursor<&[u8]>>, &config),
-            Err(BootError::ProtocolUnsupported { protocol: BootProtocol::Pvh, format: KernelFormat::Elf })
+            boot_guest(
+                &mem,
+                &map,
+                &mut Cursor::new(elf),
+                None::<&mut Cursor<&[u8]>>,
+                &config
+            ),
+            Err(BootError::ProtocolUnsupported {
+                protocol: BootProtocol::Pvh,
+                format: KernelFormat::Elf
+            })
         ));
     }
 
     #[test]
     fn bad_command_lines_are_refused() {
-        assert!(matches!(boot(ProtocolChoice::Auto, "a\u{1}b"), Err(BootError::Cmdline(_))));
+        assert!(matches!(
+            boot(ProtocolChoice::Auto, "a\u{1}b"),
+            Err(BootError::Cmdline(_))
+        ));
         let long = "x".repeat(CMDLINE_MAX_SIZE);
-        assert!(matches!(boot(ProtocolChoice::Auto, &long), Err(BootError::CmdlineTooLong { .. })));
+        assert!(matches!(
+            boot(ProtocolChoice::Auto, &long),
+            Err(BootError::CmdlineTooLong { .. })
+        ));
     }
 
     #[test]
@@ -284,16 +340,25 @@ mod tests {
         let (map, mem) = setup();
         let bz = image::tests::tiny_bzimage(0x020f, 1, &[0x90; 4096]);
         let mut initrd = Cursor::new(vec![7u8; 100]);
-        let config = BootConfig { protocol: ProtocolChoice::Auto, cmdline: "root=/dev/vda" };
+        let config = BootConfig {
+            protocol: ProtocolChoice::Auto,
+            cmdline: "root=/dev/vda",
+        };
         let s = boot_guest(&mem, &map, &mut Cursor::new(bz), Some(&mut initrd), &config).unwrap();
         assert_eq!(s.protocol, BootProtocol::Linux64);
         assert_eq!(s.cpu.rip, 0x10_0200);
         let zp = s.cpu.rsi;
         // The image's own header fields survive, ours are set.
-        assert_eq!(mem.read_obj::<u16>(GuestAddress(zp + 0x206)).unwrap(), 0x020f);
+        assert_eq!(
+            mem.read_obj::<u16>(GuestAddress(zp + 0x206)).unwrap(),
+            0x020f
+        );
         assert_eq!(mem.read_obj::<u8>(GuestAddress(zp + 0x210)).unwrap(), 0xff);
         let (addr, size) = s.initrd.unwrap();
-        assert_eq!(mem.read_obj::<u32>(GuestAddress(zp + 0x218)).unwrap() as u64, addr);
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(zp + 0x218)).unwrap() as u64,
+            addr
+        );
         assert_eq!(size, 100);
     }
 }

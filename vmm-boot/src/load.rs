@@ -24,7 +24,11 @@ pub struct LoadedKernel {
 }
 
 /// Loads `image` into `mem` after checking that every byte it occupies is RAM.
-pub fn load_kernel<M, F>(mem: &M, map: &AddressMap, image: &mut F) -> Result<LoadedKernel, BootError>
+pub fn load_kernel<M, F>(
+    mem: &M,
+    map: &AddressMap,
+    image: &mut F,
+) -> Result<LoadedKernel, BootError>
 where
     M: GuestMemoryBackend,
     F: Read + ReadVolatile + Seek,
@@ -35,14 +39,22 @@ where
             for s in &segments {
                 check_fits(map, s.paddr, s.memsz)?;
             }
-            let r = Elf::load(mem, None, image, Some(GuestAddress(HIMEM_START))).map_err(BootError::Load)?;
+            let r = Elf::load(mem, None, image, Some(GuestAddress(HIMEM_START)))
+                .map_err(BootError::Load)?;
             zero_bss(mem, &segments)?;
             r
         }
         KernelFormat::BzImage => {
-            let len = image.seek(std::io::SeekFrom::End(0)).map_err(BootError::KernelRead)?;
-            let r = BzImage::load(mem, None, image, Some(GuestAddress(HIMEM_START))).map_err(BootError::Load)?;
-            check_fits(map, r.kernel_load.0, len.min(r.kernel_end - r.kernel_load.0))?;
+            let len = image
+                .seek(std::io::SeekFrom::End(0))
+                .map_err(BootError::KernelRead)?;
+            let r = BzImage::load(mem, None, image, Some(GuestAddress(HIMEM_START)))
+                .map_err(BootError::Load)?;
+            check_fits(
+                map,
+                r.kernel_load.0,
+                len.min(r.kernel_end - r.kernel_load.0),
+            )?;
             if let Some((lo, hi)) = info.load_range {
                 check_fits(map, lo, hi - lo)?;
             }
@@ -75,7 +87,8 @@ fn zero_bss<M: GuestMemoryBackend>(mem: &M, segments: &[ElfSegment]) -> Result<(
         let end = s.paddr + s.memsz;
         while addr < end {
             let n = (end - addr).min(zeros.len() as u64) as usize;
-            mem.write_slice(&zeros[..n], GuestAddress(addr)).map_err(BootError::Memory)?;
+            mem.write_slice(&zeros[..n], GuestAddress(addr))
+                .map_err(BootError::Memory)?;
             addr += n as u64;
         }
     }
@@ -95,16 +108,25 @@ where
     M: GuestMemoryBackend,
     F: Read + ReadVolatile + Seek,
 {
-    let size = initrd.seek(std::io::SeekFrom::End(0)).map_err(BootError::InitrdRead)?;
+    let size = initrd
+        .seek(std::io::SeekFrom::End(0))
+        .map_err(BootError::InitrdRead)?;
     initrd.rewind().map_err(BootError::InitrdRead)?;
     let low_end = map.ram()[0].end();
-    let limit = low_end.min(addr_max.unwrap_or(INITRD_ADDR_MAX_DEFAULT).saturating_add(1));
+    let limit = low_end.min(
+        addr_max
+            .unwrap_or(INITRD_ADDR_MAX_DEFAULT)
+            .saturating_add(1),
+    );
     let lowest = kernel_end.next_multiple_of(PAGE_SIZE);
     let addr = limit
         .checked_sub(size)
         .map(|a| a & !(PAGE_SIZE - 1))
         .filter(|&a| a >= lowest && size > 0)
-        .ok_or(BootError::InitrdDoesNotFit { size, room: limit.saturating_sub(lowest) })?;
+        .ok_or(BootError::InitrdDoesNotFit {
+            size,
+            room: limit.saturating_sub(lowest),
+        })?;
     let len = usize::try_from(size).map_err(|_| BootError::InitrdDoesNotFit { size, room: 0 })?;
     mem.read_exact_volatile_from(GuestAddress(addr), initrd, len)
         .map_err(BootError::Memory)?;
@@ -128,14 +150,23 @@ mod tests {
     fn elf_segments_are_copied_and_bss_is_zeroed() {
         let (map, mem) = setup(16);
         // Dirty the memory the bss will occupy.
-        mem.write_slice(&[0xaa; 64], GuestAddress(0x20_0010)).unwrap();
-        let elf = tiny_elf(0x20_0000, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], 0x100, None);
+        mem.write_slice(&[0xaa; 64], GuestAddress(0x20_0010))
+            .unwrap();
+        let elf = tiny_elf(
+            0x20_0000,
+            &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16],
+            0x100,
+            None,
+        );
         let k = load_kernel(&mem, &map, &mut Cursor::new(elf)).unwrap();
         assert_eq!(k.result.kernel_load, GuestAddress(0x20_0000));
         assert_eq!(k.result.kernel_end, 0x20_0100);
         let mut buf = [0u8; 80];
         mem.read_slice(&mut buf, GuestAddress(0x20_0000)).unwrap();
-        assert_eq!(&buf[..16], &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]);
+        assert_eq!(
+            &buf[..16],
+            &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]
+        );
         assert!(buf[16..].iter().all(|&b| b == 0));
     }
 
@@ -155,7 +186,10 @@ mod tests {
     fn elf_below_1mib_is_refused() {
         let (map, mem) = setup(8);
         let elf = tiny_elf(0x1000, &[0xf4; 16], 16, None);
-        assert!(matches!(load_kernel(&mem, &map, &mut Cursor::new(elf)), Err(BootError::KernelDoesNotFit { .. })));
+        assert!(matches!(
+            load_kernel(&mem, &map, &mut Cursor::new(elf)),
+            Err(BootError::KernelDoesNotFit { .. })
+        ));
     }
 
     #[test]
@@ -166,7 +200,10 @@ mod tests {
         assert_eq!(k.result.kernel_load, GuestAddress(0x10_0000));
         let magic = { k.result.setup_header.unwrap().header };
         assert_eq!(magic, 0x5372_6448);
-        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x10_0000 + 1023)).unwrap(), 0x90);
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(0x10_0000 + 1023)).unwrap(),
+            0x90
+        );
     }
 
     #[test]
@@ -174,14 +211,18 @@ mod tests {
         // init_size puts the decompressed kernel at 16 MiB + 4 MiB.
         let (map, mem) = setup(8);
         let bz = tiny_bzimage(0x020f, 1, &[0x90; 1024]);
-        assert!(matches!(load_kernel(&mem, &map, &mut Cursor::new(bz)), Err(BootError::KernelDoesNotFit { .. })));
+        assert!(matches!(
+            load_kernel(&mem, &map, &mut Cursor::new(bz)),
+            Err(BootError::KernelDoesNotFit { .. })
+        ));
     }
 
     #[test]
     fn initrd_goes_to_the_top_of_low_ram_page_aligned() {
         let (map, mem) = setup(16);
         let data = vec![0x5a; 5000];
-        let (addr, size) = load_initrd(&mem, &map, &mut Cursor::new(&data), 0x20_0000, None).unwrap();
+        let (addr, size) =
+            load_initrd(&mem, &map, &mut Cursor::new(&data), 0x20_0000, None).unwrap();
         assert_eq!(size, 5000);
         assert_eq!(addr % PAGE_SIZE, 0);
         assert!(addr + size <= 16 << 20 && addr + size + PAGE_SIZE > 16 << 20);

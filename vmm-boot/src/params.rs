@@ -4,7 +4,9 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_memory::AddressMap;
 
@@ -45,13 +47,29 @@ pub fn e820_map(map: &AddressMap) -> Vec<E820Entry> {
     for r in map.ram() {
         let (start, end) = (r.start(), r.end());
         if start < HIMEM_START {
-            out.push(E820Entry { addr: start, size: EBDA_START.min(end) - start, kind: E820_RAM });
-            out.push(E820Entry { addr: EBDA_START, size: HIMEM_START - EBDA_START, kind: E820_RESERVED });
+            out.push(E820Entry {
+                addr: start,
+                size: EBDA_START.min(end) - start,
+                kind: E820_RAM,
+            });
+            out.push(E820Entry {
+                addr: EBDA_START,
+                size: HIMEM_START - EBDA_START,
+                kind: E820_RESERVED,
+            });
             if end > HIMEM_START {
-                out.push(E820Entry { addr: HIMEM_START, size: end - HIMEM_START, kind: E820_RAM });
+                out.push(E820Entry {
+                    addr: HIMEM_START,
+                    size: end - HIMEM_START,
+                    kind: E820_RAM,
+                });
             }
         } else {
-            out.push(E820Entry { addr: start, size: end - start, kind: E820_RAM });
+            out.push(E820Entry {
+                addr: start,
+                size: end - start,
+                kind: E820_RAM,
+            });
         }
     }
     out
@@ -99,7 +117,11 @@ pub fn write_zero_page<M: GuestMemoryBackend>(
         return Err(BootError::TooManyE820Entries(e820.len()));
     }
     for (slot, e) in params.e820_table.iter_mut().zip(&e820) {
-        *slot = boot_e820_entry { addr: e.addr, size: e.size, r#type: e.kind };
+        *slot = boot_e820_entry {
+            addr: e.addr,
+            size: e.size,
+            r#type: e.kind,
+        };
     }
     params.e820_entries = e820.len() as u8;
     let bp = BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE_START));
@@ -117,7 +139,12 @@ pub fn write_pvh_start_info<M: GuestMemoryBackend>(
 ) -> Result<u64, BootError> {
     let memmap: Vec<hvm_memmap_table_entry> = e820_map(map)
         .iter()
-        .map(|e| hvm_memmap_table_entry { addr: e.addr, size: e.size, type_: e.kind, reserved: 0 })
+        .map(|e| hvm_memmap_table_entry {
+            addr: e.addr,
+            size: e.size,
+            type_: e.kind,
+            reserved: 0,
+        })
         .collect();
     let mut info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC,
@@ -129,7 +156,11 @@ pub fn write_pvh_start_info<M: GuestMemoryBackend>(
     };
     let mut modules = Vec::new();
     if let Some((paddr, size)) = initrd {
-        modules.push(hvm_modlist_entry { paddr, size, ..Default::default() });
+        modules.push(hvm_modlist_entry {
+            paddr,
+            size,
+            ..Default::default()
+        });
         info.nr_modules = 1;
         info.modlist_paddr = PVH_MODLIST_START;
     }
@@ -158,9 +189,21 @@ mod tests {
         assert_eq!(
             e820_map(&map),
             vec![
-                E820Entry { addr: 0, size: 0x9fc00, kind: E820_RAM },
-                E820Entry { addr: 0x9fc00, size: 0x60400, kind: E820_RESERVED },
-                E820Entry { addr: 0x10_0000, size: (128 << 20) - 0x10_0000, kind: E820_RAM },
+                E820Entry {
+                    addr: 0,
+                    size: 0x9fc00,
+                    kind: E820_RAM
+                },
+                E820Entry {
+                    addr: 0x9fc00,
+                    size: 0x60400,
+                    kind: E820_RESERVED
+                },
+                E820Entry {
+                    addr: 0x10_0000,
+                    size: (128 << 20) - 0x10_0000,
+                    kind: E820_RAM
+                },
             ]
         );
     }
@@ -170,8 +213,19 @@ mod tests {
         let map = AddressMap::new(MMIO_GAP_START + (1 << 30)).unwrap();
         let e = e820_map(&map);
         assert_eq!(e.len(), 4);
-        assert_eq!(e[3], E820Entry { addr: HIGH_RAM_START, size: 1 << 30, kind: E820_RAM });
-        let ram: u64 = e.iter().filter(|e| e.kind == E820_RAM).map(|e| e.size).sum();
+        assert_eq!(
+            e[3],
+            E820Entry {
+                addr: HIGH_RAM_START,
+                size: 1 << 30,
+                kind: E820_RAM
+            }
+        );
+        let ram: u64 = e
+            .iter()
+            .filter(|e| e.kind == E820_RAM)
+            .map(|e| e.size)
+            .sum();
         assert_eq!(ram, map.ram_size() - 0x60400);
     }
 
@@ -179,7 +233,11 @@ mod tests {
     fn zero_page_fields_sit_at_the_offsets_of_the_boot_protocol() {
         let m = mem();
         let map = AddressMap::new(16 << 20).unwrap();
-        let p = LinuxParams { setup_header: None, cmdline: (0x20000, 12), initrd: Some((0x80_0000, 0x1234)) };
+        let p = LinuxParams {
+            setup_header: None,
+            cmdline: (0x20000, 12),
+            initrd: Some((0x80_0000, 0x1234)),
+        };
         let zp = write_zero_page(&m, &map, &p).unwrap();
         let at = |off: u64| GuestAddress(zp + off);
         // Offsets from Documentation/arch/x86/boot.rst and zero-page.rst.
@@ -192,7 +250,10 @@ mod tests {
         assert_eq!(m.read_obj::<u32>(at(0x238)).unwrap(), 12);
         assert_eq!(m.read_obj::<u8>(at(0x1e8)).unwrap(), 3);
         assert_eq!(m.read_obj::<u64>(at(0x2d0 + 20 * 2)).unwrap(), 0x10_0000);
-        assert_eq!(m.read_obj::<u32>(at(0x2d0 + 20 * 1 + 16)).unwrap(), E820_RESERVED);
+        assert_eq!(
+            m.read_obj::<u32>(at(0x2d0 + 20 + 16)).unwrap(),
+            E820_RESERVED
+        );
     }
 
     #[test]
@@ -207,9 +268,15 @@ mod tests {
         assert_eq!(m.read_obj::<u64>(at(24)).unwrap(), 0x20000, "cmdline_paddr");
         let memmap = m.read_obj::<u64>(at(40)).unwrap();
         assert_eq!(m.read_obj::<u32>(at(48)).unwrap(), 3, "memmap_entries");
-        assert_eq!(m.read_obj::<u64>(GuestAddress(memmap + 24 * 2)).unwrap(), 0x10_0000);
+        assert_eq!(
+            m.read_obj::<u64>(GuestAddress(memmap + 24 * 2)).unwrap(),
+            0x10_0000
+        );
         let modlist = m.read_obj::<u64>(at(16)).unwrap();
         assert_eq!(m.read_obj::<u64>(GuestAddress(modlist)).unwrap(), 0x80_0000);
-        assert_eq!(m.read_obj::<u64>(GuestAddress(modlist + 8)).unwrap(), 0x1000);
+        assert_eq!(
+            m.read_obj::<u64>(GuestAddress(modlist + 8)).unwrap(),
+            0x1000
+        );
     }
 }

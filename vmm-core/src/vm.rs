@@ -1,6 +1,8 @@
 //! The KVM virtual machine: memslots, the in-kernel irqchip and PIT, irqfds.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_API_VERSION, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_API_VERSION, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_memory::GuestRam;
@@ -59,15 +61,27 @@ impl Vm {
         if version != KVM_API_VERSION as i32 {
             return Err(VmError::ApiVersion(version));
         }
-        for cap in [Cap::Irqchip, Cap::Ioeventfd, Cap::Irqfd, Cap::UserMemory, Cap::SetTssAddr, Cap::Pit2, Cap::ImmediateExit] {
+        for cap in [
+            Cap::Irqchip,
+            Cap::Ioeventfd,
+            Cap::Irqfd,
+            Cap::UserMemory,
+            Cap::SetTssAddr,
+            Cap::Pit2,
+            Cap::ImmediateExit,
+        ] {
             if !kvm.check_extension(cap) {
                 return Err(VmError::MissingCapability(cap));
             }
         }
         let fd = kvm.create_vm().map_err(kvm_err("VM creation"))?;
-        fd.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_err("TSS address setup"))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(kvm_err("TSS address setup"))?;
         fd.create_irq_chip().map_err(kvm_err("irqchip creation"))?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
         fd.create_pit2(pit).map_err(kvm_err("PIT creation"))?;
         let vm = Self { kvm, fd, memory };
         vm.register_memory()?;
@@ -91,7 +105,8 @@ impl Vm {
             // SAFETY: the region is a live mapping of `region.len()` bytes owned
             // by `self.memory`, which the VM keeps until it is dropped (and the
             // VM fd, and with it the memslot, goes away with it).
-            unsafe { self.fd.set_user_memory_region(r) }.map_err(kvm_err("memslot registration"))?;
+            unsafe { self.fd.set_user_memory_region(r) }
+                .map_err(kvm_err("memslot registration"))?;
         }
         Ok(())
     }
@@ -113,12 +128,17 @@ impl Vm {
 
     /// Routes `evt` to interrupt line `gsi`: each write to it raises the line.
     pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
-        self.fd.register_irqfd(evt, gsi).map_err(kvm_err("irqfd registration"))
+        self.fd
+            .register_irqfd(evt, gsi)
+            .map_err(kvm_err("irqfd registration"))
     }
 
     /// Creates vCPU `id`.
     pub fn create_vcpu(&self, id: u8) -> Result<Vcpu, VmError> {
-        let fd = self.fd.create_vcpu(u64::from(id)).map_err(kvm_err("vCPU creation"))?;
+        let fd = self
+            .fd
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("vCPU creation"))?;
         Ok(Vcpu::new(id, fd))
     }
 }

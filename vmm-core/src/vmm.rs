@@ -14,8 +14,8 @@ use vm_device::bus::{PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, PioManager};
 use vmm_boot::{boot_guest, BootConfig, BootSetup, ProtocolChoice};
 use vmm_devices::legacy::{
-    DebugExit, I8042, Serial, COM1_IRQ, COM1_PORT, COM1_PORT_SIZE, DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_SIZE,
-    I8042_PORT, I8042_PORT_SIZE,
+    DebugExit, Serial, COM1_IRQ, COM1_PORT, COM1_PORT_SIZE, DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_SIZE,
+    I8042, I8042_PORT, I8042_PORT_SIZE,
 };
 use vmm_devices::EventFdTrigger;
 use vmm_memory::{create_guest_ram, AddressMap, RamBacking};
@@ -211,10 +211,21 @@ pub struct Vmm {
 }
 
 fn open_file(what: &'static str, path: &Path) -> Result<File, VmmError> {
-    let file = File::open(path).map_err(|source| VmmError::Open { what, path: path.to_path_buf(), source })?;
-    let meta = file.metadata().map_err(|source| VmmError::Open { what, path: path.to_path_buf(), source })?;
+    let file = File::open(path).map_err(|source| VmmError::Open {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let meta = file.metadata().map_err(|source| VmmError::Open {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })?;
     if !meta.is_file() {
-        return Err(VmmError::NotAFile { what, path: path.to_path_buf() });
+        return Err(VmmError::NotAFile {
+            what,
+            path: path.to_path_buf(),
+        });
     }
     Ok(file)
 }
@@ -236,13 +247,25 @@ impl Vmm {
             Some(p) => Some(open_file("initrd", p)?),
             None => None,
         };
-        let size = config.mem_mib.checked_mul(1 << 20).ok_or(VmmError::MemoryTooLarge(config.mem_mib))?;
+        let size = config
+            .mem_mib
+            .checked_mul(1 << 20)
+            .ok_or(VmmError::MemoryTooLarge(config.mem_mib))?;
         let map = AddressMap::new(size)?;
         let memory = create_guest_ram(&map, config.ram_backing)?;
-        let boot_config = BootConfig { protocol: config.protocol, cmdline: &config.cmdline };
+        let boot_config = BootConfig {
+            protocol: config.protocol,
+            cmdline: &config.cmdline,
+        };
         let boot = match (&mut kernel, &config.kernel) {
             (Some(f), _) => boot_guest(&memory, &map, f, initrd.as_mut(), &boot_config)?,
-            (None, KernelSource::Bytes(b)) => boot_guest(&memory, &map, &mut Cursor::new(*b), initrd.as_mut(), &boot_config)?,
+            (None, KernelSource::Bytes(b)) => boot_guest(
+                &memory,
+                &map,
+                &mut Cursor::new(*b),
+                initrd.as_mut(),
+                &boot_config,
+            )?,
             (None, KernelSource::Path(_)) => unreachable!("a path kernel is opened above"),
         };
         log::info!(
@@ -256,7 +279,9 @@ impl Vmm {
         let vm = Vm::new(memory)?;
         let stop_evt = Arc::new(EventFd::new(0).map_err(VmmError::EventFd)?);
         let trigger = || -> Result<EventFdTrigger, VmmError> {
-            Ok(EventFdTrigger::from_eventfd(stop_evt.try_clone().map_err(VmmError::EventFd)?))
+            Ok(EventFdTrigger::from_eventfd(
+                stop_evt.try_clone().map_err(VmmError::EventFd)?,
+            ))
         };
         let serial_irq = EventFdTrigger::new().map_err(VmmError::EventFd)?;
         vm.register_irqfd(serial_irq.eventfd(), COM1_IRQ)?;
@@ -266,10 +291,15 @@ impl Vmm {
 
         let mut bus = IoManager::new();
         let range = |base, size| PioRange::new(PioAddress(base), size).map_err(VmmError::Bus);
-        bus.register_pio(range(COM1_PORT, COM1_PORT_SIZE)?, serial.clone()).map_err(VmmError::Bus)?;
-        bus.register_pio(range(I8042_PORT, I8042_PORT_SIZE)?, i8042.clone()).map_err(VmmError::Bus)?;
-        bus.register_pio(range(config.exit_port, DEBUG_EXIT_PORT_SIZE)?, debug_exit.clone())
+        bus.register_pio(range(COM1_PORT, COM1_PORT_SIZE)?, serial.clone())
             .map_err(VmmError::Bus)?;
+        bus.register_pio(range(I8042_PORT, I8042_PORT_SIZE)?, i8042.clone())
+            .map_err(VmmError::Bus)?;
+        bus.register_pio(
+            range(config.exit_port, DEBUG_EXIT_PORT_SIZE)?,
+            debug_exit.clone(),
+        )
+        .map_err(VmmError::Bus)?;
 
         let vcpu = vm.create_vcpu(0)?;
         vcpu.configure(vm.kvm(), &boot.cpu)?;
@@ -293,15 +323,22 @@ impl Vmm {
 
     /// A handle that stops [`Vmm::run`] from another thread.
     pub fn stop_handle(&self) -> StopHandle {
-        StopHandle { evt: self.stop_evt.clone(), requested: self.stop_requested.clone() }
+        StopHandle {
+            evt: self.stop_evt.clone(),
+            requested: self.stop_requested.clone(),
+        }
     }
 
     /// Makes Ctrl-C (SIGINT) stop this VMM cleanly: [`Vmm::run`] returns
     /// [`VmExit::Interrupted`]. The handler is process-wide and points at the
     /// last VMM it was installed for.
     pub fn stop_on_sigint(&self) -> io::Result<()> {
-        SIGINT_FD.store(std::os::fd::AsRawFd::as_raw_fd(self.stop_evt.as_ref()), Ordering::SeqCst);
-        register_signal_handler(libc::SIGINT, sigint_handler).map_err(|e| io::Error::from_raw_os_error(e.errno()))
+        SIGINT_FD.store(
+            std::os::fd::AsRawFd::as_raw_fd(self.stop_evt.as_ref()),
+            Ordering::SeqCst,
+        );
+        register_signal_handler(libc::SIGINT, sigint_handler)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
     }
 
     /// Forwards `input` (the host's stdin, say) to the guest's COM1 on a
@@ -309,23 +346,28 @@ impl Vmm {
     /// ends at end of input.
     pub fn forward_serial_input<R: Read + Send + 'static>(&self, mut input: R) -> io::Result<()> {
         let serial = self.serial.clone();
-        std::thread::Builder::new().name("serial-in".into()).spawn(move || {
-            let mut buf = [0u8; 64];
-            loop {
-                let n = match input.read(&mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                let mut rest = &buf[..n];
-                while !rest.is_empty() {
-                    let taken = serial.lock().map(|mut s| s.enqueue_input(rest)).unwrap_or(0);
-                    rest = &rest[taken..];
-                    if taken == 0 {
-                        std::thread::sleep(Duration::from_millis(2));
+        std::thread::Builder::new()
+            .name("serial-in".into())
+            .spawn(move || {
+                let mut buf = [0u8; 64];
+                loop {
+                    let n = match input.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    let mut rest = &buf[..n];
+                    while !rest.is_empty() {
+                        let taken = serial
+                            .lock()
+                            .map(|mut s| s.enqueue_input(rest))
+                            .unwrap_or(0);
+                        rest = &rest[taken..];
+                        if taken == 0 {
+                            std::thread::sleep(Duration::from_millis(2));
+                        }
                     }
                 }
-            }
-        })?;
+            })?;
         Ok(())
     }
 
@@ -342,7 +384,10 @@ impl Vmm {
         }
         if let Ok(s) = self.serial.lock() {
             if s.lost_output() > 0 {
-                log::warn!("{} bytes of guest serial output could not be written", s.lost_output());
+                log::warn!(
+                    "{} bytes of guest serial output could not be written",
+                    s.lost_output()
+                );
             }
         }
         outcome
@@ -365,7 +410,15 @@ impl Vmm {
                         return Err(VmmError::Vcpu(e));
                     }
                     VcpuEvent::Stopped(id, Ok(reason)) => {
-                        log::info!("vCPU {id} stopped: {reason:?}");
+                        match reason {
+                            StopReason::TripleFault => {
+                                log::warn!("vCPU {id} triple-faulted: the guest reset its CPU")
+                            }
+                            StopReason::Crash => {
+                                log::warn!("vCPU {id}: the guest reported a crash")
+                            }
+                            _ => log::info!("vCPU {id} stopped: {reason:?}"),
+                        }
                         match reason {
                             StopReason::TripleFault => return Ok(VmExit::TripleFault),
                             StopReason::Reset => return Ok(VmExit::Reset),
@@ -402,30 +455,69 @@ mod tests {
     }
 
     fn config() -> VmConfig {
-        VmConfig { kernel: KernelSource::Bytes(vmm_testguest::IMAGE), ..Default::default() }
+        VmConfig {
+            kernel: KernelSource::Bytes(vmm_testguest::IMAGE),
+            ..Default::default()
+        }
     }
 
     #[test]
     fn smp_and_zero_vcpus_are_refused_before_anything_is_built() {
-        let c = VmConfig { vcpus: 2, ..config() };
-        assert!(matches!(Vmm::new(&c, Box::new(io::sink())), Err(VmmError::SmpUnsupported { requested: 2 })));
-        let c = VmConfig { vcpus: 0, ..config() };
-        assert!(matches!(Vmm::new(&c, Box::new(io::sink())), Err(VmmError::NoVcpus)));
+        let c = VmConfig {
+            vcpus: 2,
+            ..config()
+        };
+        assert!(matches!(
+            Vmm::new(&c, Box::new(io::sink())),
+            Err(VmmError::SmpUnsupported { requested: 2 })
+        ));
+        let c = VmConfig {
+            vcpus: 0,
+            ..config()
+        };
+        assert!(matches!(
+            Vmm::new(&c, Box::new(io::sink())),
+            Err(VmmError::NoVcpus)
+        ));
     }
 
     #[test]
     fn missing_and_directory_kernels_are_clear_errors() {
-        let c = VmConfig { kernel: KernelSource::Path("/nonexistent/vmlinux".into()), ..config() };
-        assert!(matches!(Vmm::new(&c, Box::new(io::sink())), Err(VmmError::Open { what: "kernel", .. })));
-        let c = VmConfig { kernel: KernelSource::Path("/".into()), ..config() };
-        assert!(matches!(Vmm::new(&c, Box::new(io::sink())), Err(VmmError::NotAFile { what: "kernel", .. })));
+        let c = VmConfig {
+            kernel: KernelSource::Path("/nonexistent/vmlinux".into()),
+            ..config()
+        };
+        assert!(matches!(
+            Vmm::new(&c, Box::new(io::sink())),
+            Err(VmmError::Open { what: "kernel", .. })
+        ));
+        let c = VmConfig {
+            kernel: KernelSource::Path("/".into()),
+            ..config()
+        };
+        assert!(matches!(
+            Vmm::new(&c, Box::new(io::sink())),
+            Err(VmmError::NotAFile { what: "kernel", .. })
+        ));
     }
 
     #[test]
     fn absurd_memory_sizes_are_refused() {
-        let c = VmConfig { mem_mib: u64::MAX, ..config() };
-        assert!(matches!(Vmm::new(&c, Box::new(io::sink())), Err(VmmError::MemoryTooLarge(_))));
-        let c = VmConfig { mem_mib: 1, ..config() };
-        assert!(matches!(Vmm::new(&c, Box::new(io::sink())), Err(VmmError::Layout(_))));
+        let c = VmConfig {
+            mem_mib: u64::MAX,
+            ..config()
+        };
+        assert!(matches!(
+            Vmm::new(&c, Box::new(io::sink())),
+            Err(VmmError::MemoryTooLarge(_))
+        ));
+        let c = VmConfig {
+            mem_mib: 1,
+            ..config()
+        };
+        assert!(matches!(
+            Vmm::new(&c, Box::new(io::sink())),
+            Err(VmmError::Layout(_))
+        ));
     }
 }

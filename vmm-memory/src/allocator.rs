@@ -46,7 +46,8 @@ impl ResourceAllocator {
     pub fn new(map: &AddressMap) -> Result<Self, AllocatorError> {
         let window = map.device_mmio();
         Ok(Self {
-            mmio: AddressAllocator::new(window.start(), window.len()).map_err(AllocatorError::Setup)?,
+            mmio: AddressAllocator::new(window.start(), window.len())
+                .map_err(AllocatorError::Setup)?,
             irqs: IdAllocator::new(IRQ_BASE, IRQ_MAX).map_err(AllocatorError::Setup)?,
         })
     }
@@ -56,9 +57,12 @@ impl ResourceAllocator {
         if size == 0 {
             return Err(AllocatorError::EmptyRange);
         }
-        let rounded = size
-            .checked_next_multiple_of(MMIO_ALIGNMENT)
-            .ok_or(AllocatorError::MmioExhausted { size, source: vm_allocator::Error::Overflow })?;
+        let rounded =
+            size.checked_next_multiple_of(MMIO_ALIGNMENT)
+                .ok_or(AllocatorError::MmioExhausted {
+                    size,
+                    source: vm_allocator::Error::Overflow,
+                })?;
         let r = self
             .mmio
             .allocate(rounded, MMIO_ALIGNMENT, AllocPolicy::FirstMatch)
@@ -75,12 +79,17 @@ impl ResourceAllocator {
 
     /// The lowest free device interrupt line.
     pub fn allocate_irq(&mut self) -> Result<u32, AllocatorError> {
-        self.irqs.allocate_id().map_err(AllocatorError::IrqExhausted)
+        self.irqs
+            .allocate_id()
+            .map_err(AllocatorError::IrqExhausted)
     }
 
     /// Gives an interrupt line back.
     pub fn free_irq(&mut self, irq: u32) -> Result<(), AllocatorError> {
-        self.irqs.free_id(irq).map(|_| ()).map_err(AllocatorError::NotAllocated)
+        self.irqs
+            .free_id(irq)
+            .map(|_| ())
+            .map_err(AllocatorError::NotAllocated)
     }
 }
 
@@ -121,17 +130,31 @@ mod tests {
     fn mmio_window_exhaustion_is_an_error() {
         let (map, mut a) = allocator();
         a.allocate_mmio(map.device_mmio().len()).unwrap();
-        assert!(matches!(a.allocate_mmio(0x1000), Err(AllocatorError::MmioExhausted { .. })));
-        assert!(matches!(a.allocate_mmio(0), Err(AllocatorError::EmptyRange)));
-        assert!(matches!(a.allocate_mmio(u64::MAX), Err(AllocatorError::MmioExhausted { .. })));
+        assert!(matches!(
+            a.allocate_mmio(0x1000),
+            Err(AllocatorError::MmioExhausted { .. })
+        ));
+        assert!(matches!(
+            a.allocate_mmio(0),
+            Err(AllocatorError::EmptyRange)
+        ));
+        assert!(matches!(
+            a.allocate_mmio(u64::MAX),
+            Err(AllocatorError::MmioExhausted { .. })
+        ));
     }
 
     #[test]
     fn irqs_run_from_base_to_max_then_fail_and_are_reusable() {
         let (_, mut a) = allocator();
-        let irqs: Vec<u32> = (IRQ_BASE..=IRQ_MAX).map(|_| a.allocate_irq().unwrap()).collect();
+        let irqs: Vec<u32> = (IRQ_BASE..=IRQ_MAX)
+            .map(|_| a.allocate_irq().unwrap())
+            .collect();
         assert_eq!(irqs, (IRQ_BASE..=IRQ_MAX).collect::<Vec<_>>());
-        assert!(matches!(a.allocate_irq(), Err(AllocatorError::IrqExhausted(_))));
+        assert!(matches!(
+            a.allocate_irq(),
+            Err(AllocatorError::IrqExhausted(_))
+        ));
         a.free_irq(7).unwrap();
         assert_eq!(a.allocate_irq().unwrap(), 7);
         assert!(a.free_irq(2).is_err());

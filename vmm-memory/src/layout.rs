@@ -162,28 +162,43 @@ impl AddressMap {
 
     /// The 32-bit MMIO gap.
     pub fn mmio_gap(&self) -> GuestRange {
-        GuestRange { start: MMIO_GAP_START, len: MMIO_GAP_END - MMIO_GAP_START }
+        GuestRange {
+            start: MMIO_GAP_START,
+            len: MMIO_GAP_END - MMIO_GAP_START,
+        }
     }
 
     /// The window device MMIO ranges are allocated from.
     pub fn device_mmio(&self) -> GuestRange {
-        GuestRange { start: DEVICE_MMIO_START, len: DEVICE_MMIO_SIZE }
+        GuestRange {
+            start: DEVICE_MMIO_START,
+            len: DEVICE_MMIO_SIZE,
+        }
     }
 
     /// The IOAPIC register window.
     pub fn ioapic(&self) -> GuestRange {
-        GuestRange { start: IOAPIC_START, len: IOAPIC_SIZE }
+        GuestRange {
+            start: IOAPIC_START,
+            len: IOAPIC_SIZE,
+        }
     }
 
     /// The local APIC register window.
     pub fn lapic(&self) -> GuestRange {
-        GuestRange { start: LAPIC_START, len: LAPIC_SIZE }
+        GuestRange {
+            start: LAPIC_START,
+            len: LAPIC_SIZE,
+        }
     }
 
     /// Whether `[addr, addr + len)` lies entirely inside one RAM range.
     pub fn is_ram(&self, addr: u64, len: u64) -> bool {
         match GuestRange::new(addr, len) {
-            Some(r) => self.ram.iter().any(|ram| ram.contains(r.start) && ram.contains(r.last())),
+            Some(r) => self
+                .ram
+                .iter()
+                .any(|ram| ram.contains(r.start) && ram.contains(r.last())),
             None => false,
         }
     }
@@ -224,7 +239,10 @@ mod tests {
         let gap = map.mmio_gap();
         let windows = [map.device_mmio(), map.ioapic(), map.lapic()];
         for w in &windows {
-            assert!(gap.contains(w.start()) && gap.contains(w.last()), "{w} outside gap");
+            assert!(
+                gap.contains(w.start()) && gap.contains(w.last()),
+                "{w} outside gap"
+            );
         }
         for (i, a) in windows.iter().enumerate() {
             for b in &windows[i + 1..] {
@@ -238,11 +256,19 @@ mod tests {
 
     #[test]
     fn bad_sizes_are_rejected_with_their_reason() {
-        assert_eq!(AddressMap::new(1 << 20), Err(LayoutError::RamTooSmall { size: 1 << 20 }));
-        assert_eq!(AddressMap::new(1 << 41), Err(LayoutError::RamTooLarge { size: 1 << 41 }));
+        assert_eq!(
+            AddressMap::new(1 << 20),
+            Err(LayoutError::RamTooSmall { size: 1 << 20 })
+        );
+        assert_eq!(
+            AddressMap::new(1 << 41),
+            Err(LayoutError::RamTooLarge { size: 1 << 41 })
+        );
         assert_eq!(
             AddressMap::new((64 << 20) + 1),
-            Err(LayoutError::RamNotPageAligned { size: (64 << 20) + 1 })
+            Err(LayoutError::RamNotPageAligned {
+                size: (64 << 20) + 1
+            })
         );
     }
 

@@ -92,13 +92,18 @@ pub fn create_guest_ram(map: &AddressMap, backing: RamBacking) -> Result<GuestRa
             if free < needed {
                 return Err(RamError::HugePagesUnavailable { needed, free });
             }
-            Some(memfd(c"guest-ram-huge", libc::MFD_HUGETLB | libc::MFD_HUGE_2MB, total)?)
+            Some(memfd(
+                c"guest-ram-huge",
+                libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
+                total,
+            )?)
         }
     };
     let mut offset = 0u64;
     let mut ranges = Vec::with_capacity(map.ram().len());
     for r in map.ram() {
-        let size = usize::try_from(r.len()).map_err(|_| RamError::TooLargeForHost { size: r.len() })?;
+        let size =
+            usize::try_from(r.len()).map_err(|_| RamError::TooLargeForHost { size: r.len() })?;
         let file_offset = file.as_ref().map(|f| {
             // Each region gets its own handle to the same file.
             f.try_clone().map(|f| FileOffset::new(f, offset))
@@ -119,7 +124,8 @@ fn memfd(name: &CStr, flags: libc::c_uint, size: u64) -> Result<File, RamError> 
     }
     // SAFETY: `fd` was just created and nothing else owns it.
     let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size).map_err(|source| RamError::MemfdSize { size, source })?;
+    file.set_len(size)
+        .map_err(|source| RamError::MemfdSize { size, source })?;
     Ok(file)
 }
 
@@ -141,8 +147,12 @@ mod tests {
         let map = AddressMap::new(16 << 20).unwrap();
         let ram = create_guest_ram(&map, RamBacking::Anonymous).unwrap();
         assert_eq!(ram.num_regions(), 1);
-        ram.write_obj(0x1234_5678_u32, GuestAddress((16 << 20) - 4)).unwrap();
-        assert_eq!(ram.read_obj::<u32>(GuestAddress((16 << 20) - 4)).unwrap(), 0x1234_5678);
+        ram.write_obj(0x1234_5678_u32, GuestAddress((16 << 20) - 4))
+            .unwrap();
+        assert_eq!(
+            ram.read_obj::<u32>(GuestAddress((16 << 20) - 4)).unwrap(),
+            0x1234_5678
+        );
         assert!(ram.read_obj::<u32>(GuestAddress(16 << 20)).is_err());
     }
 
@@ -154,7 +164,10 @@ mod tests {
         assert_eq!(regions.len(), 2);
         assert_eq!(regions[0].start_addr(), GuestAddress(0));
         assert_eq!(regions[1].start_addr(), GuestAddress(HIGH_RAM_START));
-        let offsets: Vec<u64> = regions.iter().map(|r| r.file_offset().unwrap().start()).collect();
+        let offsets: Vec<u64> = regions
+            .iter()
+            .map(|r| r.file_offset().unwrap().start())
+            .collect();
         assert_eq!(offsets, vec![0, MMIO_GAP_START]);
         // The gap is not RAM.
         assert!(ram.read_obj::<u8>(GuestAddress(MMIO_GAP_START)).is_err());

@@ -14,6 +14,20 @@ pub fn run(name: &str, boot: &BootInfo, args: &Args) -> u8 {
             report!("exit status={}", status);
             io::exit(status)
         }
+        "reset" => {
+            // i8042 command 0xFE: pulse the CPU reset line.
+            report!("reset");
+            io::outb(0x64, 0xfe);
+            loop {
+                core::hint::spin_loop();
+            }
+        }
+        "spin" => {
+            report!("spin");
+            loop {
+                core::hint::spin_loop();
+            }
+        }
         _ => {
             report!("error unknown scenario \"{}\"", name);
             EXIT_UNKNOWN_SCENARIO

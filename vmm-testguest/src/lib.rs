@@ -12,9 +12,13 @@
 //! It reports on COM1 (0x3f8), one line per event, each starting with
 //! [`LINE_PREFIX`], and ends by writing its status byte to the exit port.
 //!
-//! Scenarios: `hello` (reports the boot protocol and the RAM it found in the
-//! memory map) and `exit` (ends with `testguest.exit`). An unknown name ends
-//! the guest with [`exit_status::UNKNOWN_SCENARIO`].
+//! Scenarios:
+//! - `hello`: reports the boot protocol and the RAM it found in the memory map;
+//! - `exit`: ends with `testguest.exit`;
+//! - `reset`: asks for a reset through the i8042 (command 0xFE on port 0x64);
+//! - `spin`: reports, then loops at CPL3 forever (for stop and pause tests).
+//!
+//! An unknown name ends the guest with [`exit_status::UNKNOWN_SCENARIO`].
 //!
 //! ```
 //! use vmm_testguest::{parse_line, Report};
@@ -69,7 +73,10 @@ pub struct Report {
 impl Report {
     /// The value of `key`, if present.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.fields.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.fields
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// The value of `key` as a decimal or `0x` hexadecimal number.
@@ -84,7 +91,9 @@ impl Report {
 
 /// Parses one line of guest output; `None` if it is not a report line.
 pub fn parse_line(line: &str) -> Option<Report> {
-    let rest = line.trim_end_matches(['\r', '\n']).strip_prefix(LINE_PREFIX)?;
+    let rest = line
+        .trim_end_matches(['\r', '\n'])
+        .strip_prefix(LINE_PREFIX)?;
     let mut parts = rest.split_whitespace();
     let event = parts.next()?.to_string();
     let mut fields = Vec::new();
@@ -95,7 +104,11 @@ pub fn parse_line(line: &str) -> Option<Report> {
             None => words.push(p.to_string()),
         }
     }
-    Some(Report { event, fields, words })
+    Some(Report {
+        event,
+        fields,
+        words,
+    })
 }
 
 /// Every report line in `output`, in order.

@@ -41,7 +41,10 @@ pub enum VcpuEmulation {
 /// Maps one `KVM_RUN` result to the next step, dispatching port and MMIO
 /// accesses to `bus`. Accesses no device claims read as all-ones (PIO) or
 /// zeros (MMIO) and writes to them are dropped, as on real hardware.
-pub fn handle_exit(exit: Result<VcpuExit<'_>, errno::Error>, bus: &IoManager) -> Result<VcpuEmulation, VcpuError> {
+pub fn handle_exit(
+    exit: Result<VcpuExit<'_>, errno::Error>,
+    bus: &IoManager,
+) -> Result<VcpuEmulation, VcpuError> {
     match exit {
         Ok(VcpuExit::IoIn(port, data)) => {
             if bus.pio_read(PioAddress(port), data).is_err() {
@@ -74,13 +77,17 @@ pub fn handle_exit(exit: Result<VcpuExit<'_>, errno::Error>, bus: &IoManager) ->
             KVM_SYSTEM_EVENT_SHUTDOWN => Ok(VcpuEmulation::Stop(StopReason::PowerOff)),
             KVM_SYSTEM_EVENT_RESET => Ok(VcpuEmulation::Stop(StopReason::Reset)),
             KVM_SYSTEM_EVENT_CRASH => Ok(VcpuEmulation::Stop(StopReason::Crash)),
-            _ => Err(VcpuError::UnexpectedExit(format!("system event {kind} {data:?}"))),
+            _ => Err(VcpuError::UnexpectedExit(format!(
+                "system event {kind} {data:?}"
+            ))),
         },
         Ok(VcpuExit::FailEntry(reason, cpu)) => Err(VcpuError::FailEntry { reason, cpu }),
         Ok(VcpuExit::InternalError) => Err(VcpuError::InternalError(Default::default())),
         Ok(VcpuExit::IrqWindowOpen) | Ok(VcpuExit::Intr) => Ok(VcpuEmulation::Interrupted),
         Ok(other) => Err(VcpuError::UnexpectedExit(format!("{other:?}"))),
-        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(VcpuEmulation::Interrupted),
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+            Ok(VcpuEmulation::Interrupted)
+        }
         Err(e) => Err(VcpuError::Run(e)),
     }
 }
@@ -115,15 +122,23 @@ mod tests {
     fn bus() -> (IoManager, Arc<Mutex<Recorder>>) {
         let dev = Arc::new(Mutex::new(Recorder::default()));
         let mut bus = IoManager::new();
-        bus.register_pio(PioRange::new(PioAddress(0x3f8), 8).unwrap(), dev.clone()).unwrap();
-        bus.register_mmio(MmioRange::new(MmioAddress(0xd000_0000), 0x1000).unwrap(), Arc::new(Mmio)).unwrap();
+        bus.register_pio(PioRange::new(PioAddress(0x3f8), 8).unwrap(), dev.clone())
+            .unwrap();
+        bus.register_mmio(
+            MmioRange::new(MmioAddress(0xd000_0000), 0x1000).unwrap(),
+            Arc::new(Mmio),
+        )
+        .unwrap();
         (bus, dev)
     }
 
     #[test]
     fn port_writes_reach_the_device_at_their_offset() {
         let (bus, dev) = bus();
-        assert_eq!(handle_exit(Ok(VcpuExit::IoOut(0x3fa, &[7])), &bus).unwrap(), VcpuEmulation::Handled);
+        assert_eq!(
+            handle_exit(Ok(VcpuExit::IoOut(0x3fa, &[7])), &bus).unwrap(),
+            VcpuEmulation::Handled
+        );
         assert_eq!(dev.lock().unwrap().writes, vec![(2, vec![7])]);
     }
 
@@ -151,18 +166,33 @@ mod tests {
         let mut data = [0xaau8; 4];
         handle_exit(Ok(VcpuExit::MmioRead(0xe000_0000, &mut data)), &bus).unwrap();
         assert_eq!(data, [0; 4]);
-        assert_eq!(handle_exit(Ok(VcpuExit::MmioWrite(0xe000_0000, &[1])), &bus).unwrap(), VcpuEmulation::Handled);
+        assert_eq!(
+            handle_exit(Ok(VcpuExit::MmioWrite(0xe000_0000, &[1])), &bus).unwrap(),
+            VcpuEmulation::Handled
+        );
     }
 
     #[test]
     fn shutdown_and_system_events_stop_the_vcpu_with_their_reason() {
         let (bus, _) = bus();
         let stop = |e| handle_exit(Ok(e), &bus).unwrap();
-        assert_eq!(stop(VcpuExit::Shutdown), VcpuEmulation::Stop(StopReason::TripleFault));
+        assert_eq!(
+            stop(VcpuExit::Shutdown),
+            VcpuEmulation::Stop(StopReason::TripleFault)
+        );
         assert_eq!(stop(VcpuExit::Hlt), VcpuEmulation::Stop(StopReason::Halted));
-        assert_eq!(stop(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, &[])), VcpuEmulation::Stop(StopReason::Reset));
-        assert_eq!(stop(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, &[])), VcpuEmulation::Stop(StopReason::PowerOff));
-        assert_eq!(stop(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_CRASH, &[])), VcpuEmulation::Stop(StopReason::Crash));
+        assert_eq!(
+            stop(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, &[])),
+            VcpuEmulation::Stop(StopReason::Reset)
+        );
+        assert_eq!(
+            stop(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, &[])),
+            VcpuEmulation::Stop(StopReason::PowerOff)
+        );
+        assert_eq!(
+            stop(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_CRASH, &[])),
+            VcpuEmulation::Stop(StopReason::Crash)
+        );
     }
 
     #[test]
@@ -172,15 +202,30 @@ mod tests {
             Err(VcpuError::FailEntry { reason, cpu }) => assert_eq!((reason, cpu), (0x80000021, 0)),
             other => panic!("unexpected {other:?}"),
         }
-        assert!(matches!(handle_exit(Ok(VcpuExit::InternalError), &bus), Err(VcpuError::InternalError(_))));
-        assert!(matches!(handle_exit(Ok(VcpuExit::Unknown), &bus), Err(VcpuError::UnexpectedExit(_))));
-        assert!(matches!(handle_exit(Err(errno::Error::new(libc::EFAULT)), &bus), Err(VcpuError::Run(_))));
+        assert!(matches!(
+            handle_exit(Ok(VcpuExit::InternalError), &bus),
+            Err(VcpuError::InternalError(_))
+        ));
+        assert!(matches!(
+            handle_exit(Ok(VcpuExit::Unknown), &bus),
+            Err(VcpuError::UnexpectedExit(_))
+        ));
+        assert!(matches!(
+            handle_exit(Err(errno::Error::new(libc::EFAULT)), &bus),
+            Err(VcpuError::Run(_))
+        ));
     }
 
     #[test]
     fn eintr_is_an_interruption_not_an_error() {
         let (bus, _) = bus();
-        assert_eq!(handle_exit(Err(errno::Error::new(libc::EINTR)), &bus).unwrap(), VcpuEmulation::Interrupted);
-        assert_eq!(handle_exit(Err(errno::Error::new(libc::EAGAIN)), &bus).unwrap(), VcpuEmulation::Interrupted);
+        assert_eq!(
+            handle_exit(Err(errno::Error::new(libc::EINTR)), &bus).unwrap(),
+            VcpuEmulation::Interrupted
+        );
+        assert_eq!(
+            handle_exit(Err(errno::Error::new(libc::EAGAIN)), &bus).unwrap(),
+            VcpuEmulation::Interrupted
+        );
     }
 }

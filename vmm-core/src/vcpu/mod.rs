@@ -5,7 +5,9 @@ mod thread;
 
 use std::fmt;
 
-use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs, Msrs, kvm_msr_entry, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs, KVM_MAX_CPUID_ENTRIES,
+};
 use kvm_ioctls::{Kvm, VcpuFd};
 use vm_device::device_manager::IoManager;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
@@ -44,7 +46,11 @@ impl fmt::Display for InternalErrorInfo {
             write!(f, ", rip {rip:#x}")?;
         }
         if !self.instruction.is_empty() {
-            let bytes: Vec<String> = self.instruction.iter().map(|b| format!("{b:02x}")).collect();
+            let bytes: Vec<String> = self
+                .instruction
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
             write!(f, ", instruction bytes [{}]", bytes.join(" "))?;
         }
         let data: Vec<String> = self.data.iter().map(|d| format!("{d:#x}")).collect();
@@ -143,7 +149,15 @@ pub fn apply_sregs(sregs: &mut kvm_sregs, s: &BootCpuState) {
 
 /// The general registers of the boot state.
 pub fn boot_regs(s: &BootCpuState) -> kvm_regs {
-    kvm_regs { rip: s.rip, rsp: s.rsp, rbp: s.rbp, rsi: s.rsi, rbx: s.rbx, rflags: s.rflags, ..Default::default() }
+    kvm_regs {
+        rip: s.rip,
+        rsp: s.rsp,
+        rbp: s.rbp,
+        rsi: s.rsi,
+        rbx: s.rbx,
+        rflags: s.rflags,
+        ..Default::default()
+    }
 }
 
 impl Vcpu {
@@ -170,19 +184,32 @@ impl Vcpu {
             data: MISC_ENABLE_FAST_STRING,
             ..Default::default()
         }])
-        .map_err(|_| VcpuError::Setup { what: "MSR list", source: errno::Error::new(libc::EINVAL) })?;
+        .map_err(|_| VcpuError::Setup {
+            what: "MSR list",
+            source: errno::Error::new(libc::EINVAL),
+        })?;
         self.fd.set_msrs(&msrs).map_err(setup_err("KVM_SET_MSRS"))?;
-        let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
         self.fd.set_fpu(&fpu).map_err(setup_err("KVM_SET_FPU"))?;
         self.configure_lapic()?;
         let mut sregs = self.fd.get_sregs().map_err(setup_err("KVM_GET_SREGS"))?;
         apply_sregs(&mut sregs, state);
-        self.fd.set_sregs(&sregs).map_err(setup_err("KVM_SET_SREGS"))?;
-        self.fd.set_regs(&boot_regs(state)).map_err(setup_err("KVM_SET_REGS"))
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(setup_err("KVM_SET_SREGS"))?;
+        self.fd
+            .set_regs(&boot_regs(state))
+            .map_err(setup_err("KVM_SET_REGS"))
     }
 
     fn configure_cpuid(&self, kvm: &Kvm) -> Result<(), VcpuError> {
-        let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(setup_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(setup_err("KVM_GET_SUPPORTED_CPUID"))?;
         for e in cpuid.as_mut_slice() {
             match e.function {
                 // Initial APIC id in EBX[31:24]; the hypervisor bit in ECX[31].
@@ -195,7 +222,9 @@ impl Vcpu {
                 _ => {}
             }
         }
-        self.fd.set_cpuid2(&cpuid).map_err(setup_err("KVM_SET_CPUID2"))
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(setup_err("KVM_SET_CPUID2"))
     }
 
     fn configure_lapic(&self) -> Result<(), VcpuError> {
@@ -213,15 +242,23 @@ impl Vcpu {
         // LINT0 carries the legacy PIC's interrupts, LINT1 NMIs.
         set_mode(&mut lapic.regs, APIC_LVT0, APIC_MODE_EXTINT);
         set_mode(&mut lapic.regs, APIC_LVT1, APIC_MODE_NMI);
-        self.fd.set_lapic(&lapic).map_err(setup_err("KVM_SET_LAPIC"))
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(setup_err("KVM_SET_LAPIC"))
     }
 
     /// Runs the guest until one exit, handled by [`handle_exit`]. Internal
     /// errors come back with KVM's data, the RIP and the instruction bytes.
-    pub fn run_once<M: GuestMemoryBackend>(&mut self, bus: &IoManager, mem: &M) -> Result<VcpuEmulation, VcpuError> {
+    pub fn run_once<M: GuestMemoryBackend>(
+        &mut self,
+        bus: &IoManager,
+        mem: &M,
+    ) -> Result<VcpuEmulation, VcpuError> {
         let result = handle_exit(self.fd.run(), bus);
         match result {
-            Err(VcpuError::InternalError(_)) => Err(VcpuError::InternalError(self.internal_error_info(mem))),
+            Err(VcpuError::InternalError(_)) => {
+                Err(VcpuError::InternalError(self.internal_error_info(mem)))
+            }
             other => other,
         }
     }
@@ -232,7 +269,11 @@ impl Vcpu {
         // the union member KVM filled in.
         let internal = unsafe { run.__bindgen_anon_1.internal };
         let n = (internal.ndata as usize).min(internal.data.len());
-        let mut info = InternalErrorInfo { suberror: internal.suberror, data: internal.data[..n].to_vec(), ..Default::default() };
+        let mut info = InternalErrorInfo {
+            suberror: internal.suberror,
+            data: internal.data[..n].to_vec(),
+            ..Default::default()
+        };
         if let Ok(regs) = self.fd.get_regs() {
             info.rip = Some(regs.rip);
             if let Ok(t) = self.fd.translate_gva(regs.rip) {
@@ -266,22 +307,36 @@ mod tests {
     fn boot_state_maps_onto_kvm_registers() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
         let state = vmm_boot::cpu::linux64_cpu_state(&mem, 0x10_0000, 0x7000).unwrap();
-        let mut sregs = kvm_sregs { apic_base: 0xfee0_0900, ..Default::default() };
+        let mut sregs = kvm_sregs {
+            apic_base: 0xfee0_0900,
+            ..Default::default()
+        };
         apply_sregs(&mut sregs, &state);
         assert_eq!(sregs.cs.selector, 0x10);
         assert_eq!((sregs.cs.l, sregs.cs.present, sregs.cs.unusable), (1, 1, 0));
         assert_eq!(sregs.ds.selector, 0x18);
         assert_eq!(sregs.efer, state.efer);
         assert_eq!(sregs.cr3, state.cr3);
-        assert_eq!(sregs.apic_base, 0xfee0_0900, "fields outside the boot state are kept");
+        assert_eq!(
+            sregs.apic_base, 0xfee0_0900,
+            "fields outside the boot state are kept"
+        );
         let regs = boot_regs(&state);
         assert_eq!((regs.rip, regs.rsi, regs.rflags), (0x10_0000, 0x7000, 2));
     }
 
     #[test]
     fn internal_error_info_names_the_suberror_and_bytes() {
-        let info = InternalErrorInfo { suberror: 1, data: vec![0x1], rip: Some(0x1000), instruction: vec![0x0f, 0xc7] };
+        let info = InternalErrorInfo {
+            suberror: 1,
+            data: vec![0x1],
+            rip: Some(0x1000),
+            instruction: vec![0x0f, 0xc7],
+        };
         let s = info.to_string();
-        assert!(s.contains("emulation failure") && s.contains("rip 0x1000") && s.contains("0f c7"), "{s}");
+        assert!(
+            s.contains("emulation failure") && s.contains("rip 0x1000") && s.contains("0f c7"),
+            "{s}"
+        );
     }
 }

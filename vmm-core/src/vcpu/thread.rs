@@ -105,7 +105,11 @@ impl VcpuHandle {
             .name(format!("vcpu{id}"))
             .spawn(move || run_thread(vcpu, &bus, &memory, &rx, &events, &notify))
             .map_err(VcpuError::Spawn)?;
-        Ok(Self { id, commands: tx, thread: Some(thread) })
+        Ok(Self {
+            id,
+            commands: tx,
+            thread: Some(thread),
+        })
     }
 
     /// The vCPU index.
@@ -173,21 +177,23 @@ fn run_thread(
                     report(VcpuEvent::Stopped(id, Ok(StopReason::Requested)));
                     VcpuState::Exited
                 }
-                Ok(VcpuCommand::Resume) | Err(TryRecvError::Empty) => match vcpu.run_once(bus, memory) {
-                    Ok(VcpuEmulation::Handled) => VcpuState::Running,
-                    Ok(VcpuEmulation::Interrupted) => {
-                        vcpu.set_immediate_exit(0);
-                        VcpuState::Running
+                Ok(VcpuCommand::Resume) | Err(TryRecvError::Empty) => {
+                    match vcpu.run_once(bus, memory) {
+                        Ok(VcpuEmulation::Handled) => VcpuState::Running,
+                        Ok(VcpuEmulation::Interrupted) => {
+                            vcpu.set_immediate_exit(0);
+                            VcpuState::Running
+                        }
+                        Ok(VcpuEmulation::Stop(reason)) => {
+                            report(VcpuEvent::Stopped(id, Ok(reason)));
+                            VcpuState::Exited
+                        }
+                        Err(e) => {
+                            report(VcpuEvent::Stopped(id, Err(e)));
+                            VcpuState::Exited
+                        }
                     }
-                    Ok(VcpuEmulation::Stop(reason)) => {
-                        report(VcpuEvent::Stopped(id, Ok(reason)));
-                        VcpuState::Exited
-                    }
-                    Err(e) => {
-                        report(VcpuEvent::Stopped(id, Err(e)));
-                        VcpuState::Exited
-                    }
-                },
+                }
             },
             VcpuState::Paused => match commands.recv() {
                 Ok(VcpuCommand::Resume) => {

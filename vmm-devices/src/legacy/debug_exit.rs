@@ -48,7 +48,10 @@ impl<T: Trigger> MutDevicePio for DebugExit<T> {
 
     fn pio_write(&mut self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
         if offset != 0 || !matches!(data.len(), 1 | 2 | 4) {
-            log::debug!("debug-exit: ignored {}-byte write at offset {offset}", data.len());
+            log::debug!(
+                "debug-exit: ignored {}-byte write at offset {offset}",
+                data.len()
+            );
             return;
         }
         if self.status.is_none() {

@@ -19,7 +19,10 @@ pub struct I8042<T: Trigger> {
 impl<T: Trigger> I8042<T> {
     /// A controller that signals `reset` when the guest asks for a reset.
     pub fn new(reset: T) -> Self {
-        Self { inner: I8042Device::new(reset), resets: 0 }
+        Self {
+            inner: I8042Device::new(reset),
+            resets: 0,
+        }
     }
 
     /// How many reset requests the guest made.

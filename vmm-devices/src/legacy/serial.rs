@@ -28,12 +28,22 @@ pub struct Serial<T: Trigger, W: Write> {
 impl<T: Trigger, W: Write> Serial<T, W> {
     /// A UART in its reset state.
     pub fn new(interrupt: T, out: W) -> Self {
-        Self { inner: vm_superio::Serial::new(interrupt, out), lost_output: 0 }
+        Self {
+            inner: vm_superio::Serial::new(interrupt, out),
+            lost_output: 0,
+        }
     }
 
     /// A UART restored from `state` (for snapshot restore).
-    pub fn from_state(state: &SerialState, interrupt: T, out: W) -> Result<Self, vm_superio::serial::Error<T::E>> {
-        Ok(Self { inner: vm_superio::Serial::from_state(state, interrupt, NoEvents, out)?, lost_output: 0 })
+    pub fn from_state(
+        state: &SerialState,
+        interrupt: T,
+        out: W,
+    ) -> Result<Self, vm_superio::serial::Error<T::E>> {
+        Ok(Self {
+            inner: vm_superio::Serial::from_state(state, interrupt, NoEvents, out)?,
+            lost_output: 0,
+        })
     }
 
     /// The register state (for snapshot).
@@ -98,7 +108,10 @@ impl<T: Trigger, W: Write> MutDevicePio for Serial<T, W> {
     fn pio_write(&mut self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
         match (data.len(), u8::try_from(offset)) {
             (1, Ok(off)) if off < COM1_PORT_SIZE as u8 => self.write(off, data[0]),
-            _ => log::debug!("serial: ignored {}-byte write at offset {offset}", data.len()),
+            _ => log::debug!(
+                "serial: ignored {}-byte write at offset {offset}",
+                data.len()
+            ),
         }
     }
 }
@@ -193,11 +206,11 @@ mod tests {
         let mut wide = [0u8; 2];
         s.pio_read(base, 0, &mut wide);
         assert_eq!(wide, [0xff, 0xff]);
-        s.pio_write(base, 0, &[b'a', b'b']);
+        s.pio_write(base, 0, b"ab");
         let mut one = [0u8; 1];
         s.pio_read(base, 9, &mut one);
         assert_eq!(one, [0xff]);
-        s.pio_write(base, u16::MAX, &[b'c']);
+        s.pio_write(base, u16::MAX, b"c");
         assert!(s.output().is_empty());
     }
 

@@ -1,0 +1,141 @@
+//! End-to-end: the reference VMM boots the test guest under KVM through both
+//! boot protocols, and the guest's report and exit status come back.
+
+mod common;
+
+use common::{require_kvm, run_minimal, stdout};
+use vmm_kit::testguest::{exit_status, parse_output, Report};
+
+/// RAM the guest should find in its memory map for `mib` MiB: everything but
+/// the EBDA and BIOS area between 0x9fc00 and 1 MiB.
+fn expected_ram_bytes(mib: u64) -> u64 {
+    (mib << 20) - (0x10_0000 - 0x9fc00)
+}
+
+fn event<'a>(reports: &'a [Report], name: &str) -> &'a Report {
+    reports
+        .iter()
+        .find(|r| r.event == name)
+        .unwrap_or_else(|| panic!("no {name:?} report in {reports:?}"))
+}
+
+fn boot_hello(protocol: &str, mem: u64) {
+    require_kvm();
+    let mem_arg = mem.to_string();
+    let out = run_minimal(&["--boot-protocol", protocol, "--mem", &mem_arg]);
+    let text = stdout(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {text}\nstderr: {}",
+        common::stderr(&out)
+    );
+    let reports = parse_output(&text);
+    let boot = event(&reports, "boot");
+    assert_eq!(boot.get("cpl"), Some("3"), "scenarios run at CPL3");
+    let hello = event(&reports, "hello");
+    assert_eq!(hello.get("proto"), Some(protocol));
+    assert_eq!(hello.get_u64("mem_mib"), Some(mem));
+    assert_eq!(hello.get_u64("ram_bytes"), Some(expected_ram_bytes(mem)));
+    assert_eq!(event(&reports, "done").get_u64("status"), Some(0));
+}
+
+#[test]
+fn testguest_says_hello_through_pvh() {
+    boot_hello("pvh", 128);
+}
+
+#[test]
+fn testguest_says_hello_through_the_linux_64bit_protocol() {
+    boot_hello("linux64", 128);
+}
+
+#[test]
+fn testguest_sees_ram_above_4g_split_around_the_mmio_gap() {
+    require_kvm();
+    let out = run_minimal(&["--mem", "4096", "--memory-backing", "memfd"]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let reports = parse_output(&text);
+    let hello = event(&reports, "hello");
+    assert_eq!(hello.get_u64("ram_bytes"), Some(expected_ram_bytes(4096)));
+    assert_eq!(
+        hello.get_u64("ram_top"),
+        Some((1 << 32) + (1 << 30)),
+        "1 GiB sits above 4 GiB"
+    );
+    assert_eq!(hello.get_u64("map_entries"), Some(4));
+}
+
+#[test]
+fn auto_protocol_prefers_pvh_for_the_test_guest() {
+    require_kvm();
+    let out = run_minimal(&[]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        event(&parse_output(&stdout(&out)), "hello").get("proto"),
+        Some("pvh")
+    );
+}
+
+#[test]
+fn guest_exit_status_becomes_the_vmm_exit_status_in_both_protocols() {
+    require_kvm();
+    for protocol in ["pvh", "linux64"] {
+        let out = run_minimal(&[
+            "--boot-protocol",
+            protocol,
+            "--cmdline",
+            "testguest.run=hello,exit testguest.exit=42",
+        ]);
+        assert_eq!(out.status.code(), Some(42), "{protocol}: {}", stdout(&out));
+        let reports = parse_output(&stdout(&out));
+        assert_eq!(event(&reports, "exit").get_u64("status"), Some(42));
+        assert!(
+            reports.iter().all(|r| r.event != "done"),
+            "exit ends the guest at once"
+        );
+    }
+}
+
+#[test]
+fn unknown_scenario_fails_with_its_name() {
+    require_kvm();
+    let out = run_minimal(&["--cmdline", "testguest.run=hello,no-such-thing"]);
+    assert_eq!(
+        out.status.code(),
+        Some(i32::from(exit_status::UNKNOWN_SCENARIO))
+    );
+    let reports = parse_output(&stdout(&out));
+    let err = event(&reports, "error");
+    assert!(
+        err.words.iter().any(|w| w.contains("no-such-thing")),
+        "{err:?}"
+    );
+    assert!(
+        reports.iter().any(|r| r.event == "hello"),
+        "earlier scenarios still ran"
+    );
+}
+
+#[test]
+fn guest_reset_through_the_i8042_ends_the_vm_cleanly() {
+    require_kvm();
+    let out = run_minimal(&["--cmdline", "testguest.run=reset"]);
+    assert_eq!(out.status.code(), Some(0), "{}", common::stderr(&out));
+    assert!(parse_output(&stdout(&out))
+        .iter()
+        .any(|r| r.event == "reset"));
+}
+
+#[test]
+fn exit_port_can_be_moved() {
+    require_kvm();
+    let out = run_minimal(&[
+        "--exit-port",
+        "0x501",
+        "--cmdline",
+        "testguest.exit_port=0x501 testguest.run=exit testguest.exit=9",
+    ]);
+    assert_eq!(out.status.code(), Some(9), "{}", stdout(&out));
+}

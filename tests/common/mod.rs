@@ -1,0 +1,141 @@
+//! Helpers shared by the end-to-end tests.
+
+#![allow(dead_code)]
+
+use std::fs::OpenOptions;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+/// Fails the test, loudly, when `/dev/kvm` cannot be used: these tests boot
+/// real guests and must not pass by skipping.
+pub fn require_kvm() {
+    if let Err(e) = OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        panic!(
+            "/dev/kvm cannot be opened ({e}): the end-to-end tests boot guests under KVM and need it. \
+             Run them on a host with KVM enabled and access to /dev/kvm."
+        );
+    }
+}
+
+/// The reference VMM binary, built by `cargo test` beside the test binaries.
+pub fn minimal_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test> -> target/<profile>/examples/minimal
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target profile directory");
+    let bin = dir.join("examples").join("minimal");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run the tests with `cargo test` (which builds the examples)",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs the reference VMM with `args`, stdin closed.
+pub fn run_minimal(args: &[&str]) -> Output {
+    Command::new(minimal_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("cannot start the reference VMM")
+}
+
+/// stdout as text.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// stderr as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts that the run failed with a clear message containing `needle`,
+/// without a panic.
+pub fn assert_clean_failure(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert!(
+        !o.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
+    assert!(
+        o.status.code().is_some(),
+        "killed by a signal: {:?}",
+        o.status
+    );
+    assert!(!err.contains("panicked"), "the VMM panicked: {err}");
+    assert!(err.contains("error: "), "no error line: {err}");
+    assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
+}
+
+/// A minimal x86_64 ELF executable with one PT_LOAD of `code` at `paddr`.
+pub fn tiny_elf(paddr: u64, code: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(b"\x7fELF\x02\x01\x01\x00");
+    f.extend_from_slice(&[0; 8]);
+    f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    f.extend_from_slice(&1u32.to_le_bytes());
+    f.extend_from_slice(&paddr.to_le_bytes()); // e_entry
+    f.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
+    f.extend_from_slice(&0u64.to_le_bytes());
+    f.extend_from_slice(&0u32.to_le_bytes());
+    f.extend_from_slice(&64u16.to_le_bytes());
+    f.extend_from_slice(&56u16.to_le_bytes());
+    f.extend_from_slice(&1u16.to_le_bytes());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    f.extend_from_slice(&7u32.to_le_bytes());
+    for v in [
+        120u64,
+        paddr,
+        paddr,
+        code.len() as u64,
+        code.len() as u64,
+        0x1000,
+    ] {
+        f.extend_from_slice(&v.to_le_bytes());
+    }
+    f.extend_from_slice(code);
+    f
+}
+
+/// A file in a fresh temporary directory, removed with the directory.
+pub struct TempFile {
+    dir: PathBuf,
+    /// The file's path.
+    pub path: PathBuf,
+}
+
+impl TempFile {
+    /// Writes `data` to a new temporary file named `name`.
+    pub fn new(name: &str, data: &[u8]) -> TempFile {
+        let dir = std::env::temp_dir().join(format!(
+            "vmm-kit-test-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join(name);
+        std::fs::write(&path, data).expect("temp file");
+        TempFile { dir, path }
+    }
+
+    /// The path as a string.
+    pub fn arg(&self) -> &str {
+        self.path.to_str().expect("utf-8 temp path")
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
