@@ -1,0 +1,117 @@
+//! The vCPU thread's state machine on a real guest: pause, resume, exit, and
+//! the vCPU handed back for inspection.
+
+mod common;
+
+use std::io::{self, Cursor, Write};
+use std::sync::mpsc::channel;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::require_kvm;
+use vm_device::bus::{PioAddress, PioRange};
+use vm_device::device_manager::{IoManager, PioManager};
+use vmm_kit::boot::{boot_guest, BootConfig, ProtocolChoice};
+use vmm_kit::core::vcpu::{VcpuCommand, VcpuEvent, VcpuHandle};
+use vmm_kit::core::{StopReason, Vm};
+use vmm_kit::devices::legacy::{Serial, COM1_PORT, COM1_PORT_SIZE};
+use vmm_kit::devices::EventFdTrigger;
+use vmm_kit::memory::{create_guest_ram, AddressMap, RamBacking};
+use vmm_sys_util::eventfd::EventFd;
+
+#[derive(Clone, Default)]
+struct SharedBuf(Arc<Mutex<Vec<u8>>>);
+
+impl Write for SharedBuf {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0
+            .lock()
+            .map_err(|_| io::Error::other("poisoned"))?
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn vcpu_pauses_resumes_and_exits_on_command_and_returns_its_state() {
+    require_kvm();
+    let map = AddressMap::new(64 << 20).expect("map");
+    let mem = create_guest_ram(&map, RamBacking::Anonymous).expect("ram");
+    let config = BootConfig {
+        protocol: ProtocolChoice::Auto,
+        cmdline: "testguest.run=spin",
+    };
+    let setup = boot_guest(
+        &mem,
+        &map,
+        &mut Cursor::new(vmm_kit::testguest::IMAGE),
+        None::<&mut Cursor<&[u8]>>,
+        &config,
+    )
+    .expect("boot setup");
+    let vm = Vm::new(mem.clone()).expect("vm");
+    let out = SharedBuf::default();
+    let serial = Arc::new(Mutex::new(Serial::new(
+        EventFdTrigger::new().expect("eventfd"),
+        out.clone(),
+    )));
+    let mut bus = IoManager::new();
+    bus.register_pio(
+        PioRange::new(PioAddress(COM1_PORT), COM1_PORT_SIZE).expect("range"),
+        serial,
+    )
+    .expect("register");
+    let vcpu = vm.create_vcpu(0).expect("vcpu");
+    vcpu.configure(vm.kvm(), &setup.cpu).expect("configure");
+
+    let (tx, rx) = channel();
+    let notify = EventFd::new(0).expect("eventfd");
+    let handle = VcpuHandle::spawn(
+        vcpu,
+        Arc::new(bus),
+        mem,
+        tx,
+        notify.try_clone().expect("clone"),
+    )
+    .expect("spawn");
+
+    let start = Instant::now();
+    while !String::from_utf8_lossy(&out.0.lock().expect("buf")).contains("testguest: spin") {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "guest never reached its spin loop"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let timeout = Duration::from_secs(10);
+    handle.send(VcpuCommand::Pause);
+    assert!(matches!(rx.recv_timeout(timeout), Ok(VcpuEvent::Paused(0))));
+    handle.send(VcpuCommand::Resume);
+    assert!(matches!(
+        rx.recv_timeout(timeout),
+        Ok(VcpuEvent::Resumed(0))
+    ));
+    assert!(
+        notify.read().expect("notified") >= 2,
+        "each event is announced on the eventfd"
+    );
+
+    let vcpu = handle.join(timeout).expect("vCPU handed back");
+    assert!(matches!(
+        rx.recv_timeout(timeout),
+        Ok(VcpuEvent::Stopped(0, Ok(StopReason::Requested)))
+    ));
+    // The guest was stopped in its CPL3 spin loop, inside the image.
+    let regs = vcpu.fd().get_regs().expect("regs");
+    let sregs = vcpu.fd().get_sregs().expect("sregs");
+    assert_eq!(sregs.cs.selector & 3, 3, "stopped at CPL3");
+    let (lo, hi) = setup.kernel.load_range.expect("load range");
+    assert!(
+        (lo..hi).contains(&regs.rip),
+        "rip {:#x} outside the image {lo:#x}..{hi:#x}",
+        regs.rip
+    );
+}
