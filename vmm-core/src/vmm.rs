@@ -239,13 +239,13 @@ impl Vmm {
             1 => {}
             n => return Err(VmmError::SmpUnsupported { requested: n }),
         }
-        let mut kernel = match &config.kernel {
-            KernelSource::Path(p) => Some(open_file("kernel", p)?),
-            KernelSource::Bytes(_) => None,
-        };
         let mut initrd = match &config.initrd {
             Some(p) => Some(open_file("initrd", p)?),
             None => None,
+        };
+        let mut kernel_file = match &config.kernel {
+            KernelSource::Path(p) => Some(open_file("kernel", p)?),
+            KernelSource::Bytes(_) => None,
         };
         let size = config
             .mem_mib
@@ -257,16 +257,21 @@ impl Vmm {
             protocol: config.protocol,
             cmdline: &config.cmdline,
         };
-        let boot = match (&mut kernel, &config.kernel) {
-            (Some(f), _) => boot_guest(&memory, &map, f, initrd.as_mut(), &boot_config)?,
-            (None, KernelSource::Bytes(b)) => boot_guest(
+        let boot = match (&mut kernel_file, &config.kernel) {
+            (Some(file), _) => boot_guest(&memory, &map, file, initrd.as_mut(), &boot_config)?,
+            (None, KernelSource::Bytes(bytes)) => boot_guest(
                 &memory,
                 &map,
-                &mut Cursor::new(*b),
+                &mut Cursor::new(*bytes),
                 initrd.as_mut(),
                 &boot_config,
             )?,
-            (None, KernelSource::Path(_)) => unreachable!("a path kernel is opened above"),
+            (None, KernelSource::Path(path)) => {
+                return Err(VmmError::NotAFile {
+                    what: "kernel",
+                    path: path.clone(),
+                });
+            }
         };
         log::info!(
             "kernel loaded: {} via {}, entry {:#x}, ends at {:#x}",
@@ -333,6 +338,7 @@ impl Vmm {
     /// [`VmExit::Interrupted`]. The handler is process-wide and points at the
     /// last VMM it was installed for.
     pub fn stop_on_sigint(&self) -> io::Result<()> {
+        SIGINT_SEEN.store(false, Ordering::SeqCst);
         SIGINT_FD.store(
             std::os::fd::AsRawFd::as_raw_fd(self.stop_evt.as_ref()),
             Ordering::SeqCst,

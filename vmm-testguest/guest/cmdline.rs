@@ -15,14 +15,24 @@ pub struct Args {
 impl Args {
     /// Parses the command line; later keys win over earlier ones.
     pub fn parse(cmdline: &'static [u8]) -> Args {
-        let mut args = Args { run: b"hello", exit_status: None, exit_port: None };
+        let mut args = Args {
+            run: b"hello",
+            exit_status: None,
+            exit_port: None,
+        };
         for word in cmdline.split(|&b| b == b' ' || b == b'\t' || b == b'\n') {
-            let Some(eq) = word.iter().position(|&b| b == b'=') else { continue };
+            let Some(eq) = word.iter().position(|&b| b == b'=') else {
+                continue;
+            };
             let (key, value) = (&word[..eq], &word[eq + 1..]);
             match key {
                 b"testguest.run" => args.run = value,
-                b"testguest.exit" => args.exit_status = parse_u64(value).and_then(|v| u8::try_from(v).ok()),
-                b"testguest.exit_port" => args.exit_port = parse_u64(value).and_then(|v| u16::try_from(v).ok()),
+                b"testguest.exit" => {
+                    args.exit_status = parse_u64(value).and_then(|v| u8::try_from(v).ok())
+                }
+                b"testguest.exit_port" => {
+                    args.exit_port = parse_u64(value).and_then(|v| u16::try_from(v).ok())
+                }
                 _ => {}
             }
         }

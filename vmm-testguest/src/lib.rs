@@ -116,6 +116,13 @@ pub fn parse_output(output: &str) -> Vec<Report> {
     output.lines().filter_map(parse_line).collect()
 }
 
+/// The guest's own command-line parser, compiled for the host so that it is
+/// tested like any other code.
+#[cfg(test)]
+#[path = "../guest/cmdline.rs"]
+#[allow(dead_code)]
+mod guest_cmdline;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +142,35 @@ mod tests {
         assert_eq!(r.get("missing"), None);
         assert!(parse_line("testguest:").is_none());
         assert!(parse_line("other: hello").is_none());
+    }
+
+    #[test]
+    fn guest_parses_its_keys_and_ignores_the_rest() {
+        let line: &'static [u8] = b"console=ttyS0 testguest.run=hello,,exit testguest.exit=42 testguest.exit_port=0x501 quiet";
+        let args = guest_cmdline::Args::parse(line);
+        assert_eq!(args.scenarios().collect::<Vec<_>>(), vec!["hello", "exit"]);
+        assert_eq!(args.exit_status, Some(42));
+        assert_eq!(args.exit_port, Some(0x501));
+        let defaults = guest_cmdline::Args::parse(b"");
+        assert_eq!(defaults.scenarios().collect::<Vec<_>>(), vec!["hello"]);
+        assert_eq!((defaults.exit_status, defaults.exit_port), (None, None));
+    }
+
+    #[test]
+    fn guest_rejects_out_of_range_and_malformed_numbers() {
+        assert_eq!(guest_cmdline::parse_u64(b"0x10"), Some(16));
+        assert_eq!(guest_cmdline::parse_u64(b"99"), Some(99));
+        assert_eq!(guest_cmdline::parse_u64(b"0x"), None);
+        assert_eq!(guest_cmdline::parse_u64(b"12a"), None);
+        assert_eq!(guest_cmdline::parse_u64(b"99999999999999999999999"), None);
+        let args = guest_cmdline::Args::parse(b"testguest.exit=256 testguest.exit_port=70000");
+        assert_eq!((args.exit_status, args.exit_port), (None, None));
+    }
+
+    #[test]
+    fn guest_bounds_the_number_of_scenarios() {
+        let many: &'static [u8] = b"testguest.run=a,a,a,a,a,a,a,a,a,a,a,a,a,a,a,a,a,a,a,a";
+        assert_eq!(guest_cmdline::Args::parse(many).scenarios().count(), 16);
     }
 
     #[test]
