@@ -3,12 +3,12 @@
 
 mod common;
 
-use std::io::{self, Cursor, Write};
+use std::io::Cursor;
 use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::require_kvm;
+use common::{require_kvm, SharedBuf};
 use vm_device::bus::{PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, PioManager};
 use vmm_kit::boot::{boot_guest, BootConfig, ProtocolChoice};
@@ -18,22 +18,6 @@ use vmm_kit::devices::legacy::{Serial, COM1_PORT, COM1_PORT_SIZE};
 use vmm_kit::devices::EventFdTrigger;
 use vmm_kit::memory::{create_guest_ram, AddressMap, RamBacking};
 use vmm_sys_util::eventfd::EventFd;
-
-#[derive(Clone, Default)]
-struct SharedBuf(Arc<Mutex<Vec<u8>>>);
-
-impl Write for SharedBuf {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0
-            .lock()
-            .map_err(|_| io::Error::other("poisoned"))?
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 #[test]
 fn vcpu_pauses_resumes_and_exits_on_command_and_returns_its_state() {
@@ -78,14 +62,7 @@ fn vcpu_pauses_resumes_and_exits_on_command_and_returns_its_state() {
     )
     .expect("spawn");
 
-    let start = Instant::now();
-    while !String::from_utf8_lossy(&out.0.lock().expect("buf")).contains("testguest: spin") {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "guest never reached its spin loop"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    out.wait_for("testguest: spin", Duration::from_secs(30));
     let timeout = Duration::from_secs(10);
     handle.send(VcpuCommand::Pause);
     assert!(matches!(rx.recv_timeout(timeout), Ok(VcpuEvent::Paused(0))));

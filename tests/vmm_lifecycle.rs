@@ -3,49 +3,13 @@
 
 mod common;
 
-use std::io::{self, Write};
+use std::io;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{minimal_bin, require_kvm};
+use common::{minimal_bin, require_kvm, SharedBuf};
 use vmm_kit::core::{KernelSource, VmConfig, VmExit, Vmm};
 use vmm_kit::testguest::parse_output;
-
-/// A `Write` whose bytes the test can read while the guest runs.
-#[derive(Clone, Default)]
-struct SharedBuf(Arc<Mutex<Vec<u8>>>);
-
-impl Write for SharedBuf {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0
-            .lock()
-            .map_err(|_| io::Error::other("poisoned"))?
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl SharedBuf {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().expect("buffer")).into_owned()
-    }
-
-    fn wait_for(&self, needle: &str, timeout: Duration) {
-        let start = Instant::now();
-        while !self.text().contains(needle) {
-            assert!(
-                start.elapsed() < timeout,
-                "no {needle:?} within {timeout:?}; output: {}",
-                self.text()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
 
 fn config(cmdline: &str) -> VmConfig {
     VmConfig {

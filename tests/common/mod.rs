@@ -3,8 +3,11 @@
 #![allow(dead_code)]
 
 use std::fs::OpenOptions;
+use std::io::{self, Write};
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Fails the test, loudly, when `/dev/kvm` cannot be used: these tests boot
 /// real guests and must not pass by skipping.
@@ -137,5 +140,43 @@ impl TempFile {
 impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A `Write` (a guest's serial output, say) whose bytes the test reads while
+/// the guest runs.
+#[derive(Clone, Default)]
+pub struct SharedBuf(Arc<Mutex<Vec<u8>>>);
+
+impl Write for SharedBuf {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0
+            .lock()
+            .map_err(|_| io::Error::other("poisoned"))?
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl SharedBuf {
+    /// Everything written so far, as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("buffer")).into_owned()
+    }
+
+    /// Waits until `needle` has been written, failing after `timeout`.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) {
+        let start = Instant::now();
+        while !self.text().contains(needle) {
+            assert!(
+                start.elapsed() < timeout,
+                "no {needle:?} within {timeout:?}; output: {}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
