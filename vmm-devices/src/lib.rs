@@ -29,5 +29,6 @@
 
 mod interrupt;
 pub mod legacy;
+pub mod virtio;
 
 pub use interrupt::EventFdTrigger;

@@ -1,0 +1,540 @@
+//! The virtio-mmio transport, version 2 (virtio 1.2, 4.2.2).
+//!
+//! The driver's register accesses arrive through [`MutDeviceMmio`]; the
+//! transport keeps the status state machine, the feature words and each
+//! queue's configuration, and activates the device at `DRIVER_OK` with queues
+//! it has validated. Queue notifications are eventfds, one per queue: the VMM
+//! registers them as ioeventfds on [`NOTIFY_REG_OFFSET`] with the queue index
+//! as data match, so a notification never exits to userspace; writes that do
+//! reach the transport signal the same eventfds.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_queue::{Queue, QueueT};
+use vm_device::bus::MmioAddress;
+use vm_device::MutDeviceMmio;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_superio::Trigger;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{
+    ActivationContext, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
+use crate::EventFdTrigger;
+
+/// Size of a device's MMIO window.
+pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
+/// Offset of the QueueNotify register (for ioeventfd registration).
+pub const NOTIFY_REG_OFFSET: u64 = 0x50;
+/// Offset of the device configuration space.
+pub const CONFIG_SPACE_OFFSET: u64 = 0x100;
+/// "virt" in little-endian.
+pub const MMIO_MAGIC: u32 = 0x7472_6976;
+/// The modern (non-legacy) interface.
+pub const MMIO_VERSION: u32 = 2;
+/// Vendor id: "VMMK".
+pub const VENDOR_ID: u32 = 0x4b4d_4d56;
+
+/// Device status bits (virtio 1.2, 2.1).
+pub mod status {
+    /// The guest found the device.
+    pub const ACKNOWLEDGE: u32 = 1;
+    /// The guest has a driver for it.
+    pub const DRIVER: u32 = 2;
+    /// The driver is ready.
+    pub const DRIVER_OK: u32 = 4;
+    /// Feature negotiation is complete.
+    pub const FEATURES_OK: u32 = 8;
+    /// The device needs a reset.
+    pub const DEVICE_NEEDS_RESET: u32 = 64;
+    /// The driver gave up.
+    pub const FAILED: u32 = 128;
+}
+
+/// Interrupt status bits.
+pub const INT_VRING: u32 = 1;
+/// Configuration change interrupt bit.
+pub const INT_CONFIG: u32 = 2;
+
+mod reg {
+    pub const MAGIC: u64 = 0x000;
+    pub const VERSION: u64 = 0x004;
+    pub const DEVICE_ID: u64 = 0x008;
+    pub const VENDOR_ID: u64 = 0x00c;
+    pub const DEVICE_FEATURES: u64 = 0x010;
+    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    pub const DRIVER_FEATURES: u64 = 0x020;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    pub const QUEUE_SEL: u64 = 0x030;
+    pub const QUEUE_NUM_MAX: u64 = 0x034;
+    pub const QUEUE_NUM: u64 = 0x038;
+    pub const QUEUE_READY: u64 = 0x044;
+    pub const QUEUE_NOTIFY: u64 = 0x050;
+    pub const INTERRUPT_STATUS: u64 = 0x060;
+    pub const INTERRUPT_ACK: u64 = 0x064;
+    pub const STATUS: u64 = 0x070;
+    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    pub const SHM_LEN_LOW: u64 = 0x0b0;
+    pub const SHM_BASE_HIGH: u64 = 0x0bc;
+    pub const CONFIG_GENERATION: u64 = 0x0fc;
+}
+
+/// The transport's side of a device's interrupt: the interrupt status
+/// register, the needs-reset flag and the interrupt line.
+pub struct MmioInterrupt {
+    status: AtomicU32,
+    needs_reset: AtomicBool,
+    irq: EventFdTrigger,
+}
+
+impl MmioInterrupt {
+    fn raise(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        if let Err(e) = self.irq.trigger() {
+            log::error!("virtio-mmio: cannot raise the interrupt: {e}");
+        }
+    }
+
+    /// The InterruptStatus register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// Whether the device asked for a reset.
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+}
+
+impl VirtioInterrupt for MmioInterrupt {
+    fn signal_used_queue(&self) {
+        self.raise(INT_VRING);
+    }
+
+    fn signal_config_change(&self) {
+        self.raise(INT_CONFIG);
+    }
+
+    fn set_needs_reset(&self) {
+        if !self.needs_reset.swap(true, Ordering::SeqCst) {
+            self.raise(INT_CONFIG);
+        }
+    }
+}
+
+/// What the driver wrote for one queue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct QueueConfig {
+    size: u32,
+    ready: bool,
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+
+fn set_low(v: &mut u64, low: u32) {
+    *v = (*v & !0xffff_ffff) | u64::from(low);
+}
+
+fn set_high(v: &mut u64, high: u32) {
+    *v = (*v & 0xffff_ffff) | (u64::from(high) << 32);
+}
+
+/// Why a transport could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// A queue maximum size is zero, above 32768 or not a power of two.
+    #[error("queue {index} has an invalid maximum size {size}")]
+    QueueMaxSize {
+        /// Queue index.
+        index: usize,
+        /// Its declared maximum.
+        size: u16,
+    },
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+}
+
+/// A virtio device on the virtio-mmio transport.
+pub struct MmioTransport<M> {
+    device: Box<dyn VirtioDevice<M>>,
+    mem: M,
+    queue_cfg: Vec<QueueConfig>,
+    queue_evts: Vec<EventFd>,
+    interrupt: Arc<MmioInterrupt>,
+    device_status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    acked_features: u64,
+    queue_sel: u32,
+    config_generation: u32,
+}
+
+impl<M: GuestMemoryBackend + Clone + Send + 'static> MmioTransport<M> {
+    /// Puts `device` on a transport; `irq` is its interrupt line.
+    pub fn new(
+        device: Box<dyn VirtioDevice<M>>,
+        mem: M,
+        irq: EventFdTrigger,
+    ) -> Result<Self, TransportError> {
+        let sizes = device.queue_max_sizes().to_vec();
+        for (index, &size) in sizes.iter().enumerate() {
+            if Queue::new(size).is_err() {
+                return Err(TransportError::QueueMaxSize { index, size });
+            }
+        }
+        let queue_evts = sizes
+            .iter()
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(TransportError::EventFd)?;
+        Ok(Self {
+            device,
+            mem,
+            queue_cfg: vec![QueueConfig::default(); sizes.len()],
+            queue_evts,
+            interrupt: Arc::new(MmioInterrupt {
+                status: AtomicU32::new(0),
+                needs_reset: AtomicBool::new(false),
+                irq,
+            }),
+            device_status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            acked_features: 0,
+            queue_sel: 0,
+            config_generation: 0,
+        })
+    }
+
+    /// The queue notification eventfds, in queue order.
+    pub fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    /// The interrupt state.
+    pub fn interrupt(&self) -> &MmioInterrupt {
+        &self.interrupt
+    }
+
+    /// The device status register as the driver reads it.
+    pub fn device_status(&self) -> u32 {
+        let reset = if self.interrupt.needs_reset() {
+            status::DEVICE_NEEDS_RESET
+        } else {
+            0
+        };
+        self.device_status | reset
+    }
+
+    /// The features the driver accepted.
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    /// The device.
+    pub fn device(&self) -> &dyn VirtioDevice<M> {
+        self.device.as_ref()
+    }
+
+    /// The device, mutably.
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice<M> {
+        self.device.as_mut()
+    }
+
+    /// Reads a register or the configuration space.
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE_OFFSET {
+            self.device.read_config(offset - CONFIG_SPACE_OFFSET, data);
+            return;
+        }
+        if data.len() != 4 || offset % 4 != 0 {
+            log::debug!(
+                "virtio-mmio: {}-byte read of register {offset:#x} ignored",
+                data.len()
+            );
+            data.fill(0);
+            return;
+        }
+        let sel = self.queue_sel as usize;
+        let v = match offset {
+            reg::MAGIC => MMIO_MAGIC,
+            reg::VERSION => MMIO_VERSION,
+            reg::DEVICE_ID => self.device.device_type(),
+            reg::VENDOR_ID => VENDOR_ID,
+            reg::DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.device.device_features() as u32,
+                1 => (self.device.device_features() >> 32) as u32,
+                _ => 0,
+            },
+            reg::QUEUE_NUM_MAX => self
+                .device
+                .queue_max_sizes()
+                .get(sel)
+                .map_or(0, |&m| u32::from(m)),
+            reg::QUEUE_READY => self.queue_cfg.get(sel).map_or(0, |q| u32::from(q.ready)),
+            reg::INTERRUPT_STATUS => self.interrupt.status(),
+            reg::STATUS => self.device_status(),
+            reg::CONFIG_GENERATION => self.config_generation,
+            // No shared memory regions: length and base read as all ones.
+            reg::SHM_LEN_LOW..=reg::SHM_BASE_HIGH => u32::MAX,
+            _ => 0,
+        };
+        data.copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// Writes a register or the configuration space.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_SPACE_OFFSET {
+            self.device.write_config(offset - CONFIG_SPACE_OFFSET, data);
+            return;
+        }
+        if data.len() != 4 || offset % 4 != 0 {
+            log::debug!(
+                "virtio-mmio: {}-byte write of register {offset:#x} ignored",
+                data.len()
+            );
+            return;
+        }
+        let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        match offset {
+            reg::DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            reg::DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            reg::QUEUE_SEL => self.queue_sel = v,
+            reg::DRIVER_FEATURES => self.write_driver_features(v),
+            reg::QUEUE_NUM | reg::QUEUE_READY | reg::QUEUE_DESC_LOW..=reg::QUEUE_DEVICE_HIGH => {
+                self.write_queue_config(offset, v)
+            }
+            reg::QUEUE_NOTIFY => match self.queue_evts.get(v as usize) {
+                Some(evt) => {
+                    if let Err(e) = evt.write(1) {
+                        log::error!("virtio-mmio: cannot signal queue {v}: {e}");
+                    }
+                }
+                None => log::debug!("virtio-mmio: notify of missing queue {v}"),
+            },
+            reg::INTERRUPT_ACK => {
+                self.interrupt.status.fetch_and(!v, Ordering::SeqCst);
+            }
+            reg::STATUS => self.write_status(v),
+            _ => log::debug!(
+                "virtio-mmio: write of read-only or unknown register {offset:#x} ignored"
+            ),
+        }
+    }
+
+    fn write_driver_features(&mut self, v: u32) {
+        let s = self.device_status;
+        if s & status::DRIVER == 0 || s & status::FEATURES_OK != 0 {
+            log::debug!(
+                "virtio-mmio: driver features written outside feature negotiation; ignored"
+            );
+            return;
+        }
+        match self.driver_features_sel {
+            0 => self.acked_features = (self.acked_features & !0xffff_ffff) | u64::from(v),
+            1 => self.acked_features = (self.acked_features & 0xffff_ffff) | (u64::from(v) << 32),
+            sel => log::debug!("virtio-mmio: driver features word {sel} does not exist"),
+        }
+    }
+
+    fn write_queue_config(&mut self, offset: u64, v: u32) {
+        let s = self.device_status;
+        if s & status::FEATURES_OK == 0 || s & status::DRIVER_OK != 0 {
+            log::debug!(
+                "virtio-mmio: queue register {offset:#x} written outside queue setup; ignored"
+            );
+            return;
+        }
+        let Some(q) = self.queue_cfg.get_mut(self.queue_sel as usize) else {
+            log::debug!("virtio-mmio: queue {} does not exist", self.queue_sel);
+            return;
+        };
+        match offset {
+            reg::QUEUE_NUM => q.size = v,
+            reg::QUEUE_READY => q.ready = v == 1,
+            reg::QUEUE_DESC_LOW => set_low(&mut q.desc, v),
+            reg::QUEUE_DESC_HIGH => set_high(&mut q.desc, v),
+            reg::QUEUE_DRIVER_LOW => set_low(&mut q.avail, v),
+            reg::QUEUE_DRIVER_HIGH => set_high(&mut q.avail, v),
+            reg::QUEUE_DEVICE_LOW => set_low(&mut q.used, v),
+            reg::QUEUE_DEVICE_HIGH => set_high(&mut q.used, v),
+            _ => {}
+        }
+    }
+
+    fn write_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        let old = self.device_status;
+        if v & old != old {
+            log::debug!(
+                "virtio-mmio: status {v:#x} clears bits of {old:#x} without a reset; ignored"
+            );
+            return;
+        }
+        let new = v & !old;
+        let mut next = old | (new & (status::ACKNOWLEDGE | status::FAILED));
+        if new & status::DRIVER != 0 && next & status::ACKNOWLEDGE != 0 {
+            next |= status::DRIVER;
+        }
+        if new & status::FEATURES_OK != 0 && next & status::DRIVER != 0 {
+            let offered = self.device.device_features();
+            if self.acked_features & !offered != 0 {
+                log::warn!(
+                    "virtio-mmio: driver accepted features {:#x} that were never offered",
+                    self.acked_features & !offered
+                );
+            } else if self.acked_features & VIRTIO_F_VERSION_1 == 0 {
+                log::warn!("virtio-mmio: driver did not accept VIRTIO_F_VERSION_1");
+            } else {
+                next |= status::FEATURES_OK;
+            }
+        }
+        if new & status::DRIVER_OK != 0 && next & status::FEATURES_OK != 0 {
+            next |= status::DRIVER_OK;
+            if let Err(reason) = self.activate() {
+                log::warn!("virtio-mmio: activation refused: {reason}");
+                self.interrupt.set_needs_reset();
+            }
+        }
+        if next != v {
+            log::debug!("virtio-mmio: status {v:#x} taken as {next:#x}");
+        }
+        self.device_status = next;
+    }
+
+    fn activate(&mut self) -> Result<(), String> {
+        let max_sizes = self.device.queue_max_sizes().to_vec();
+        let mut queues = Vec::with_capacity(max_sizes.len());
+        for (i, (cfg, max)) in self.queue_cfg.iter().zip(max_sizes).enumerate() {
+            if !cfg.ready {
+                return Err(format!("queue {i} is not ready"));
+            }
+            let mut q = Queue::new(max).map_err(|e| format!("queue {i}: {e}"))?;
+            let size = u16::try_from(cfg.size)
+                .map_err(|_| format!("queue {i}: size {} is invalid", cfg.size))?;
+            q.try_set_size(size).map_err(|_| {
+                format!("queue {i}: size {size} is invalid (non-zero power of two up to {max})")
+            })?;
+            q.try_set_desc_table_address(GuestAddress(cfg.desc))
+                .map_err(|e| format!("queue {i}: descriptor table {:#x}: {e}", cfg.desc))?;
+            q.try_set_avail_ring_address(GuestAddress(cfg.avail))
+                .map_err(|e| format!("queue {i}: available ring {:#x}: {e}", cfg.avail))?;
+            q.try_set_used_ring_address(GuestAddress(cfg.used))
+                .map_err(|e| format!("queue {i}: used ring {:#x}: {e}", cfg.used))?;
+            q.set_event_idx(self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0);
+            q.set_ready(true);
+            if !q.is_valid(&self.mem) {
+                return Err(format!("queue {i}: rings are not inside guest memory"));
+            }
+            queues.push(q);
+        }
+        let ctx = ActivationContext {
+            mem: self.mem.clone(),
+            queues,
+            interrupt: self.interrupt.clone(),
+            acked_features: self.acked_features,
+        };
+        self.device.activate(ctx).map_err(|e| e.to_string())
+    }
+
+    fn reset(&mut self) {
+        // Whatever the device held is dropped with the context.
+        let _ = self.device.reset();
+        for q in &mut self.queue_cfg {
+            *q = QueueConfig::default();
+        }
+        self.device_status = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.acked_features = 0;
+        self.queue_sel = 0;
+        self.interrupt.status.store(0, Ordering::SeqCst);
+        self.interrupt.needs_reset.store(false, Ordering::SeqCst);
+        for evt in &self.queue_evts {
+            // Drop notifications that came before the reset.
+            let _ = evt.read();
+        }
+    }
+}
+
+impl<M: GuestMemoryBackend + Clone + Send + 'static> MutDeviceMmio for MmioTransport<M> {
+    fn mmio_read(&mut self, _base: MmioAddress, offset: u64, data: &mut [u8]) {
+        self.read(offset, data);
+    }
+
+    fn mmio_write(&mut self, _base: MmioAddress, offset: u64, data: &[u8]) {
+        self.write(offset, data);
+    }
+}
+
+/// Event tokens at or above this value are the device's own
+/// [`VirtioDevice::event_fds`]; below it, queue indices.
+const DEVICE_EVENT_BASE: u32 = 1 << 16;
+
+/// Connects a transport to an event-manager loop: queue notifications and the
+/// device's own events are handled on the loop's thread.
+pub struct MmioEventHandler<M> {
+    transport: Arc<Mutex<MmioTransport<M>>>,
+}
+
+impl<M> MmioEventHandler<M> {
+    /// A handler for `transport`.
+    pub fn new(transport: Arc<Mutex<MmioTransport<M>>>) -> Self {
+        Self { transport }
+    }
+}
+
+impl<M: GuestMemoryBackend + Clone + Send + 'static> MutEventSubscriber for MmioEventHandler<M> {
+    fn init(&mut self, ops: &mut EventOps) {
+        let Ok(t) = self.transport.lock() else { return };
+        for (i, evt) in t.queue_evts.iter().enumerate() {
+            if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
+                log::error!("virtio-mmio: cannot watch queue {i}: {e:?}");
+            }
+        }
+        for (k, fd) in t.device.event_fds().into_iter().enumerate() {
+            if let Err(e) = ops.add(Events::with_data_raw(
+                fd,
+                DEVICE_EVENT_BASE + k as u32,
+                EventSet::IN,
+            )) {
+                log::error!("virtio-mmio: cannot watch device event {k}: {e:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let Ok(mut t) = self.transport.lock() else {
+            return;
+        };
+        let token = events.data();
+        if token >= DEVICE_EVENT_BASE {
+            t.device.process_event((token - DEVICE_EVENT_BASE) as usize);
+            return;
+        }
+        let i = token as usize;
+        let Some(evt) = t.queue_evts.get(i) else {
+            return;
+        };
+        // Drain the counter; several notifications collapse into one pass.
+        let _ = evt.read();
+        if t.device.is_active() && t.device.process_queue(i) {
+            // The device stopped at its budget: come back after other events.
+            if let Some(evt) = t.queue_evts.get(i) {
+                let _ = evt.write(1);
+            }
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! Draining a queue: pop chains, let the device handle each, publish used
+//! entries, and notify the driver as `EVENT_IDX` says.
+
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryBackend;
+
+use super::VirtioInterrupt;
+
+/// How many chains one call of [`drain_queue`] handles before it yields, so a
+/// driver that keeps refilling a queue cannot hold the event loop.
+#[derive(Clone, Copy, Debug)]
+pub struct QueueBudget(pub usize);
+
+impl QueueBudget {
+    /// Four times the queue size: enough to drain a full queue while the
+    /// driver refills it, bounded all the same.
+    pub fn for_queue(q: &Queue) -> Self {
+        Self(4 * usize::from(q.size().max(1)))
+    }
+}
+
+/// Handles every available chain of `q` with `handle`, which returns the
+/// number of bytes it wrote into the chain's buffers. Returns `Ok(true)` when
+/// the budget ran out with chains left (the caller should come back), and an
+/// error when the driver broke the ring (the device should then ask for a
+/// reset).
+pub fn drain_queue<M, F>(
+    q: &mut Queue,
+    mem: &M,
+    interrupt: &dyn VirtioInterrupt,
+    budget: QueueBudget,
+    mut handle: F,
+) -> Result<bool, virtio_queue::Error>
+where
+    M: GuestMemoryBackend,
+    F: FnMut(DescriptorChain<&M>) -> u32,
+{
+    let mut done = 0usize;
+    let mut more = false;
+    let mut result = Ok(());
+    'outer: loop {
+        if let Err(e) = q.disable_notification(mem) {
+            result = Err(e);
+            break;
+        }
+        loop {
+            if done >= budget.0 {
+                more = true;
+                break 'outer;
+            }
+            let chain = match q.iter(mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => {
+                    result = Err(e);
+                    break 'outer;
+                }
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let len = handle(chain);
+            if let Err(e) = q.add_used(mem, head, len) {
+                result = Err(e);
+                break 'outer;
+            }
+            done += 1;
+        }
+        match q.enable_notification(mem) {
+            Ok(true) => continue,
+            Ok(false) => break,
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    if done > 0 {
+        match q.needs_notification(mem) {
+            Ok(true) => interrupt.signal_used_queue(),
+            Ok(false) => {}
+            Err(e) => {
+                // Tell the driver anyway: a lost notification hangs it.
+                interrupt.signal_used_queue();
+                result = result.and(Err(e));
+            }
+        }
+    }
+    result.map(|()| more)
+}
