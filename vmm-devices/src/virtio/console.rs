@@ -1,1 +1,426 @@
-//! virtio-console.
+//! virtio-console with one port (virtio 1.2, 5.3), to a host `Write` and
+//! from a host `Read`.
+//!
+//! Queue 0 (receiveq) carries host input to the guest, queue 1 (transmitq)
+//! guest output to the host. Host input is read by a thread into a buffer of
+//! at most [`INPUT_BUFFER_SIZE`] bytes (the thread waits while it is full) and
+//! announced on an eventfd; it is handed to the guest as it posts receive
+//! buffers. Each transmit chain is copied out up to [`MAX_TX_CHAIN`] bytes.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Condvar, Mutex};
+
+use virtio_queue::DescriptorChain;
+use vm_memory::GuestMemoryBackend;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{
+    drain_queue, read_config_bytes, ActivateError, ActivationContext, QueueBudget, VirtioDevice,
+    TYPE_CONSOLE, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
+
+/// Size of each queue.
+pub const CONSOLE_QUEUE_SIZE: u16 = 256;
+/// Most host input held for the guest.
+pub const INPUT_BUFFER_SIZE: usize = 64 * 1024;
+/// Most bytes taken from one transmit chain.
+pub const MAX_TX_CHAIN: usize = 64 * 1024;
+/// `VIRTIO_CONSOLE_F_EMERG_WRITE`: single bytes through the config space.
+pub const VIRTIO_CONSOLE_F_EMERG_WRITE: u64 = 1 << 2;
+const RX: usize = 0;
+const TX: usize = 1;
+const CHUNK: usize = 4096;
+
+#[derive(Default)]
+struct InputState {
+    data: VecDeque<u8>,
+    eof: bool,
+}
+
+/// Host input collected by a reader thread.
+struct Input {
+    shared: Arc<(Mutex<InputState>, Condvar)>,
+    evt: EventFd,
+}
+
+impl Input {
+    fn spawn<R: Read + Send + 'static>(mut src: R) -> std::io::Result<Self> {
+        let shared = Arc::new((Mutex::new(InputState::default()), Condvar::new()));
+        let evt = EventFd::new(EFD_NONBLOCK)?;
+        let (thread_shared, thread_evt) = (shared.clone(), evt.try_clone()?);
+        std::thread::Builder::new()
+            .name("console-in".into())
+            .spawn(move || {
+                let mut buf = [0u8; CHUNK];
+                loop {
+                    let n = match src.read(&mut buf) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(_) => 0,
+                    };
+                    let (lock, cvar) = &*thread_shared;
+                    let Ok(mut st) = lock.lock() else { return };
+                    if n == 0 {
+                        st.eof = true;
+                        return;
+                    }
+                    while st.data.len() + n > INPUT_BUFFER_SIZE {
+                        st = match cvar.wait(st) {
+                            Ok(s) => s,
+                            Err(_) => return,
+                        };
+                    }
+                    st.data.extend(&buf[..n]);
+                    drop(st);
+                    let _ = thread_evt.write(1);
+                }
+            })?;
+        Ok(Self { shared, evt })
+    }
+}
+
+/// A one-port console.
+pub struct Console<M> {
+    out: Box<dyn Write + Send>,
+    input: Option<Input>,
+    config: [u8; 12],
+    queue_sizes: [u16; 2],
+    active: Option<ActivationContext<M>>,
+    buf: Vec<u8>,
+    broken_chains: u64,
+}
+
+impl<M> Console<M> {
+    /// A console writing guest output to `out`, with no input.
+    pub fn new(out: Box<dyn Write + Send>) -> Self {
+        let mut config = [0u8; 12];
+        config[0..2].copy_from_slice(&80u16.to_le_bytes());
+        config[2..4].copy_from_slice(&25u16.to_le_bytes());
+        config[4..8].copy_from_slice(&1u32.to_le_bytes());
+        Self {
+            out,
+            input: None,
+            config,
+            queue_sizes: [CONSOLE_QUEUE_SIZE; 2],
+            active: None,
+            buf: vec![0; CHUNK],
+            broken_chains: 0,
+        }
+    }
+
+    /// A console that also feeds `input` to the guest (read on a thread).
+    pub fn with_input<R: Read + Send + 'static>(
+        out: Box<dyn Write + Send>,
+        input: R,
+    ) -> std::io::Result<Self> {
+        let mut c = Self::new(out);
+        c.input = Some(Input::spawn(input)?);
+        Ok(c)
+    }
+
+    /// Host input waiting for guest buffers.
+    pub fn pending_input(&self) -> usize {
+        self.input
+            .as_ref()
+            .and_then(|i| i.shared.0.lock().ok().map(|s| s.data.len()))
+            .unwrap_or(0)
+    }
+
+    /// Chains with buffers outside guest memory.
+    pub fn broken_chains(&self) -> u64 {
+        self.broken_chains
+    }
+}
+
+fn transmit<M: GuestMemoryBackend>(
+    out: &mut dyn Write,
+    buf: &mut [u8],
+    mem: &M,
+    chain: DescriptorChain<&M>,
+) -> Option<u32> {
+    let mut r = chain.reader(mem).ok()?;
+    let mut left = r.available_bytes().min(MAX_TX_CHAIN);
+    while left > 0 {
+        let n = left.min(buf.len());
+        if r.read_exact(&mut buf[..n]).is_err() {
+            break;
+        }
+        if let Err(e) = out.write_all(&buf[..n]) {
+            log::debug!("virtio-console: output lost: {e}");
+            break;
+        }
+        left -= n;
+    }
+    let _ = out.flush();
+    Some(0)
+}
+
+impl<M: GuestMemoryBackend + Send> Console<M> {
+    fn finish(
+        ctx: &ActivationContext<M>,
+        broken: u64,
+        result: Result<bool, virtio_queue::Error>,
+    ) -> bool {
+        if broken > 0 {
+            ctx.interrupt.set_needs_reset();
+        }
+        match result {
+            Ok(more) => more,
+            Err(e) => {
+                log::warn!("virtio-console: {e}; the device needs a reset");
+                ctx.interrupt.set_needs_reset();
+                false
+            }
+        }
+    }
+
+    /// Moves pending host input into posted receive buffers.
+    fn receive(&mut self) -> bool {
+        let (Some(ctx), Some(input)) = (self.active.as_mut(), self.input.as_ref()) else {
+            return false;
+        };
+        let (lock, cvar) = &*input.shared;
+        let Ok(mut st) = lock.lock() else {
+            return false;
+        };
+        if st.data.is_empty() {
+            return false;
+        }
+        let mut broken = 0;
+        let queue = &mut ctx.queues[RX];
+        // Take only chains while there is input: stop as soon as it runs out.
+        let mem = &ctx.mem;
+        let mut result = Ok(false);
+        while !st.data.is_empty() {
+            let mut took = false;
+            result = drain_queue(
+                queue,
+                mem,
+                ctx.interrupt.as_ref(),
+                QueueBudget(1),
+                |chain| {
+                    took = true;
+                    let Ok(mut w) = chain.writer(mem) else {
+                        broken += 1;
+                        return 0;
+                    };
+                    let n = w.available_bytes().min(st.data.len());
+                    let (a, b) = st.data.as_slices();
+                    let first = n.min(a.len());
+                    let ok =
+                        w.write_all(&a[..first]).is_ok() && w.write_all(&b[..n - first]).is_ok();
+                    st.data.drain(..n);
+                    if ok {
+                        n as u32
+                    } else {
+                        0
+                    }
+                },
+            );
+            if !took || result.is_err() {
+                break;
+            }
+        }
+        cvar.notify_all();
+        drop(st);
+        self.broken_chains += broken;
+        Self::finish(ctx, broken, result)
+    }
+}
+
+impl<M: GuestMemoryBackend + Send> VirtioDevice<M> for Console<M> {
+    fn device_type(&self) -> u32 {
+        TYPE_CONSOLE
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn device_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_CONSOLE_F_EMERG_WRITE
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // emerg_wr: one byte of output, whatever the access width.
+        if offset == 8 && !data.is_empty() {
+            let _ = self.out.write_all(&data[..1]);
+            let _ = self.out.flush();
+        }
+    }
+
+    fn activate(&mut self, ctx: ActivationContext<M>) -> Result<(), ActivateError> {
+        if ctx.queues.len() != 2 {
+            return Err(ActivateError::QueueCount {
+                expected: 2,
+                got: ctx.queues.len(),
+            });
+        }
+        self.active = Some(ctx);
+        Ok(())
+    }
+
+    fn reset(&mut self) -> Option<ActivationContext<M>> {
+        self.active.take()
+    }
+
+    fn is_active(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn process_queue(&mut self, index: usize) -> bool {
+        match index {
+            RX => self.receive(),
+            TX => {
+                let Some(ctx) = self.active.as_mut() else {
+                    return false;
+                };
+                let (out, buf) = (&mut self.out, &mut self.buf);
+                let mut broken = 0;
+                let queue = &mut ctx.queues[TX];
+                let budget = QueueBudget::for_queue(queue);
+                let result =
+                    drain_queue(queue, &ctx.mem, ctx.interrupt.as_ref(), budget, |chain| {
+                        transmit(out.as_mut(), buf, &ctx.mem, chain).unwrap_or_else(|| {
+                            broken += 1;
+                            0
+                        })
+                    });
+                self.broken_chains += broken;
+                Self::finish(ctx, broken, result)
+            }
+            _ => false,
+        }
+    }
+
+    fn event_fds(&self) -> Vec<RawFd> {
+        self.input.iter().map(|i| i.evt.as_raw_fd()).collect()
+    }
+
+    fn process_event(&mut self, _index: usize) {
+        if let Some(i) = &self.input {
+            let _ = i.evt.read();
+        }
+        self.receive();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::test_utils::{context, memory, Buf, Driver, TestInterrupt};
+    use std::time::{Duration, Instant};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn activate<'a>(
+        mem: &'a GuestMemoryMmap,
+        console: &mut Console<GuestMemoryMmap>,
+    ) -> (Driver<'a>, Driver<'a>, Arc<TestInterrupt>) {
+        let rx = Driver::new(mem, 0x1000, 16);
+        let tx = Driver::new(mem, 0x4000, 16);
+        let (ctx, intr) = context(mem, vec![rx.queue(), tx.queue()], VIRTIO_F_VERSION_1);
+        console.activate(ctx).unwrap();
+        (rx, tx, intr)
+    }
+
+    #[test]
+    fn transmitted_bytes_reach_the_host_writer() {
+        let mem = memory();
+        let sink = Sink::default();
+        let mut c = Console::new(Box::new(sink.clone()));
+        let (_rx, mut tx, intr) = activate(&mem, &mut c);
+        mem.write_slice(b"hello, ", GuestAddress(0x10_0000))
+            .unwrap();
+        mem.write_slice(b"host\n", GuestAddress(0x10_1000)).unwrap();
+        tx.add(&[Buf(0x10_0000, 7, false), Buf(0x10_1000, 5, false)]);
+        c.process_queue(TX);
+        assert_eq!(&*sink.0.lock().unwrap(), b"hello, host\n");
+        assert_eq!(tx.used(0), (0, 0));
+        assert_eq!(intr.used_count(), 1);
+    }
+
+    #[test]
+    fn transmit_is_capped_per_chain() {
+        let mem = memory();
+        let sink = Sink::default();
+        let mut c = Console::new(Box::new(sink.clone()));
+        let (_rx, mut tx, _) = activate(&mem, &mut c);
+        tx.add(&[Buf(0x10_0000, 1 << 20, false)]);
+        c.process_queue(TX);
+        assert_eq!(sink.0.lock().unwrap().len(), MAX_TX_CHAIN);
+    }
+
+    #[test]
+    fn host_input_fills_receive_buffers_in_order() {
+        let mem = memory();
+        let input: &'static [u8] = b"typed on the host";
+        let mut c = Console::with_input(Box::new(std::io::sink()), input).unwrap();
+        let (mut rx, _tx, _) = activate(&mem, &mut c);
+        let start = Instant::now();
+        while c.pending_input() < input.len() {
+            assert!(start.elapsed() < Duration::from_secs(5));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // No buffers yet: the input waits.
+        c.process_event(0);
+        assert_eq!(c.pending_input(), input.len());
+        rx.add(&[Buf(0x20_0000, 5, true)]);
+        rx.add(&[Buf(0x20_1000, 64, true)]);
+        c.process_queue(RX);
+        assert_eq!(rx.used(0), (0, 5));
+        assert_eq!(rx.used(1).1, (input.len() - 5) as u32);
+        let mut got = vec![0u8; input.len() - 5];
+        mem.read_slice(&mut got, GuestAddress(0x20_1000)).unwrap();
+        assert_eq!(&got, &input[5..]);
+        assert_eq!(c.pending_input(), 0);
+    }
+
+    #[test]
+    fn emergency_write_and_config() {
+        let mem = memory();
+        let sink = Sink::default();
+        let mut c: Console<GuestMemoryMmap> = Console::new(Box::new(sink.clone()));
+        c.write_config(8, &[b'!', 0, 0, 0]);
+        assert_eq!(&*sink.0.lock().unwrap(), b"!");
+        let mut ports = [0u8; 4];
+        c.read_config(4, &mut ports);
+        assert_eq!(u32::from_le_bytes(ports), 1);
+        let _ = mem;
+    }
+
+    #[test]
+    fn readable_rx_buffers_and_bad_addresses_do_not_panic() {
+        let mem = memory();
+        let mut c = Console::with_input(Box::new(std::io::sink()), &b"x"[..]).unwrap();
+        let (mut rx, mut tx, intr) = activate(&mem, &mut c);
+        tx.add(&[Buf(u64::MAX - 4, 64, false)]);
+        c.process_queue(TX);
+        assert!(intr.needs_reset());
+        let start = Instant::now();
+        while c.pending_input() < 1 {
+            assert!(start.elapsed() < Duration::from_secs(5));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        rx.add(&[Buf(0x20_0000, 16, false)]);
+        c.process_queue(RX);
+        assert_eq!(rx.used(0).1, 0, "no writable room: nothing delivered");
+    }
+}

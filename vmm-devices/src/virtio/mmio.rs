@@ -538,3 +538,277 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> MutEventSubscriber for Mmio
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::rng::Rng;
+    use crate::virtio::test_utils::memory;
+    use vm_memory::GuestMemoryMmap;
+
+    const QUEUE_BASE: u64 = 0x1_0000;
+
+    fn transport() -> (MmioTransport<GuestMemoryMmap>, EventFdTrigger) {
+        let irq = EventFdTrigger::new().unwrap();
+        let t =
+            MmioTransport::new(Box::new(Rng::new()), memory(), irq.try_clone().unwrap()).unwrap();
+        (t, irq)
+    }
+
+    fn r(t: &mut MmioTransport<GuestMemoryMmap>, off: u64) -> u32 {
+        let mut d = [0u8; 4];
+        t.read(off, &mut d);
+        u32::from_le_bytes(d)
+    }
+
+    fn w(t: &mut MmioTransport<GuestMemoryMmap>, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    /// Drives the transport to FEATURES_OK with `features` accepted.
+    fn negotiate(t: &mut MmioTransport<GuestMemoryMmap>, features: u64) -> u32 {
+        w(t, reg::STATUS, status::ACKNOWLEDGE);
+        w(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        w(t, reg::DRIVER_FEATURES_SEL, 0);
+        w(t, reg::DRIVER_FEATURES, features as u32);
+        w(t, reg::DRIVER_FEATURES_SEL, 1);
+        w(t, reg::DRIVER_FEATURES, (features >> 32) as u32);
+        w(
+            t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        r(t, reg::STATUS)
+    }
+
+    fn setup_queue(t: &mut MmioTransport<GuestMemoryMmap>, size: u32, desc: u64) {
+        w(t, reg::QUEUE_SEL, 0);
+        w(t, reg::QUEUE_NUM, size);
+        w(t, reg::QUEUE_DESC_LOW, desc as u32);
+        w(t, reg::QUEUE_DESC_HIGH, (desc >> 32) as u32);
+        w(t, reg::QUEUE_DRIVER_LOW, (QUEUE_BASE + 0x1000) as u32);
+        w(t, reg::QUEUE_DEVICE_LOW, (QUEUE_BASE + 0x2000) as u32);
+        w(t, reg::QUEUE_READY, 1);
+    }
+
+    const ALL: u32 = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+
+    #[test]
+    fn identity_registers() {
+        let (mut t, _) = transport();
+        assert_eq!(r(&mut t, reg::MAGIC), 0x7472_6976);
+        assert_eq!(r(&mut t, reg::VERSION), 2);
+        assert_eq!(r(&mut t, reg::DEVICE_ID), TYPE_RNG_ID);
+        assert_eq!(r(&mut t, reg::VENDOR_ID), VENDOR_ID);
+        assert_eq!(r(&mut t, reg::QUEUE_NUM_MAX), 256);
+        w(&mut t, reg::QUEUE_SEL, 1);
+        assert_eq!(r(&mut t, reg::QUEUE_NUM_MAX), 0, "no queue 1");
+        assert_eq!(r(&mut t, reg::SHM_LEN_LOW), u32::MAX);
+    }
+
+    const TYPE_RNG_ID: u32 = 4;
+
+    #[test]
+    fn both_feature_words_are_offered_and_accepted() {
+        let (mut t, _) = transport();
+        w(&mut t, reg::DEVICE_FEATURES_SEL, 1);
+        assert_eq!(r(&mut t, reg::DEVICE_FEATURES), 1, "VERSION_1 is bit 32");
+        w(&mut t, reg::DEVICE_FEATURES_SEL, 0);
+        assert_eq!(r(&mut t, reg::DEVICE_FEATURES), 1 << 29, "EVENT_IDX");
+        w(&mut t, reg::DEVICE_FEATURES_SEL, 7);
+        assert_eq!(r(&mut t, reg::DEVICE_FEATURES), 0);
+        let s = negotiate(&mut t, VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX);
+        assert_ne!(s & status::FEATURES_OK, 0);
+        assert_eq!(
+            t.acked_features(),
+            VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
+        );
+    }
+
+    #[test]
+    fn features_never_offered_or_without_version_1_are_refused() {
+        let (mut t, _) = transport();
+        assert_eq!(
+            negotiate(&mut t, VIRTIO_F_VERSION_1 | (1 << 5)) & status::FEATURES_OK,
+            0
+        );
+        let (mut t, _) = transport();
+        assert_eq!(
+            negotiate(&mut t, VIRTIO_RING_F_EVENT_IDX) & status::FEATURES_OK,
+            0
+        );
+    }
+
+    #[test]
+    fn driver_features_outside_negotiation_are_ignored() {
+        let (mut t, _) = transport();
+        w(&mut t, reg::DRIVER_FEATURES, 0xffff_ffff);
+        assert_eq!(t.acked_features(), 0, "before DRIVER");
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        w(&mut t, reg::DRIVER_FEATURES_SEL, 0);
+        w(&mut t, reg::DRIVER_FEATURES, 0xffff_ffff);
+        assert_eq!(t.acked_features(), VIRTIO_F_VERSION_1, "after FEATURES_OK");
+    }
+
+    #[test]
+    fn a_valid_queue_activates_the_device_and_reset_returns_everything() {
+        let (mut t, irq) = transport();
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut t, 16, QUEUE_BASE);
+        assert_eq!(r(&mut t, reg::QUEUE_READY), 1);
+        w(&mut t, reg::STATUS, ALL);
+        assert_eq!(r(&mut t, reg::STATUS), ALL);
+        assert!(t.device().is_active());
+        // Queue setup is frozen after DRIVER_OK.
+        w(&mut t, reg::QUEUE_NUM, 4);
+        assert_eq!(t.queue_cfg[0].size, 16);
+        // Interrupt status and acknowledgement.
+        t.interrupt.signal_used_queue();
+        assert_eq!(irq.eventfd().read().unwrap(), 1);
+        assert_eq!(r(&mut t, reg::INTERRUPT_STATUS), INT_VRING);
+        w(&mut t, reg::INTERRUPT_ACK, INT_VRING);
+        assert_eq!(r(&mut t, reg::INTERRUPT_STATUS), 0);
+        // Reset.
+        w(&mut t, reg::STATUS, 0);
+        assert_eq!(r(&mut t, reg::STATUS), 0);
+        assert!(!t.device().is_active());
+        assert_eq!(t.acked_features(), 0);
+        assert_eq!(r(&mut t, reg::QUEUE_READY), 0);
+    }
+
+    fn activation_fails(size: u32, desc: u64) {
+        let (mut t, _) = transport();
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut t, size, desc);
+        w(&mut t, reg::STATUS, ALL);
+        assert!(
+            !t.device().is_active(),
+            "size {size} desc {desc:#x} activated"
+        );
+        assert_ne!(r(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        assert_eq!(r(&mut t, reg::INTERRUPT_STATUS) & INT_CONFIG, INT_CONFIG);
+        // A reset clears it.
+        w(&mut t, reg::STATUS, 0);
+        assert_eq!(r(&mut t, reg::STATUS), 0);
+    }
+
+    #[test]
+    fn bad_queue_geometry_sets_needs_reset_instead_of_activating() {
+        activation_fails(0, QUEUE_BASE);
+        activation_fails(3, QUEUE_BASE);
+        activation_fails(512, QUEUE_BASE);
+        activation_fails(0x1_0000, QUEUE_BASE);
+        activation_fails(16, QUEUE_BASE + 8); // misaligned descriptor table
+        activation_fails(16, 0xffff_f000); // outside guest memory (the MMIO gap)
+        activation_fails(16, u64::MAX - 0xfff);
+    }
+
+    #[test]
+    fn a_queue_that_is_not_ready_blocks_activation() {
+        let (mut t, _) = transport();
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut t, 16, QUEUE_BASE);
+        w(&mut t, reg::QUEUE_READY, 0);
+        w(&mut t, reg::STATUS, ALL);
+        assert!(!t.device().is_active());
+        assert_ne!(r(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn queue_setup_before_features_ok_is_ignored() {
+        let (mut t, _) = transport();
+        w(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        setup_queue(&mut t, 16, QUEUE_BASE);
+        assert_eq!(t.queue_cfg[0], QueueConfig::default());
+    }
+
+    #[test]
+    fn status_out_of_order_or_clearing_bits_is_not_taken() {
+        let (mut t, _) = transport();
+        // All at once: ACKNOWLEDGE and DRIVER are taken, FEATURES_OK is not
+        // (VERSION_1 was never accepted), so neither is DRIVER_OK.
+        w(&mut t, reg::STATUS, ALL);
+        let ack_driver = status::ACKNOWLEDGE | status::DRIVER;
+        assert_eq!(r(&mut t, reg::STATUS), ack_driver);
+        assert!(!t.device().is_active());
+        w(&mut t, reg::STATUS, status::DRIVER);
+        assert_eq!(
+            r(&mut t, reg::STATUS),
+            ack_driver,
+            "clearing a bit needs a reset"
+        );
+        w(&mut t, reg::STATUS, ack_driver | status::FAILED);
+        assert_eq!(r(&mut t, reg::STATUS), ack_driver | status::FAILED);
+        // DRIVER_OK without FEATURES_OK is not taken.
+        let (mut t, _) = transport();
+        w(&mut t, reg::STATUS, status::ACKNOWLEDGE);
+        w(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER_OK);
+        assert_eq!(r(&mut t, reg::STATUS), status::ACKNOWLEDGE);
+    }
+
+    #[test]
+    fn notify_signals_the_queue_eventfd_and_ignores_missing_queues() {
+        let (mut t, _) = transport();
+        w(&mut t, reg::QUEUE_NOTIFY, 0);
+        w(&mut t, reg::QUEUE_NOTIFY, 5);
+        assert_eq!(t.queue_events()[0].read().unwrap(), 1);
+    }
+
+    #[test]
+    fn odd_accesses_are_ignored_and_config_space_is_forwarded() {
+        let (mut t, _) = transport();
+        let mut two = [0xffu8; 2];
+        t.read(reg::MAGIC, &mut two);
+        assert_eq!(two, [0, 0]);
+        let mut four = [0xffu8; 4];
+        t.read(reg::MAGIC + 1, &mut four);
+        assert_eq!(four, [0; 4]);
+        t.write(reg::STATUS, &[1]);
+        assert_eq!(r(&mut t, reg::STATUS), 0);
+        // rng has no config space: reads are zero.
+        let mut cfg = [0xffu8; 8];
+        t.read(CONFIG_SPACE_OFFSET, &mut cfg);
+        assert_eq!(cfg, [0; 8]);
+        t.write(0xfff, &[1]);
+    }
+
+    #[test]
+    fn bad_maximum_queue_sizes_are_refused() {
+        struct Odd(Rng<GuestMemoryMmap>);
+        impl VirtioDevice<GuestMemoryMmap> for Odd {
+            fn device_type(&self) -> u32 {
+                4
+            }
+            fn queue_max_sizes(&self) -> &[u16] {
+                &[100]
+            }
+            fn device_features(&self) -> u64 {
+                VIRTIO_F_VERSION_1
+            }
+            fn read_config(&self, _: u64, _: &mut [u8]) {}
+            fn activate(
+                &mut self,
+                c: ActivationContext<GuestMemoryMmap>,
+            ) -> Result<(), crate::virtio::ActivateError> {
+                self.0.activate(c)
+            }
+            fn reset(&mut self) -> Option<ActivationContext<GuestMemoryMmap>> {
+                None
+            }
+            fn is_active(&self) -> bool {
+                false
+            }
+            fn process_queue(&mut self, _: usize) -> bool {
+                false
+            }
+        }
+        let irq = EventFdTrigger::new().unwrap();
+        assert!(matches!(
+            MmioTransport::new(Box::new(Odd(Rng::new())), memory(), irq),
+            Err(TransportError::QueueMaxSize {
+                index: 0,
+                size: 100
+            })
+        ));
+    }
+}

@@ -1,1 +1,223 @@
-//! virtio-rng.
+//! virtio-rng (virtio 1.2, 5.4): entropy from the host's `getrandom`.
+//!
+//! Each request is answered with at most [`MAX_RNG_REQUEST`] bytes, whatever
+//! the size of the buffers the driver offers, so one chain cannot make the
+//! host draw unbounded entropy or memory.
+
+use std::io::Write;
+
+use virtio_queue::DescriptorChain;
+use vm_memory::GuestMemoryBackend;
+
+use super::{
+    drain_queue, read_config_bytes, ActivateError, ActivationContext, QueueBudget, VirtioDevice,
+    TYPE_RNG, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
+
+/// Size of the request queue.
+pub const RNG_QUEUE_SIZE: u16 = 256;
+/// Most bytes written for one request.
+pub const MAX_RNG_REQUEST: usize = 64 * 1024;
+const CHUNK: usize = 4096;
+
+/// Fills `buf` from the kernel's CSPRNG.
+fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: `rest` is a valid, writable buffer of `rest.len()` bytes.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// An entropy device.
+pub struct Rng<M> {
+    queue_sizes: [u16; 1],
+    active: Option<ActivationContext<M>>,
+    buf: Vec<u8>,
+    broken_chains: u64,
+}
+
+impl<M> Default for Rng<M> {
+    fn default() -> Self {
+        Self {
+            queue_sizes: [RNG_QUEUE_SIZE],
+            active: None,
+            buf: vec![0; CHUNK],
+            broken_chains: 0,
+        }
+    }
+}
+
+impl<M> Rng<M> {
+    /// An inactive entropy device.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Chains with buffers outside guest memory.
+    pub fn broken_chains(&self) -> u64 {
+        self.broken_chains
+    }
+}
+
+fn answer<M: GuestMemoryBackend>(
+    buf: &mut [u8],
+    mem: &M,
+    chain: DescriptorChain<&M>,
+) -> Option<u32> {
+    let mut w = chain.writer(mem).ok()?;
+    let total = w.available_bytes().min(MAX_RNG_REQUEST);
+    let mut done = 0;
+    while done < total {
+        let n = (total - done).min(buf.len());
+        if fill_random(&mut buf[..n]).is_err() {
+            log::error!("virtio-rng: getrandom failed");
+            break;
+        }
+        if w.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        done += n;
+    }
+    Some(done as u32)
+}
+
+impl<M: GuestMemoryBackend + Send> VirtioDevice<M> for Rng<M> {
+    fn device_type(&self) -> u32 {
+        TYPE_RNG
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn device_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&[], offset, data);
+    }
+
+    fn activate(&mut self, ctx: ActivationContext<M>) -> Result<(), ActivateError> {
+        if ctx.queues.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                got: ctx.queues.len(),
+            });
+        }
+        self.active = Some(ctx);
+        Ok(())
+    }
+
+    fn reset(&mut self) -> Option<ActivationContext<M>> {
+        self.active.take()
+    }
+
+    fn is_active(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn process_queue(&mut self, index: usize) -> bool {
+        let Some(ctx) = self.active.as_mut() else {
+            return false;
+        };
+        let Some(queue) = ctx.queues.get_mut(index) else {
+            return false;
+        };
+        let buf = &mut self.buf;
+        let mut broken = 0;
+        let budget = QueueBudget::for_queue(queue);
+        let result = drain_queue(queue, &ctx.mem, ctx.interrupt.as_ref(), budget, |chain| {
+            answer(buf, &ctx.mem, chain).unwrap_or_else(|| {
+                broken += 1;
+                0
+            })
+        });
+        if broken > 0 {
+            self.broken_chains += broken;
+            ctx.interrupt.set_needs_reset();
+        }
+        match result {
+            Ok(more) => more,
+            Err(e) => {
+                log::warn!("virtio-rng: {e}; the device needs a reset");
+                ctx.interrupt.set_needs_reset();
+                false
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::test_utils::{context, memory, Buf, Driver};
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn fills_writable_buffers_with_random_bytes() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem, 0x1000, 16);
+        let mut rng = Rng::new();
+        let (ctx, intr) = context(&mem, vec![driver.queue()], VIRTIO_F_VERSION_1);
+        rng.activate(ctx).unwrap();
+        driver.add(&[Buf(0x10_0000, 64, true), Buf(0x10_1000, 64, true)]);
+        rng.process_queue(0);
+        assert_eq!(driver.used(0), (0, 128));
+        let mut a = [0u8; 64];
+        let mut b = [0u8; 64];
+        mem.read_slice(&mut a, GuestAddress(0x10_0000)).unwrap();
+        mem.read_slice(&mut b, GuestAddress(0x10_1000)).unwrap();
+        assert!(
+            a.iter().any(|&x| x != 0) && a != b,
+            "random, not zeros or copies"
+        );
+        assert_eq!(intr.used_count(), 1);
+    }
+
+    #[test]
+    fn requests_are_capped_and_readable_buffers_untouched() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem, 0x1000, 16);
+        let mut rng = Rng::new();
+        let (ctx, _) = context(&mem, vec![driver.queue()], VIRTIO_F_VERSION_1);
+        rng.activate(ctx).unwrap();
+        mem.write_slice(&[0x42; 16], GuestAddress(0x20_0000))
+            .unwrap();
+        driver.add(&[Buf(0x20_0000, 16, false), Buf(0x30_0000, 1 << 20, true)]);
+        rng.process_queue(0);
+        assert_eq!(driver.used(0).1 as usize, MAX_RNG_REQUEST);
+        let mut tail = [0u8; 64];
+        mem.read_slice(&mut tail, GuestAddress(0x30_0000 + MAX_RNG_REQUEST as u64))
+            .unwrap();
+        assert_eq!(tail, [0; 64], "nothing past the cap is written");
+        let mut ro = [0u8; 16];
+        mem.read_slice(&mut ro, GuestAddress(0x20_0000)).unwrap();
+        assert_eq!(ro, [0x42; 16]);
+    }
+
+    #[test]
+    fn buffers_outside_memory_ask_for_a_reset() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem, 0x1000, 16);
+        let mut rng = Rng::new();
+        let (ctx, intr) = context(&mem, vec![driver.queue()], VIRTIO_F_VERSION_1);
+        rng.activate(ctx).unwrap();
+        driver.add(&[Buf(u64::MAX - 8, 64, true)]);
+        rng.process_queue(0);
+        assert_eq!(driver.used(0).1, 0);
+        assert!(intr.needs_reset());
+        assert_eq!(rng.broken_chains(), 1);
+    }
+}
