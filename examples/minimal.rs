@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
 use vmm_kit::boot::{inspect_kernel, BootProtocol, ProtocolChoice};
-use vmm_kit::core::{KernelSource, VmConfig, Vmm, DEFAULT_CMDLINE};
+use vmm_kit::core::{ConsoleConfig, DiskConfig, KernelSource, VmConfig, Vmm, DEFAULT_CMDLINE};
 use vmm_kit::devices::legacy::DEBUG_EXIT_PORT;
 use vmm_kit::memory::RamBacking;
 
@@ -64,6 +64,16 @@ struct Args {
     /// Port of the debug-exit device (the guest writes its status there).
     #[arg(long, value_name = "PORT", default_value_t = DEBUG_EXIT_PORT, value_parser = parse_port)]
     exit_port: u16,
+    /// A virtio-blk disk on a raw image: PATH[,ro][,id=SERIAL]. Repeatable.
+    #[arg(long, value_name = "PATH[,ro][,id=SERIAL]", value_parser = parse_disk)]
+    disk: Vec<DiskConfig>,
+    /// A virtio-rng device fed by the host's getrandom.
+    #[arg(long)]
+    rng: bool,
+    /// A virtio-console: `stdout` (output to stdout, input from stdin) or
+    /// `file=PATH` (output to PATH).
+    #[arg(long, value_name = "stdout|file=PATH", value_parser = parse_console)]
+    console: Option<ConsoleConfig>,
     /// Print what a kernel image is and which boot protocols it supports,
     /// then exit without booting.
     #[arg(long, value_name = "PATH", conflicts_with_all = ["kernel", "initrd"])]
@@ -76,6 +86,42 @@ fn parse_port(s: &str) -> Result<u16, String> {
         None => s.parse(),
     };
     parsed.map_err(|e| format!("not a port number (0-65535, decimal or 0x hex): {e}"))
+}
+
+fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+    let mut parts = s.split(',');
+    let path = parts
+        .next()
+        .filter(|p| !p.is_empty())
+        .ok_or("a disk needs a path")?;
+    let mut disk = DiskConfig {
+        path: PathBuf::from(path),
+        read_only: false,
+        serial: None,
+    };
+    for opt in parts {
+        match opt.split_once('=') {
+            None if opt == "ro" => disk.read_only = true,
+            Some(("id", id)) if id.len() <= 20 && id.is_ascii() => {
+                disk.serial = Some(id.to_string())
+            }
+            Some(("id", _)) => return Err("a disk id is at most 20 ASCII characters".into()),
+            _ => {
+                return Err(format!(
+                    "unknown disk option {opt:?} (expected ro or id=SERIAL)"
+                ))
+            }
+        }
+    }
+    Ok(disk)
+}
+
+fn parse_console(s: &str) -> Result<ConsoleConfig, String> {
+    match s.split_once('=') {
+        None if s == "stdout" => Ok(ConsoleConfig::Stdout),
+        Some(("file", path)) if !path.is_empty() => Ok(ConsoleConfig::File(PathBuf::from(path))),
+        _ => Err("expected stdout or file=PATH".into()),
+    }
 }
 
 fn report(err: &dyn std::error::Error) {
@@ -138,7 +184,11 @@ fn main() -> ExitCode {
             Backing::Hugepages => RamBacking::HugePages,
         },
         exit_port: args.exit_port,
+        disks: args.disk,
+        rng: args.rng,
+        console: args.console,
     };
+    let stdin_to_console = config.console == Some(ConsoleConfig::Stdout);
     let vmm = match Vmm::new(&config, Box::new(std::io::stdout())) {
         Ok(v) => v,
         Err(e) => {
@@ -149,8 +199,11 @@ fn main() -> ExitCode {
     if let Err(e) = vmm.stop_on_sigint() {
         log::warn!("Ctrl-C will not stop the VM cleanly: {e}");
     }
-    if let Err(e) = vmm.forward_serial_input(std::io::stdin()) {
-        log::warn!("guest serial input is not connected: {e}");
+    // stdin goes to the virtio-console when it is on stdout, else to COM1.
+    if !stdin_to_console {
+        if let Err(e) = vmm.forward_serial_input(std::io::stdin()) {
+            log::warn!("guest serial input is not connected: {e}");
+        }
     }
     match vmm.run() {
         Ok(exit) => {

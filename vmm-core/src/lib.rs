@@ -19,10 +19,13 @@
 
 #![deny(missing_docs)]
 
+pub mod devices;
+pub mod event_loop;
 pub mod vcpu;
 pub mod vm;
 mod vmm;
 
+pub use devices::{ConsoleConfig, DeviceError, DiskConfig};
 pub use vcpu::{handle_exit, StopReason, Vcpu, VcpuEmulation, VcpuError};
 pub use vm::{Vm, VmError};
 pub use vmm::{KernelSource, StopHandle, VmConfig, VmExit, Vmm, VmmError, DEFAULT_CMDLINE};

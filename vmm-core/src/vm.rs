@@ -3,7 +3,7 @@
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_API_VERSION, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_memory::GuestRam;
 use vmm_sys_util::errno;
@@ -131,6 +131,19 @@ impl Vm {
         self.fd
             .register_irqfd(evt, gsi)
             .map_err(kvm_err("irqfd registration"))
+    }
+
+    /// Makes KVM signal `evt` on a `u32` write of `datamatch` to `addr`,
+    /// without an exit to userspace.
+    pub fn register_ioevent(
+        &self,
+        evt: &EventFd,
+        addr: &IoEventAddress,
+        datamatch: u32,
+    ) -> Result<(), VmError> {
+        self.fd
+            .register_ioevent(evt, addr, datamatch)
+            .map_err(kvm_err("ioeventfd registration"))
     }
 
     /// Creates vCPU `id`.

@@ -18,10 +18,14 @@ use vmm_devices::legacy::{
     I8042, I8042_PORT, I8042_PORT_SIZE,
 };
 use vmm_devices::EventFdTrigger;
-use vmm_memory::{create_guest_ram, AddressMap, RamBacking};
+use vmm_memory::{create_guest_ram, AddressMap, RamBacking, ResourceAllocator};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::register_signal_handler;
 
+use crate::devices::{
+    attach, build_virtio, subscribers, ConsoleConfig, DeviceError, DiskConfig, VirtioSlot,
+};
+use crate::event_loop::EventLoop;
 use crate::vcpu::{StopReason, Vcpu, VcpuError, VcpuEvent, VcpuHandle};
 use crate::vm::{Vm, VmError};
 
@@ -60,6 +64,12 @@ pub struct VmConfig {
     pub ram_backing: RamBacking,
     /// The debug-exit port.
     pub exit_port: u16,
+    /// virtio-blk disks.
+    pub disks: Vec<DiskConfig>,
+    /// A virtio-rng device.
+    pub rng: bool,
+    /// A virtio-console.
+    pub console: Option<ConsoleConfig>,
 }
 
 impl Default for VmConfig {
@@ -73,6 +83,9 @@ impl Default for VmConfig {
             protocol: ProtocolChoice::Auto,
             ram_backing: RamBacking::Anonymous,
             exit_port: DEBUG_EXIT_PORT,
+            disks: Vec::new(),
+            rng: false,
+            console: None,
         }
     }
 }
@@ -165,6 +178,12 @@ pub enum VmmError {
     /// A device could not be put on the bus.
     #[error("cannot place a device on the I/O bus")]
     Bus(#[source] vm_device::bus::Error),
+    /// A virtio device could not be set up.
+    #[error("cannot set up a virtio device")]
+    Device(#[from] DeviceError),
+    /// The device event loop could not start.
+    #[error("cannot start the device event loop")]
+    EventLoop(#[source] io::Error),
 }
 
 type SerialDevice = Serial<EventFdTrigger, Box<dyn Write + Send>>;
@@ -208,6 +227,8 @@ pub struct Vmm {
     stop_evt: Arc<EventFd>,
     stop_requested: Arc<AtomicBool>,
     boot: BootSetup,
+    virtio: Vec<VirtioSlot>,
+    cmdline: String,
 }
 
 fn open_file(what: &'static str, path: &Path) -> Result<File, VmmError> {
@@ -253,9 +274,24 @@ impl Vmm {
             .ok_or(VmmError::MemoryTooLarge(config.mem_mib))?;
         let map = AddressMap::new(size)?;
         let memory = create_guest_ram(&map, config.ram_backing)?;
+        let mut resources = ResourceAllocator::new(&map).map_err(DeviceError::from)?;
+        let virtio = build_virtio(
+            &config.disks,
+            config.rng,
+            config.console.as_ref(),
+            &memory,
+            &mut resources,
+        )?;
+        let mut cmdline = config.cmdline.trim().to_string();
+        for slot in &virtio {
+            if !cmdline.is_empty() {
+                cmdline.push(' ');
+            }
+            cmdline.push_str(&slot.cmdline_entry());
+        }
         let boot_config = BootConfig {
             protocol: config.protocol,
-            cmdline: &config.cmdline,
+            cmdline: &cmdline,
         };
         let boot = match (&mut kernel_file, &config.kernel) {
             (Some(file), _) => boot_guest(&memory, &map, file, initrd.as_mut(), &boot_config)?,
@@ -305,6 +341,7 @@ impl Vmm {
             debug_exit.clone(),
         )
         .map_err(VmmError::Bus)?;
+        attach(&vm, &mut bus, &virtio)?;
 
         let vcpu = vm.create_vcpu(0)?;
         vcpu.configure(vm.kvm(), &boot.cpu)?;
@@ -318,12 +355,24 @@ impl Vmm {
             stop_evt,
             stop_requested: Arc::new(AtomicBool::new(false)),
             boot,
+            virtio,
+            cmdline,
         })
     }
 
     /// What was booted and how.
     pub fn boot_setup(&self) -> &BootSetup {
         &self.boot
+    }
+
+    /// The virtio devices, in the order of their command line entries.
+    pub fn virtio_devices(&self) -> &[VirtioSlot] {
+        &self.virtio
+    }
+
+    /// The kernel command line the guest got (with the device entries).
+    pub fn cmdline(&self) -> &str {
+        &self.cmdline
     }
 
     /// A handle that stops [`Vmm::run`] from another thread.
@@ -380,6 +429,8 @@ impl Vmm {
     /// Runs the guest until it ends, then stops the vCPU.
     pub fn run(mut self) -> Result<VmExit, VmmError> {
         let vcpu = self.vcpu.take().ok_or(VmmError::NoVcpus)?;
+        let event_loop =
+            EventLoop::spawn(subscribers(&self.virtio)).map_err(VmmError::EventLoop)?;
         let (tx, rx) = channel();
         let notify = self.stop_evt.try_clone().map_err(VmmError::EventFd)?;
         let memory = self.vm.memory().clone();
@@ -388,6 +439,7 @@ impl Vmm {
         if handle.join(VCPU_JOIN_TIMEOUT).is_none() {
             log::warn!("vCPU thread did not finish");
         }
+        event_loop.stop();
         if let Ok(s) = self.serial.lock() {
             if s.lost_output() > 0 {
                 log::warn!(
