@@ -19,8 +19,10 @@ const USER_CS: u64 = 0x18 | 3;
 const USER_DS: u64 = 0x20 | 3;
 const TSS_SEL: u16 = 0x28;
 /// RFLAGS for CPL3: IOPL 3 (bits 12-13) so the scenarios may use port I/O, the
-/// always-one bit 1, interrupts off.
-const USER_RFLAGS: u64 = 0x3002;
+/// always-one bit 1, and interrupts on (IF, bit 9). Nothing interrupts until
+/// a scenario unmasks an IOAPIC pin: the PIC is masked at boot and the IOAPIC
+/// comes out of reset with every pin masked.
+const USER_RFLAGS: u64 = 0x3202;
 
 global_asm!(
     r#"
@@ -165,6 +167,32 @@ tg_isr_common:
 3:
     hlt
     jmp 3b
+
+    /* External interrupts, vectors 32-255: count, EOI the LAPIC (but for
+       the spurious vector 0xff), return. A handful of instructions, since
+       they run at CPL0. */
+    .align 16
+    .global tg_irq_base
+tg_irq_base:
+    .set tg_v, 32
+    .rept 224
+    .align 16
+    pushq $tg_v
+    jmp tg_irq_common
+    .set tg_v, tg_v + 1
+    .endr
+tg_irq_common:
+    pushq %rax
+    movq 8(%rsp), %rax
+    lock incl tg_irq_counts(,%rax,4)
+    cmpq $0xff, %rax
+    je 4f
+    movabsq $0xfee000b0, %rax
+    movl $0, (%rax)
+4:
+    popq %rax
+    addq $8, %rsp
+    iretq
     .popsection
 
     .pushsection .data.tg_pagetables, "aw"
@@ -202,6 +230,11 @@ tg_gdt_end:
 tg_gdt_ptr:
     .word tg_gdt_end - tg_gdt - 1
     .quad tg_gdt
+
+    .align 16
+    .global tg_irq_counts
+tg_irq_counts:
+    .space 1024
 
     .align 16
     .space 16384
@@ -245,7 +278,8 @@ struct IdtGate {
     reserved: u32,
 }
 
-const IDT_ENTRIES: usize = 32;
+const IDT_ENTRIES: usize = 256;
+const EXCEPTIONS: usize = 32;
 
 #[repr(C, align(16))]
 struct Idt([IdtGate; IDT_ENTRIES]);
@@ -290,6 +324,9 @@ static mut IDT: Idt = Idt(
 
 unsafe extern "C" {
     static tg_isr_base: u8;
+    static tg_irq_base: u8;
+    /// Interrupts taken, per vector (written by the CPL0 handler).
+    pub static tg_irq_counts: [core::sync::atomic::AtomicU32; 256];
     static mut tg_gdt: [u64; 7];
     fn tg_enter_user(proto: u32, info: u64, entry: u64, stack: u64, ds: u64, rflags: u64) -> !;
 }
@@ -315,10 +352,19 @@ extern "C" fn tg_kernel_main(proto: u32, info: u64) -> ! {
         (*gdt)[6] = base >> 32;
         asm!("ltr {0:x}", in(reg) TSS_SEL, options(nostack, preserves_flags));
 
+        // Mask both 8259 PICs: interrupts come through the IOAPIC only.
+        crate::io::outb(0x21, 0xff);
+        crate::io::outb(0xa1, 0xff);
+
         let isr_base = &raw const tg_isr_base as u64;
+        let irq_base = &raw const tg_irq_base as u64;
         let idt = addr_of_mut!(IDT);
         for (n, gate) in (*idt).0.iter_mut().enumerate() {
-            let handler = isr_base + 16 * n as u64;
+            let handler = if n < EXCEPTIONS {
+                isr_base + 16 * n as u64
+            } else {
+                irq_base + 16 * (n - EXCEPTIONS) as u64
+            };
             *gate = IdtGate {
                 offset_low: handler as u16,
                 selector: KERNEL_CS,
@@ -377,4 +423,11 @@ extern "C" fn tg_exception(frame: *const ExceptionFrame) -> ! {
     // SAFETY: reading CR2 at CPL0 has no side effect.
     unsafe { asm!("mov {0}, cr2", out(reg) cr2, options(nomem, nostack, preserves_flags)) };
     crate::report_exception(frame, cr2)
+}
+
+/// How many times interrupt `vector` was taken.
+pub fn irq_count(vector: u8) -> u32 {
+    // SAFETY: `tg_irq_counts` is a static array of atomics in the image,
+    // only ever accessed atomically.
+    unsafe { tg_irq_counts[usize::from(vector)].load(core::sync::atomic::Ordering::SeqCst) }
 }

@@ -13,13 +13,17 @@
 #![no_std]
 #![no_main]
 
+#[macro_use]
+mod io;
+mod apic;
 mod boot;
 mod bootinfo;
 mod cmdline;
-#[macro_use]
-mod io;
+mod devices;
 mod mem;
 mod scenarios;
+mod shared;
+mod virtio;
 
 use bootinfo::BootInfo;
 

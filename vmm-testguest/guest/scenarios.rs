@@ -3,7 +3,8 @@
 
 use crate::bootinfo::BootInfo;
 use crate::cmdline::Args;
-use crate::{io, EXIT_OK, EXIT_UNKNOWN_SCENARIO};
+use crate::virtio::Mode;
+use crate::{devices, io, EXIT_OK, EXIT_UNKNOWN_SCENARIO};
 
 /// Runs scenario `name`.
 pub fn run(name: &str, boot: &BootInfo, args: &Args) -> u8 {
@@ -22,6 +23,12 @@ pub fn run(name: &str, boot: &BootInfo, args: &Args) -> u8 {
                 core::hint::spin_loop();
             }
         }
+        "blk" => devices::blk(boot, Mode::Poll),
+        "blk-irq" => devices::blk(boot, Mode::Irq),
+        "rng" => devices::rng(boot, Mode::Poll),
+        "rng-irq" => devices::rng(boot, Mode::Irq),
+        "console" => devices::console(boot, Mode::Poll),
+        "console-irq" => devices::console(boot, Mode::Irq),
         "spin" => {
             report!("spin");
             loop {

@@ -16,7 +16,16 @@
 //! - `hello`: reports the boot protocol and the RAM it found in the memory map;
 //! - `exit`: ends with `testguest.exit`;
 //! - `reset`: asks for a reset through the i8042 (command 0xFE on port 0x64);
-//! - `spin`: reports, then loops at CPL3 forever (for stop and pause tests).
+//! - `spin`: reports, then loops at CPL3 forever (for stop and pause tests);
+//! - `blk`, `rng`, `console` and their interrupt-driven twins `blk-irq`,
+//!   `rng-irq`, `console-irq`: drive every virtio-mmio device of that type
+//!   named by `virtio_mmio.device=<size>@<addr>:<irq>` entries, polling the
+//!   used ring or waiting for the interrupt through the IOAPIC and LAPIC.
+//!   `blk` reads each disk's id and capacity; on writable disks it writes
+//!   [`shared::blk_pattern_byte`] at [`shared::BLK_PATTERN_SECTOR`], flushes,
+//!   reads it back and checks a read past the end fails; on read-only disks
+//!   it checks a write fails. `rng` checks two requests come back full and
+//!   different. `console` writes [`shared::CONSOLE_MESSAGE`].
 //!
 //! An unknown name ends the guest with [`exit_status::UNKNOWN_SCENARIO`].
 //!
@@ -115,6 +124,11 @@ pub fn parse_line(line: &str) -> Option<Report> {
 pub fn parse_output(output: &str) -> Vec<Report> {
     output.lines().filter_map(parse_line).collect()
 }
+
+/// Constants the guest's scenarios and the host's tests share: the `blk`
+/// pattern and the `console` message.
+#[path = "../guest/shared.rs"]
+pub mod shared;
 
 /// The guest's own command-line parser, compiled for the host so that it is
 /// tested like any other code.

@@ -315,6 +315,9 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> MmioTransport<M> {
             }
             reg::QUEUE_NOTIFY => match self.queue_evts.get(v as usize) {
                 Some(evt) => {
+                    // With an ioeventfd registered, KVM signals the eventfd
+                    // itself and this path is not taken.
+                    log::trace!("virtio-mmio: queue {v} notified through the transport");
                     if let Err(e) = evt.write(1) {
                         log::error!("virtio-mmio: cannot signal queue {v}: {e}");
                     }

@@ -1,0 +1,225 @@
+//! Scenarios that drive virtio devices: `blk`, `rng`, `console`, each polled
+//! or (with the `-irq` suffix) interrupt driven.
+
+use crate::bootinfo::BootInfo;
+use crate::shared::{blk_pattern_byte, BLK_PATTERN_LEN, BLK_PATTERN_SECTOR, CONSOLE_MESSAGE};
+use crate::virtio::{
+    device_type, dma_alloc, dma_fits, find_devices, Device, DriverError, MmioEntry, Mode, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+};
+use crate::{EXIT_FAILED, EXIT_OK};
+
+const TYPE_BLOCK: u32 = 2;
+const TYPE_CONSOLE: u32 = 3;
+const TYPE_RNG: u32 = 4;
+
+const BLK_F_SEG_MAX: u64 = 1 << 2;
+const BLK_F_RO: u64 = 1 << 5;
+const BLK_F_BLK_SIZE: u64 = 1 << 6;
+const BLK_F_FLUSH: u64 = 1 << 9;
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+
+fn wr<T>(addr: u64, v: T) {
+    // SAFETY: DMA memory from `dma_alloc`, identity mapped and user writable.
+    unsafe { core::ptr::write_volatile(addr as *mut T, v) }
+}
+
+fn rd<T: Copy>(addr: u64) -> T {
+    // SAFETY: as for `wr`.
+    unsafe { core::ptr::read_volatile(addr as *const T) }
+}
+
+/// Runs `f` on every device of type `kind`; reports and returns the status.
+fn for_each(
+    boot: &BootInfo,
+    kind: u32,
+    name: &str,
+    mode: Mode,
+    mut f: impl FnMut(&MmioEntry, usize) -> Result<(), DriverError>,
+) -> u8 {
+    if !dma_fits(boot.ram_top) {
+        report!("error {} needs at least 5 MiB of RAM", name);
+        return EXIT_FAILED;
+    }
+    let (entries, n) = find_devices(boot.cmdline);
+    let mut count = 0;
+    let mut failed = false;
+    for e in entries[..n].iter().flatten() {
+        if device_type(e) != kind {
+            continue;
+        }
+        if let Err(msg) = f(e, count) {
+            report!("error {} dev={} mode={} {}", name, count, mode.name(), msg);
+            failed = true;
+        }
+        count += 1;
+    }
+    if count == 0 {
+        report!("error {} no device found", name);
+        return EXIT_FAILED;
+    }
+    report!("{} {} mode={} devices={}", name, if failed { "failed" } else { "ok" }, mode.name(), count);
+    if failed {
+        EXIT_FAILED
+    } else {
+        EXIT_OK
+    }
+}
+
+struct BlkBufs {
+    hdr: u64,
+    data: u64,
+    status: u64,
+}
+
+fn blk_request(
+    dev: &mut Device,
+    q: &mut crate::virtio::Queue,
+    b: &BlkBufs,
+    t: u32,
+    sector: u64,
+    len: u32,
+    data_writable: bool,
+) -> Result<(u8, u32), DriverError> {
+    wr(b.hdr, t);
+    wr(b.hdr + 4, 0u32);
+    wr(b.hdr + 8, sector);
+    wr(b.status, 0xffu8);
+    let used = if len == 0 {
+        dev.transact(q, &[(b.hdr, 16, false), (b.status, 1, true)])?
+    } else {
+        dev.transact(q, &[(b.hdr, 16, false), (b.data, len, data_writable), (b.status, 1, true)])?
+    };
+    Ok((rd::<u8>(b.status), used))
+}
+
+fn expect(got: (u8, u32), status: u8, used: u32, what: DriverError) -> Result<(), DriverError> {
+    if got == (status, used) {
+        Ok(())
+    } else {
+        Err(what)
+    }
+}
+
+fn blk_one(e: &MmioEntry, index: usize, mode: Mode) -> Result<(), DriverError> {
+    let want = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | BLK_F_RO | BLK_F_FLUSH | BLK_F_BLK_SIZE | BLK_F_SEG_MAX;
+    let mut dev = Device::init(e, want, mode)?;
+    let mut q = dev.queue(0)?;
+    dev.start()?;
+    let capacity = dev.config64(0);
+    let ro = dev.features & BLK_F_RO != 0;
+    let len = BLK_PATTERN_LEN as u32;
+    let b = BlkBufs {
+        hdr: dma_alloc(16, 16).ok_or("out of DMA memory")?,
+        data: dma_alloc(u64::from(len), 4096).ok_or("out of DMA memory")?,
+        status: dma_alloc(1, 1).ok_or("out of DMA memory")?,
+    };
+    let id = dma_alloc(20, 8).ok_or("out of DMA memory")?;
+    wr(b.hdr, T_GET_ID);
+    wr(b.hdr + 8, 0u64);
+    wr(b.status, 0xffu8);
+    let used = dev.transact(&mut q, &[(b.hdr, 16, false), (id, 20, true), (b.status, 1, true)])?;
+    if rd::<u8>(b.status) != S_OK || used != 21 {
+        return Err("GET_ID failed");
+    }
+    let mut id_bytes = [0u8; 20];
+    for (i, byte) in id_bytes.iter_mut().enumerate() {
+        *byte = rd::<u8>(id + i as u64);
+    }
+    let id_len = id_bytes.iter().position(|&c| c == 0).unwrap_or(20);
+    let id_str = core::str::from_utf8(&id_bytes[..id_len]).unwrap_or("<binary>");
+    let id_str = if id_str.is_empty() { "-" } else { id_str };
+
+    let tag = if mode == Mode::Irq { 1 } else { 0 };
+    for i in 0..BLK_PATTERN_LEN {
+        wr(b.data + i as u64, blk_pattern_byte(i, tag));
+    }
+    if ro {
+        let r = blk_request(&mut dev, &mut q, &b, T_OUT, BLK_PATTERN_SECTOR, len, false)?;
+        expect(r, S_IOERR, 1, "a write to the read-only disk was not refused")?;
+        report!("blk dev={} ro=1 capacity={} id={} write=ioerr", index, capacity, id_str);
+    } else {
+        let r = blk_request(&mut dev, &mut q, &b, T_OUT, BLK_PATTERN_SECTOR, len, false)?;
+        expect(r, S_OK, 1, "write failed")?;
+        let r = blk_request(&mut dev, &mut q, &b, T_FLUSH, 0, 0, false)?;
+        expect(r, S_OK, 1, "flush failed")?;
+        for i in 0..BLK_PATTERN_LEN {
+            wr(b.data + i as u64, 0u8);
+        }
+        let r = blk_request(&mut dev, &mut q, &b, T_IN, BLK_PATTERN_SECTOR, len, true)?;
+        expect(r, S_OK, len + 1, "read failed")?;
+        for i in 0..BLK_PATTERN_LEN {
+            if rd::<u8>(b.data + i as u64) != blk_pattern_byte(i, tag) {
+                return Err("read back different data");
+            }
+        }
+        let r = blk_request(&mut dev, &mut q, &b, T_IN, capacity, 512, true)?;
+        expect(r, S_IOERR, 1, "a read past the end was not refused")?;
+        report!(
+            "blk dev={} ro=0 capacity={} id={} write=ok flush=ok read=ok beyond=ioerr",
+            index,
+            capacity,
+            id_str
+        );
+    }
+    dev.reset();
+    Ok(())
+}
+
+/// `blk`: on every disk, read the id and capacity; on writable disks write
+/// the pattern, flush, read it back and compare, and check that a read past
+/// the end fails; on read-only disks check that a write fails.
+pub fn blk(boot: &BootInfo, mode: Mode) -> u8 {
+    for_each(boot, TYPE_BLOCK, "blk", mode, |e, i| blk_one(e, i, mode))
+}
+
+/// `rng`: two 64-byte requests that must come back full, not zero, and
+/// different.
+pub fn rng(boot: &BootInfo, mode: Mode) -> u8 {
+    for_each(boot, TYPE_RNG, "rng", mode, |e, _| {
+        let mut dev = Device::init(e, VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX, mode)?;
+        let mut q = dev.queue(0)?;
+        dev.start()?;
+        let a = dma_alloc(64, 64).ok_or("out of DMA memory")?;
+        let b = dma_alloc(64, 64).ok_or("out of DMA memory")?;
+        if dev.transact(&mut q, &[(a, 64, true)])? != 64 || dev.transact(&mut q, &[(b, 64, true)])? != 64 {
+            return Err("short random read");
+        }
+        let (mut zero, mut same) = (true, true);
+        for i in 0..64 {
+            let (x, y) = (rd::<u8>(a + i), rd::<u8>(b + i));
+            zero &= x == 0;
+            same &= x == y;
+        }
+        dev.reset();
+        if zero || same {
+            return Err("random bytes are zero or repeat");
+        }
+        Ok(())
+    })
+}
+
+/// `console`: writes [`CONSOLE_MESSAGE`] on the transmit queue.
+pub fn console(boot: &BootInfo, mode: Mode) -> u8 {
+    for_each(boot, TYPE_CONSOLE, "console", mode, |e, _| {
+        let mut dev = Device::init(e, VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX, mode)?;
+        let _rx = dev.queue(0)?;
+        let mut tx = dev.queue(1)?;
+        dev.start()?;
+        let msg = CONSOLE_MESSAGE.as_bytes();
+        let buf = dma_alloc(msg.len() as u64, 8).ok_or("out of DMA memory")?;
+        for (i, &c) in msg.iter().enumerate() {
+            wr(buf + i as u64, c);
+        }
+        if dev.transact(&mut tx, &[(buf, msg.len() as u32, false)])? != 0 {
+            return Err("the device wrote into a transmit buffer");
+        }
+        dev.reset();
+        Ok(())
+    })
+}
