@@ -39,10 +39,15 @@ pub fn minimal_bin() -> PathBuf {
 
 /// Runs the reference VMM with `args`, stdin closed.
 pub fn run_minimal(args: &[&str]) -> Output {
+    run_minimal_logging(args, "warn")
+}
+
+/// Runs the reference VMM with `args` and `RUST_LOG=filter`, stdin closed.
+pub fn run_minimal_logging(args: &[&str], filter: &str) -> Output {
     Command::new(minimal_bin())
         .args(args)
         .stdin(Stdio::null())
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", filter)
         .output()
         .expect("cannot start the reference VMM")
 }

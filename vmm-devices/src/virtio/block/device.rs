@@ -295,6 +295,11 @@ pub struct Block<M> {
 impl<M> Block<M> {
     /// Opens `path` (read-only when `read_only`) as a disk with id `serial`.
     pub fn open(path: &Path, read_only: bool, serial: Option<&str>) -> Result<Self, BlockError> {
+        if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+            return Err(BlockError::NotAFile {
+                path: path.to_path_buf(),
+            });
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
