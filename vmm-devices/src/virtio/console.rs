@@ -274,6 +274,10 @@ impl<M: GuestMemoryBackend + Send> VirtioDevice<M> for Console<M> {
         self.active.is_some()
     }
 
+    fn active_queues(&self) -> &[virtio_queue::Queue] {
+        self.active.as_ref().map_or(&[], |c| &c.queues)
+    }
+
     fn process_queue(&mut self, index: usize) -> bool {
         match index {
             RX => self.receive(),

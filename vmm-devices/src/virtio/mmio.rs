@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_device::bus::MmioAddress;
 use vm_device::MutDeviceMmio;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
@@ -147,6 +147,28 @@ fn set_high(v: &mut u64, high: u32) {
     *v = (*v & 0xffff_ffff) | (u64::from(high) << 32);
 }
 
+/// The transport's state, as plain data (for snapshots and inspection).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MmioTransportState {
+    /// The device status register (with `DEVICE_NEEDS_RESET` if set).
+    pub device_status: u32,
+    /// Features the driver accepted.
+    pub acked_features: u64,
+    /// The InterruptStatus register.
+    pub interrupt_status: u32,
+    /// The selectors.
+    pub device_features_sel: u32,
+    /// See [`MmioTransportState::device_features_sel`].
+    pub driver_features_sel: u32,
+    /// See [`MmioTransportState::device_features_sel`].
+    pub queue_sel: u32,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+    /// Each queue as the driver configured it; for an active device, with
+    /// the ring positions the device has reached.
+    pub queues: Vec<QueueState>,
+}
+
 /// Why a transport could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -243,6 +265,39 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> MmioTransport<M> {
     /// The device.
     pub fn device(&self) -> &dyn VirtioDevice<M> {
         self.device.as_ref()
+    }
+
+    /// Captures the transport's state and its queues' positions.
+    pub fn state(&self) -> MmioTransportState {
+        let active = self.device.active_queues();
+        let queues = self
+            .queue_cfg
+            .iter()
+            .zip(self.device.queue_max_sizes())
+            .enumerate()
+            .map(|(i, (cfg, &max_size))| match active.get(i) {
+                Some(q) => q.state(),
+                None => QueueState {
+                    max_size,
+                    size: u16::try_from(cfg.size).unwrap_or(0),
+                    ready: cfg.ready,
+                    desc_table: cfg.desc,
+                    avail_ring: cfg.avail,
+                    used_ring: cfg.used,
+                    ..QueueState::default()
+                },
+            })
+            .collect();
+        MmioTransportState {
+            device_status: self.device_status(),
+            acked_features: self.acked_features,
+            interrupt_status: self.interrupt.status(),
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+            queues,
+        }
     }
 
     /// The device, mutably.
@@ -671,10 +726,23 @@ mod tests {
         assert_eq!(r(&mut t, reg::INTERRUPT_STATUS), INT_VRING);
         w(&mut t, reg::INTERRUPT_ACK, INT_VRING);
         assert_eq!(r(&mut t, reg::INTERRUPT_STATUS), 0);
+        // The state shows the negotiated features and the live queue.
+        let st = t.state();
+        assert_eq!(st.device_status, ALL);
+        assert_eq!(st.acked_features, VIRTIO_F_VERSION_1);
+        assert_eq!(
+            (
+                st.queues[0].size,
+                st.queues[0].desc_table,
+                st.queues[0].ready
+            ),
+            (16, QUEUE_BASE, true)
+        );
         // Reset.
         w(&mut t, reg::STATUS, 0);
         assert_eq!(r(&mut t, reg::STATUS), 0);
         assert!(!t.device().is_active());
+        assert_eq!(t.state().queues[0].size, 0);
         assert_eq!(t.acked_features(), 0);
         assert_eq!(r(&mut t, reg::QUEUE_READY), 0);
     }
@@ -800,6 +868,9 @@ mod tests {
             }
             fn is_active(&self) -> bool {
                 false
+            }
+            fn active_queues(&self) -> &[Queue] {
+                &[]
             }
             fn process_queue(&mut self, _: usize) -> bool {
                 false

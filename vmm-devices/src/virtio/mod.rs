@@ -98,6 +98,9 @@ pub trait VirtioDevice<M>: Send {
     fn reset(&mut self) -> Option<ActivationContext<M>>;
     /// Whether the device is active.
     fn is_active(&self) -> bool;
+    /// The queues the device is serving (empty when inactive), for state
+    /// capture.
+    fn active_queues(&self) -> &[Queue];
     /// Queue `index` was notified. Returns true when the device stopped at
     /// its work budget with buffers left, to be called again.
     fn process_queue(&mut self, index: usize) -> bool;

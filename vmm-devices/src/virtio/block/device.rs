@@ -426,6 +426,10 @@ impl<M: GuestMemoryBackend + Send> VirtioDevice<M> for Block<M> {
         self.active.is_some()
     }
 
+    fn active_queues(&self) -> &[virtio_queue::Queue] {
+        self.active.as_ref().map_or(&[], |c| &c.queues)
+    }
+
     fn process_queue(&mut self, index: usize) -> bool {
         let Some(ctx) = self.active.as_mut() else {
             return false;
