@@ -260,11 +260,6 @@ impl Device {
         Ok(())
     }
 
-    /// The status register.
-    pub fn status(&self) -> u32 {
-        rd32(self.base + STATUS)
-    }
-
     /// Reads a 32-bit configuration field.
     pub fn config32(&self, off: u64) -> u32 {
         rd32(self.base + CONFIG + off)
