@@ -159,7 +159,12 @@ fn inspect(path: &PathBuf) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    // virtio-queue logs each malformed ring it meets at error level, which a
+    // guest could repeat without end; our devices report the same events,
+    // rate limited. RUST_LOG overrides this.
+    let default_filter = "warn,virtio_queue=off";
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter))
+        .init();
     let args = Args::parse();
     if let Some(path) = &args.inspect_kernel {
         return inspect(path);

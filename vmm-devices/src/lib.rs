@@ -29,6 +29,8 @@
 
 mod interrupt;
 pub mod legacy;
+#[macro_use]
+pub mod ratelimit;
 pub mod virtio;
 
 pub use interrupt::EventFdTrigger;

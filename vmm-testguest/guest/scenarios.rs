@@ -4,7 +4,7 @@
 use crate::bootinfo::BootInfo;
 use crate::cmdline::Args;
 use crate::virtio::Mode;
-use crate::{devices, io, EXIT_OK, EXIT_UNKNOWN_SCENARIO};
+use crate::{devices, hostile, io, EXIT_OK, EXIT_UNKNOWN_SCENARIO};
 
 /// Runs scenario `name`.
 pub fn run(name: &str, boot: &BootInfo, args: &Args) -> u8 {
@@ -29,6 +29,7 @@ pub fn run(name: &str, boot: &BootInfo, args: &Args) -> u8 {
         "rng-irq" => devices::rng(boot, Mode::Irq),
         "console" => devices::console(boot, Mode::Poll),
         "console-irq" => devices::console(boot, Mode::Irq),
+        "hostile" => hostile::hostile(boot),
         "spin" => {
             report!("spin");
             loop {

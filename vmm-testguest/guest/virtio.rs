@@ -15,36 +15,36 @@ pub const QUEUE_SIZE: u16 = 16;
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
-const MAGIC: u64 = 0x000;
-const VERSION: u64 = 0x004;
-const DEVICE_ID: u64 = 0x008;
-const DEVICE_FEATURES: u64 = 0x010;
-const DEVICE_FEATURES_SEL: u64 = 0x014;
-const DRIVER_FEATURES: u64 = 0x020;
-const DRIVER_FEATURES_SEL: u64 = 0x024;
-const QUEUE_SEL: u64 = 0x030;
-const QUEUE_NUM_MAX: u64 = 0x034;
-const QUEUE_NUM: u64 = 0x038;
-const QUEUE_READY: u64 = 0x044;
-const QUEUE_NOTIFY: u64 = 0x050;
-const INTERRUPT_STATUS: u64 = 0x060;
-const INTERRUPT_ACK: u64 = 0x064;
-const STATUS: u64 = 0x070;
-const QUEUE_DESC: u64 = 0x080;
-const QUEUE_DRIVER: u64 = 0x090;
-const QUEUE_DEVICE: u64 = 0x0a0;
+pub const MAGIC: u64 = 0x000;
+pub const VERSION: u64 = 0x004;
+pub const DEVICE_ID: u64 = 0x008;
+pub const DEVICE_FEATURES: u64 = 0x010;
+pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+pub const DRIVER_FEATURES: u64 = 0x020;
+pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+pub const QUEUE_SEL: u64 = 0x030;
+pub const QUEUE_NUM_MAX: u64 = 0x034;
+pub const QUEUE_NUM: u64 = 0x038;
+pub const QUEUE_READY: u64 = 0x044;
+pub const QUEUE_NOTIFY: u64 = 0x050;
+pub const INTERRUPT_STATUS: u64 = 0x060;
+pub const INTERRUPT_ACK: u64 = 0x064;
+pub const STATUS: u64 = 0x070;
+pub const QUEUE_DESC: u64 = 0x080;
+pub const QUEUE_DRIVER: u64 = 0x090;
+pub const QUEUE_DEVICE: u64 = 0x0a0;
 /// Start of the device configuration space.
 pub const CONFIG: u64 = 0x100;
 
-const S_ACKNOWLEDGE: u32 = 1;
-const S_DRIVER: u32 = 2;
-const S_DRIVER_OK: u32 = 4;
-const S_FEATURES_OK: u32 = 8;
+pub const S_ACKNOWLEDGE: u32 = 1;
+pub const S_DRIVER: u32 = 2;
+pub const S_DRIVER_OK: u32 = 4;
+pub const S_FEATURES_OK: u32 = 8;
 /// The device asks for a reset.
 pub const S_NEEDS_RESET: u32 = 64;
 
-const DESC_F_NEXT: u16 = 1;
-const DESC_F_WRITE: u16 = 2;
+pub const DESC_F_NEXT: u16 = 1;
+pub const DESC_F_WRITE: u16 = 2;
 
 /// Where DMA buffers and rings live: 1 MiB of guest RAM at 4 MiB, above
 /// the image, handed out by a bump allocator.
@@ -166,9 +166,12 @@ impl Mode {
 /// A split virtqueue of `QUEUE_SIZE` entries.
 pub struct Queue {
     index: u32,
-    desc: u64,
-    avail: u64,
-    used: u64,
+    /// Descriptor table address.
+    pub desc: u64,
+    /// Available ring address.
+    pub avail: u64,
+    /// Used ring address.
+    pub used: u64,
     next_avail: u16,
     last_used: u16,
 }
@@ -278,37 +281,43 @@ impl Device {
         }
     }
 
-    /// Makes a chain of `bufs` (address, length, device-writable) available,
-    /// notifies the device, waits for its used entry and returns the used
-    /// length.
-    pub fn transact(&mut self, q: &mut Queue, bufs: &[(u64, u32, bool)]) -> Result<u32, DriverError> {
-        if bufs.is_empty() || bufs.len() > usize::from(QUEUE_SIZE) {
-            return Err("bad chain");
-        }
-        let event_idx = self.features & VIRTIO_RING_F_EVENT_IDX != 0;
+    /// Writes descriptor `slot` of `q`.
+    pub fn write_desc(q: &Queue, slot: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let d = q.desc + 16 * u64::from(slot % QUEUE_SIZE);
+        wr64(d, addr);
+        wr32(d + 8, len);
+        wr16(d + 12, flags);
+        wr16(d + 14, next);
+    }
+
+    /// Writes `bufs` (address, length, device-writable) as a chain at the
+    /// next free descriptors and returns its head.
+    pub fn write_chain(q: &mut Queue, bufs: &[(u64, u32, bool)]) -> u16 {
         let head = q.next_avail % QUEUE_SIZE;
         for (i, &(addr, len, writable)) in bufs.iter().enumerate() {
             let slot = (head + i as u16) % QUEUE_SIZE;
-            let d = q.desc + 16 * u64::from(slot);
             let mut flags = if writable { DESC_F_WRITE } else { 0 };
             if i + 1 < bufs.len() {
                 flags |= DESC_F_NEXT;
             }
-            wr64(d, addr);
-            wr32(d + 8, len);
-            wr16(d + 12, flags);
-            wr16(d + 14, (slot + 1) % QUEUE_SIZE);
+            Self::write_desc(q, slot, addr, len, flags, (slot + 1) % QUEUE_SIZE);
         }
         q.next_avail = q.next_avail.wrapping_add(bufs.len() as u16);
+        head
+    }
+
+    /// Puts `head` in the available ring and moves the available index by
+    /// `advance` (1 for an honest driver), then notifies the device if it
+    /// wants to be.
+    pub fn publish(&mut self, q: &mut Queue, head: u16, advance: u16) {
+        let event_idx = self.features & VIRTIO_RING_F_EVENT_IDX != 0;
         let old_idx = rd16(q.avail + 2);
-        let new_idx = old_idx.wrapping_add(1);
+        let new_idx = old_idx.wrapping_add(advance);
         wr16(q.avail + 4 + 2 * u64::from(old_idx % QUEUE_SIZE), head);
         if event_idx {
             // used_event: interrupt me when the device uses this entry.
             wr16(q.avail + 4 + 2 * u64::from(QUEUE_SIZE), q.last_used);
         }
-        let vector = apic::IRQ_VECTOR_BASE + self.irq as u8;
-        let irqs_before = irq_count(vector);
         fence(Ordering::SeqCst);
         wr16(q.avail + 2, new_idx);
         fence(Ordering::SeqCst);
@@ -320,8 +329,23 @@ impl Device {
             true
         };
         if notify {
-            wr32(self.base + QUEUE_NOTIFY, q.index);
+            self.notify(q.index);
         }
+    }
+
+    /// Writes QueueNotify.
+    pub fn notify(&self, queue: u32) {
+        wr32(self.base + QUEUE_NOTIFY, queue);
+    }
+
+    /// The interrupt vector of this device.
+    fn vector(&self) -> u8 {
+        apic::IRQ_VECTOR_BASE + self.irq as u8
+    }
+
+    /// Waits for the next used entry of `q` (by polling or by interrupt,
+    /// counting from `irqs_before`) and returns (head, length).
+    pub fn wait_used(&mut self, q: &mut Queue, irqs_before: u32) -> Result<(u32, u32), DriverError> {
         let start = rdtsc();
         match self.mode {
             Mode::Poll => {
@@ -333,7 +357,7 @@ impl Device {
                 }
             }
             Mode::Irq => {
-                while irq_count(vector) == irqs_before {
+                while irq_count(self.vector()) == irqs_before {
                     if rdtsc().wrapping_sub(start) > TIMEOUT_CYCLES {
                         return Err("timeout waiting for the interrupt");
                     }
@@ -354,9 +378,45 @@ impl Device {
         let id = rd32(q.used + 4 + 8 * u64::from(slot));
         let len = rd32(q.used + 4 + 8 * u64::from(slot) + 4);
         q.last_used = q.last_used.wrapping_add(1);
+        Ok((id, len))
+    }
+
+    /// Makes a chain of `bufs` (address, length, device-writable) available,
+    /// notifies the device, waits for its used entry and returns the used
+    /// length.
+    pub fn transact(&mut self, q: &mut Queue, bufs: &[(u64, u32, bool)]) -> Result<u32, DriverError> {
+        if bufs.is_empty() || bufs.len() > usize::from(QUEUE_SIZE) {
+            return Err("bad chain");
+        }
+        let head = Self::write_chain(q, bufs);
+        let irqs_before = irq_count(self.vector());
+        self.publish(q, head, 1);
+        let (id, len) = self.wait_used(q, irqs_before)?;
         if id != u32::from(head) {
             return Err("used entry for another chain");
         }
         Ok(len)
+    }
+
+    /// Reads a transport register.
+    pub fn reg(&self, off: u64) -> u32 {
+        rd32(self.base + off)
+    }
+
+    /// Writes a transport register.
+    pub fn set_reg(&self, off: u64, v: u32) {
+        wr32(self.base + off, v)
+    }
+
+    /// Waits until the device sets DEVICE_NEEDS_RESET.
+    pub fn wait_needs_reset(&self) -> bool {
+        let start = rdtsc();
+        while rd32(self.base + STATUS) & S_NEEDS_RESET == 0 {
+            if rdtsc().wrapping_sub(start) > TIMEOUT_CYCLES {
+                return false;
+            }
+            core::hint::spin_loop();
+        }
+        true
     }
 }

@@ -169,7 +169,7 @@ impl<M: GuestMemoryBackend + Send> Console<M> {
         match result {
             Ok(more) => more,
             Err(e) => {
-                log::warn!("virtio-console: {e}; the device needs a reset");
+                guest_warn!("virtio-console: {e}; the device needs a reset");
                 ctx.interrupt.set_needs_reset();
                 false
             }

@@ -449,12 +449,12 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> MmioTransport<M> {
         if new & status::FEATURES_OK != 0 && next & status::DRIVER != 0 {
             let offered = self.device.device_features();
             if self.acked_features & !offered != 0 {
-                log::warn!(
+                guest_warn!(
                     "virtio-mmio: driver accepted features {:#x} that were never offered",
                     self.acked_features & !offered
                 );
             } else if self.acked_features & VIRTIO_F_VERSION_1 == 0 {
-                log::warn!("virtio-mmio: driver did not accept VIRTIO_F_VERSION_1");
+                guest_warn!("virtio-mmio: driver did not accept VIRTIO_F_VERSION_1");
             } else {
                 next |= status::FEATURES_OK;
             }
@@ -462,7 +462,7 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> MmioTransport<M> {
         if new & status::DRIVER_OK != 0 && next & status::FEATURES_OK != 0 {
             next |= status::DRIVER_OK;
             if let Err(reason) = self.activate() {
-                log::warn!("virtio-mmio: activation refused: {reason}");
+                guest_warn!("virtio-mmio: activation refused: {reason}");
                 self.interrupt.set_needs_reset();
             }
         }

@@ -155,7 +155,7 @@ impl<M: GuestMemoryBackend + Send> VirtioDevice<M> for Rng<M> {
         match result {
             Ok(more) => more,
             Err(e) => {
-                log::warn!("virtio-rng: {e}; the device needs a reset");
+                guest_warn!("virtio-rng: {e}; the device needs a reset");
                 ctx.interrupt.set_needs_reset();
                 false
             }

@@ -453,7 +453,7 @@ impl<M: GuestMemoryBackend + Send> VirtioDevice<M> for Block<M> {
         match result {
             Ok(more) => more,
             Err(e) => {
-                log::warn!("virtio-blk: queue {index}: {e}; the device needs a reset");
+                guest_warn!("virtio-blk: queue {index}: {e}; the device needs a reset");
                 ctx.interrupt.set_needs_reset();
                 false
             }
