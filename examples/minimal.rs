@@ -10,7 +10,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
 use vmm_kit::boot::{inspect_kernel, BootProtocol, ProtocolChoice};
-use vmm_kit::core::{ConsoleConfig, DiskConfig, KernelSource, VmConfig, Vmm, DEFAULT_CMDLINE};
+use vmm_kit::core::{
+    ConsoleConfig, DiskConfig, KernelSource, SeccompPolicy, VmConfig, Vmm, DEFAULT_CMDLINE,
+};
 use vmm_kit::devices::legacy::DEBUG_EXIT_PORT;
 use vmm_kit::memory::RamBacking;
 
@@ -74,6 +76,10 @@ struct Args {
     /// `file=PATH` (output to PATH).
     #[arg(long, value_name = "stdout|file=PATH", value_parser = parse_console)]
     console: Option<ConsoleConfig>,
+    /// Run without seccomp filters (for debugging: a blocked system call
+    /// ends the VMM with status 159 and names the call).
+    #[arg(long)]
+    no_seccomp: bool,
     /// Print what a kernel image is and which boot protocols it supports,
     /// then exit without booting.
     #[arg(long, value_name = "PATH", conflicts_with_all = ["kernel", "initrd"])]
@@ -192,6 +198,12 @@ fn main() -> ExitCode {
         disks: args.disk,
         rng: args.rng,
         console: args.console,
+        // This process runs one VM: confine its main thread too.
+        seccomp: if args.no_seccomp {
+            SeccompPolicy::Disabled
+        } else {
+            SeccompPolicy::VmmThreadsAndCaller
+        },
     };
     let stdin_to_console = config.console == Some(ConsoleConfig::Stdout);
     let vmm = match Vmm::new(&config, Box::new(std::io::stdout())) {
@@ -207,7 +219,8 @@ fn main() -> ExitCode {
     // stdin goes to the virtio-console when it is on stdout, else to COM1.
     if !stdin_to_console {
         if let Err(e) = vmm.forward_serial_input(std::io::stdin()) {
-            log::warn!("guest serial input is not connected: {e}");
+            report(&e);
+            return ExitCode::FAILURE;
         }
     }
     match vmm.run() {

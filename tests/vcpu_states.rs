@@ -59,6 +59,7 @@ fn vcpu_pauses_resumes_and_exits_on_command_and_returns_its_state() {
         mem,
         tx,
         notify.try_clone().expect("clone"),
+        true, // under its seccomp filter, as in the VMM
     )
     .expect("spawn");
 

@@ -11,7 +11,7 @@ use kvm_ioctls::IoEventAddress;
 use vm_device::bus::{MmioAddress, MmioRange};
 use vm_device::device_manager::{IoManager, MmioManager};
 use vmm_devices::virtio::block::{Block, BlockError};
-use vmm_devices::virtio::console::Console;
+use vmm_devices::virtio::console::{Console, ConsoleInput};
 use vmm_devices::virtio::mmio::{
     MmioEventHandler, MmioTransport, TransportError, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET,
 };
@@ -129,14 +129,17 @@ fn place(
 }
 
 /// Builds the configured devices, in a stable order: disks, rng, console.
+/// Returns them and, for a console on stdout, the handle its stdin pump
+/// feeds.
 pub fn build_virtio(
     disks: &[DiskConfig],
     rng: bool,
     console: Option<&ConsoleConfig>,
     memory: &GuestRam,
     resources: &mut ResourceAllocator,
-) -> Result<Vec<VirtioSlot>, DeviceError> {
+) -> Result<(Vec<VirtioSlot>, Option<ConsoleInput>), DeviceError> {
     let mut slots = Vec::new();
+    let mut input = None;
     for d in disks {
         let dev = Block::open(&d.path, d.read_only, d.serial.as_deref()).map_err(|source| {
             DeviceError::Disk {
@@ -151,8 +154,12 @@ pub fn build_virtio(
     }
     if let Some(c) = console {
         let dev = match c {
-            ConsoleConfig::Stdout => Console::with_input(Box::new(io::stdout()), io::stdin())
-                .map_err(DeviceError::ConsoleInput)?,
+            ConsoleConfig::Stdout => {
+                let (dev, feed) = Console::with_input(Box::new(io::stdout()))
+                    .map_err(DeviceError::ConsoleInput)?;
+                input = Some(feed);
+                dev
+            }
             ConsoleConfig::File(path) => {
                 let f = OpenOptions::new()
                     .write(true)
@@ -168,7 +175,7 @@ pub fn build_virtio(
         };
         slots.push(place(Box::new(dev), memory, resources)?);
     }
-    Ok(slots)
+    Ok((slots, input))
 }
 
 /// Wires the devices to KVM and the MMIO bus.

@@ -9,6 +9,8 @@ use std::thread::JoinHandle;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::seccomp::{spawn_confined, SpawnError, ThreadKind};
+
 /// A subscriber the loop can own.
 pub type Subscriber = Box<dyn MutEventSubscriber + Send>;
 
@@ -30,42 +32,55 @@ impl MutEventSubscriber for Stopper {
     }
 }
 
+/// Why the event loop could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EventLoopError {
+    /// Its stop eventfd could not be created.
+    #[error("cannot create the event loop's eventfd")]
+    EventFd(#[source] io::Error),
+    /// The epoll instance could not be created.
+    #[error("cannot create the event loop's epoll instance: {0:?}")]
+    Epoll(event_manager::Error),
+    /// Its thread could not start.
+    #[error("cannot start the event loop thread")]
+    Spawn(#[from] SpawnError),
+}
+
 /// A running event loop.
 pub struct EventLoop {
     stop_evt: EventFd,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Option<()>>>,
 }
 
 impl EventLoop {
-    /// Starts a loop thread serving `subscribers`.
-    pub fn spawn(subscribers: Vec<Subscriber>) -> io::Result<Self> {
-        let stop_evt = EventFd::new(EFD_NONBLOCK)?;
-        let thread_evt = stop_evt.try_clone()?;
-        let thread = std::thread::Builder::new()
-            .name("event-loop".into())
-            .spawn(move || {
-                let mut em = match EventManager::<Subscriber>::new() {
-                    Ok(em) => em,
-                    Err(e) => {
-                        log::error!("event loop: cannot create the epoll loop: {e:?}");
-                        return;
-                    }
-                };
-                let stop = Arc::new(AtomicBool::new(false));
-                em.add_subscriber(Box::new(Stopper {
-                    evt: thread_evt,
-                    stop: stop.clone(),
-                }));
-                for s in subscribers {
-                    em.add_subscriber(s);
-                }
+    /// Starts a loop thread serving `subscribers`, confined by the event
+    /// loop's seccomp filter when `confine`. The epoll instance is created
+    /// and the subscribers registered before the thread starts.
+    pub fn spawn(subscribers: Vec<Subscriber>, confine: bool) -> Result<Self, EventLoopError> {
+        let stop_evt = EventFd::new(EFD_NONBLOCK).map_err(EventLoopError::EventFd)?;
+        let thread_evt = stop_evt.try_clone().map_err(EventLoopError::EventFd)?;
+        let mut em = EventManager::<Subscriber>::new().map_err(EventLoopError::Epoll)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        em.add_subscriber(Box::new(Stopper {
+            evt: thread_evt,
+            stop: stop.clone(),
+        }));
+        for s in subscribers {
+            em.add_subscriber(s);
+        }
+        let thread = spawn_confined(
+            "event-loop".into(),
+            ThreadKind::EventLoop,
+            confine,
+            move || {
                 while !stop.load(Ordering::SeqCst) {
                     if let Err(e) = em.run() {
                         log::error!("event loop: {e:?}");
                         break;
                     }
                 }
-            })?;
+            },
+        )?;
         Ok(Self {
             stop_evt,
             thread: Some(thread),
@@ -117,11 +132,12 @@ mod tests {
     fn events_are_handled_on_the_loop_thread_until_stopped() {
         let evt = EventFd::new(EFD_NONBLOCK).unwrap();
         let (tx, rx) = channel();
-        let el = EventLoop::spawn(vec![Box::new(Echo {
+        // Confined: the loop's own filter must let it serve events.
+        let echo = Echo {
             evt: evt.try_clone().unwrap(),
             tx,
-        })])
-        .unwrap();
+        };
+        let el = EventLoop::spawn(vec![Box::new(echo)], true).unwrap();
         evt.write(3).unwrap();
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 3);
         el.stop();

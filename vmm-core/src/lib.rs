@@ -21,11 +21,13 @@
 
 pub mod devices;
 pub mod event_loop;
+pub mod seccomp;
 pub mod vcpu;
 pub mod vm;
 mod vmm;
 
 pub use devices::{ConsoleConfig, DeviceError, DiskConfig};
+pub use seccomp::SeccompPolicy;
 pub use vcpu::{handle_exit, StopReason, Vcpu, VcpuEmulation, VcpuError};
 pub use vm::{Vm, VmError};
 pub use vmm::{KernelSource, StopHandle, VmConfig, VmExit, Vmm, VmmError, DEFAULT_CMDLINE};

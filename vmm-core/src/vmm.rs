@@ -25,7 +25,8 @@ use vmm_sys_util::signal::register_signal_handler;
 use crate::devices::{
     attach, build_virtio, subscribers, ConsoleConfig, DeviceError, DiskConfig, VirtioSlot,
 };
-use crate::event_loop::EventLoop;
+use crate::event_loop::{EventLoop, EventLoopError};
+use crate::seccomp::{self, spawn_confined, SeccompError, SeccompPolicy, SpawnError, ThreadKind};
 use crate::vcpu::{StopReason, Vcpu, VcpuError, VcpuEvent, VcpuHandle};
 use crate::vm::{Vm, VmError};
 
@@ -70,6 +71,8 @@ pub struct VmConfig {
     pub rng: bool,
     /// A virtio-console.
     pub console: Option<ConsoleConfig>,
+    /// Which threads get seccomp filters.
+    pub seccomp: SeccompPolicy,
 }
 
 impl Default for VmConfig {
@@ -86,6 +89,7 @@ impl Default for VmConfig {
             disks: Vec::new(),
             rng: false,
             console: None,
+            seccomp: SeccompPolicy::default(),
         }
     }
 }
@@ -183,7 +187,13 @@ pub enum VmmError {
     Device(#[from] DeviceError),
     /// The device event loop could not start.
     #[error("cannot start the device event loop")]
-    EventLoop(#[source] io::Error),
+    EventLoop(#[source] EventLoopError),
+    /// A helper thread could not start.
+    #[error("cannot start a VMM thread")]
+    Spawn(#[source] SpawnError),
+    /// A seccomp filter could not be installed.
+    #[error("cannot confine the VMM")]
+    Seccomp(#[from] SeccompError),
 }
 
 type SerialDevice = Serial<EventFdTrigger, Box<dyn Write + Send>>;
@@ -229,6 +239,7 @@ pub struct Vmm {
     boot: BootSetup,
     virtio: Vec<VirtioSlot>,
     cmdline: String,
+    seccomp: SeccompPolicy,
 }
 
 fn open_file(what: &'static str, path: &Path) -> Result<File, VmmError> {
@@ -275,7 +286,7 @@ impl Vmm {
         let map = AddressMap::new(size)?;
         let memory = create_guest_ram(&map, config.ram_backing)?;
         let mut resources = ResourceAllocator::new(&map).map_err(DeviceError::from)?;
-        let virtio = build_virtio(
+        let (virtio, console_input) = build_virtio(
             &config.disks,
             config.rng,
             config.console.as_ref(),
@@ -357,6 +368,17 @@ impl Vmm {
             boot,
             virtio,
             cmdline,
+            seccomp: config.seccomp,
+        })
+        .and_then(|vmm: Self| {
+            if let Some(feed) = console_input {
+                let confine = vmm.seccomp.confines_threads();
+                spawn_confined("console-in".into(), ThreadKind::Input, confine, move || {
+                    feed.pump(io::stdin())
+                })
+                .map_err(VmmError::Spawn)?;
+            }
+            Ok(vmm)
         })
     }
 
@@ -399,42 +421,53 @@ impl Vmm {
     /// Forwards `input` (the host's stdin, say) to the guest's COM1 on a
     /// thread of its own, waiting whenever the UART's FIFO is full. The thread
     /// ends at end of input.
-    pub fn forward_serial_input<R: Read + Send + 'static>(&self, mut input: R) -> io::Result<()> {
+    pub fn forward_serial_input<R: Read + Send + 'static>(
+        &self,
+        mut input: R,
+    ) -> Result<(), VmmError> {
         let serial = self.serial.clone();
-        std::thread::Builder::new()
-            .name("serial-in".into())
-            .spawn(move || {
-                let mut buf = [0u8; 64];
-                loop {
-                    let n = match input.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => n,
-                    };
-                    let mut rest = &buf[..n];
-                    while !rest.is_empty() {
-                        let taken = serial
-                            .lock()
-                            .map(|mut s| s.enqueue_input(rest))
-                            .unwrap_or(0);
-                        rest = &rest[taken..];
-                        if taken == 0 {
-                            std::thread::sleep(Duration::from_millis(2));
-                        }
+        let confine = self.seccomp.confines_threads();
+        spawn_confined("serial-in".into(), ThreadKind::Input, confine, move || {
+            let mut buf = [0u8; 64];
+            loop {
+                let n = match input.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let mut rest = &buf[..n];
+                while !rest.is_empty() {
+                    let taken = serial
+                        .lock()
+                        .map(|mut s| s.enqueue_input(rest))
+                        .unwrap_or(0);
+                    rest = &rest[taken..];
+                    if taken == 0 {
+                        std::thread::sleep(Duration::from_millis(2));
                     }
                 }
-            })?;
+            }
+        })
+        .map_err(VmmError::Spawn)?;
         Ok(())
     }
 
     /// Runs the guest until it ends, then stops the vCPU.
     pub fn run(mut self) -> Result<VmExit, VmmError> {
         let vcpu = self.vcpu.take().ok_or(VmmError::NoVcpus)?;
+        let confine = self.seccomp.confines_threads();
         let event_loop =
-            EventLoop::spawn(subscribers(&self.virtio)).map_err(VmmError::EventLoop)?;
+            EventLoop::spawn(subscribers(&self.virtio), confine).map_err(VmmError::EventLoop)?;
         let (tx, rx) = channel();
         let notify = self.stop_evt.try_clone().map_err(VmmError::EventFd)?;
         let memory = self.vm.memory().clone();
-        let handle = VcpuHandle::spawn(vcpu, self.bus.clone(), memory, tx, notify)?;
+        let handle = VcpuHandle::spawn(vcpu, self.bus.clone(), memory, tx, notify, confine)?;
+        if self.seccomp == SeccompPolicy::VmmThreadsAndCaller {
+            if let Err(e) = seccomp::install(ThreadKind::Main) {
+                handle.join(VCPU_JOIN_TIMEOUT);
+                event_loop.stop();
+                return Err(e.into());
+            }
+        }
         let outcome = self.wait(&rx);
         if handle.join(VCPU_JOIN_TIMEOUT).is_none() {
             log::warn!("vCPU thread did not finish");

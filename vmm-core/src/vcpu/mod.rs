@@ -89,7 +89,7 @@ pub enum VcpuError {
     UnexpectedExit(String),
     /// The vCPU thread could not be started.
     #[error("cannot start the vCPU thread")]
-    Spawn(#[source] std::io::Error),
+    Spawn(#[from] crate::seccomp::SpawnError),
 }
 
 fn setup_err(what: &'static str) -> impl FnOnce(errno::Error) -> VcpuError {

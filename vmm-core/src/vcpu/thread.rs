@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use super::{StopReason, Vcpu, VcpuEmulation, VcpuError};
+use crate::seccomp::{spawn_confined, ThreadKind};
 
 /// Orders for a vCPU thread.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,26 +86,27 @@ fn install_kick_handler() {
 pub struct VcpuHandle {
     id: u8,
     commands: Sender<VcpuCommand>,
-    thread: Option<JoinHandle<Vcpu>>,
+    thread: Option<JoinHandle<Option<Vcpu>>>,
 }
 
 impl VcpuHandle {
-    /// Starts `vcpu` on its own thread. Exits go to `bus`; events are sent on
-    /// `events` and announced on `notify`.
+    /// Starts `vcpu` on its own thread, confined by the vCPU seccomp filter
+    /// when `confine`. Exits go to `bus`; events are sent on `events` and
+    /// announced on `notify`.
     pub fn spawn(
         vcpu: Vcpu,
         bus: Arc<IoManager>,
         memory: GuestRam,
         events: Sender<VcpuEvent>,
         notify: EventFd,
+        confine: bool,
     ) -> Result<Self, VcpuError> {
         install_kick_handler();
         let id = vcpu.id();
         let (tx, rx) = std::sync::mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || run_thread(vcpu, &bus, &memory, &rx, &events, &notify))
-            .map_err(VcpuError::Spawn)?;
+        let thread = spawn_confined(format!("vcpu{id}"), ThreadKind::Vcpu, confine, move || {
+            run_thread(vcpu, &bus, &memory, &rx, &events, &notify)
+        })?;
         Ok(Self {
             id,
             commands: tx,
@@ -147,7 +149,7 @@ impl VcpuHandle {
             let _ = t.kill(kick_signal());
             std::thread::sleep(Duration::from_millis(1));
         }
-        t.join().ok()
+        t.join().ok().flatten()
     }
 }
 

@@ -2,10 +2,12 @@
 //! from a host `Read`.
 //!
 //! Queue 0 (receiveq) carries host input to the guest, queue 1 (transmitq)
-//! guest output to the host. Host input is read by a thread into a buffer of
-//! at most [`INPUT_BUFFER_SIZE`] bytes (the thread waits while it is full) and
-//! announced on an eventfd; it is handed to the guest as it posts receive
-//! buffers. Each transmit chain is copied out up to [`MAX_TX_CHAIN`] bytes.
+//! guest output to the host. Host input is pushed through a [`ConsoleInput`]
+//! (for example by a thread running [`ConsoleInput::pump`] over stdin) into a
+//! buffer of at most [`INPUT_BUFFER_SIZE`] bytes (pushing waits while it is
+//! full) and announced on an eventfd; it is handed to the guest as it posts
+//! receive buffers. Each transmit chain is copied out up to [`MAX_TX_CHAIN`]
+//! bytes.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -39,45 +41,67 @@ struct InputState {
     eof: bool,
 }
 
-/// Host input collected by a reader thread.
+/// Host input waiting for the guest, shared between the device and whoever
+/// feeds it.
 struct Input {
     shared: Arc<(Mutex<InputState>, Condvar)>,
     evt: EventFd,
 }
 
-impl Input {
-    fn spawn<R: Read + Send + 'static>(mut src: R) -> std::io::Result<Self> {
-        let shared = Arc::new((Mutex::new(InputState::default()), Condvar::new()));
-        let evt = EventFd::new(EFD_NONBLOCK)?;
-        let (thread_shared, thread_evt) = (shared.clone(), evt.try_clone()?);
-        std::thread::Builder::new()
-            .name("console-in".into())
-            .spawn(move || {
-                let mut buf = [0u8; CHUNK];
-                loop {
-                    let n = match src.read(&mut buf) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(_) => 0,
-                    };
-                    let (lock, cvar) = &*thread_shared;
-                    let Ok(mut st) = lock.lock() else { return };
-                    if n == 0 {
-                        st.eof = true;
+/// The host's end of a console's input: push bytes in, from any thread.
+pub struct ConsoleInput {
+    shared: Arc<(Mutex<InputState>, Condvar)>,
+    evt: EventFd,
+}
+
+impl ConsoleInput {
+    /// Queues `bytes` for the guest, waiting while the buffer holds
+    /// [`INPUT_BUFFER_SIZE`] bytes. Returns false if the console is gone.
+    pub fn push(&self, bytes: &[u8]) -> bool {
+        for chunk in bytes.chunks(INPUT_BUFFER_SIZE) {
+            let (lock, cvar) = &*self.shared;
+            let Ok(mut st) = lock.lock() else {
+                return false;
+            };
+            while st.data.len() + chunk.len() > INPUT_BUFFER_SIZE {
+                st = match cvar.wait(st) {
+                    Ok(s) => s,
+                    Err(_) => return false,
+                };
+            }
+            st.data.extend(chunk);
+            drop(st);
+            if self.evt.write(1).is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Marks the end of input.
+    pub fn close(&self) {
+        if let Ok(mut st) = self.shared.0.lock() {
+            st.eof = true;
+        }
+    }
+
+    /// Copies everything from `src` into the console until end of input
+    /// (meant to run on a thread of its own).
+    pub fn pump<R: Read>(&self, mut src: R) {
+        let mut buf = [0u8; CHUNK];
+        loop {
+            match src.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if !self.push(&buf[..n]) {
                         return;
                     }
-                    while st.data.len() + n > INPUT_BUFFER_SIZE {
-                        st = match cvar.wait(st) {
-                            Ok(s) => s,
-                            Err(_) => return,
-                        };
-                    }
-                    st.data.extend(&buf[..n]);
-                    drop(st);
-                    let _ = thread_evt.write(1);
                 }
-            })?;
-        Ok(Self { shared, evt })
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+        self.close();
     }
 }
 
@@ -110,14 +134,17 @@ impl<M> Console<M> {
         }
     }
 
-    /// A console that also feeds `input` to the guest (read on a thread).
-    pub fn with_input<R: Read + Send + 'static>(
-        out: Box<dyn Write + Send>,
-        input: R,
-    ) -> std::io::Result<Self> {
+    /// A console with an input buffer, and the handle that feeds it.
+    pub fn with_input(out: Box<dyn Write + Send>) -> std::io::Result<(Self, ConsoleInput)> {
         let mut c = Self::new(out);
-        c.input = Some(Input::spawn(input)?);
-        Ok(c)
+        let shared = Arc::new((Mutex::new(InputState::default()), Condvar::new()));
+        let evt = EventFd::new(EFD_NONBLOCK)?;
+        let handle = ConsoleInput {
+            shared: shared.clone(),
+            evt: evt.try_clone()?,
+        };
+        c.input = Some(Input { shared, evt });
+        Ok((c, handle))
     }
 
     /// Host input waiting for guest buffers.
@@ -376,13 +403,11 @@ mod tests {
     fn host_input_fills_receive_buffers_in_order() {
         let mem = memory();
         let input: &'static [u8] = b"typed on the host";
-        let mut c = Console::with_input(Box::new(std::io::sink()), input).unwrap();
+        let (mut c, feed) = Console::with_input(Box::new(std::io::sink())).unwrap();
         let (mut rx, _tx, _) = activate(&mem, &mut c);
-        let start = Instant::now();
-        while c.pending_input() < input.len() {
-            assert!(start.elapsed() < Duration::from_secs(5));
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        let pump = std::thread::spawn(move || feed.pump(input));
+        pump.join().unwrap();
+        assert_eq!(c.pending_input(), input.len());
         // No buffers yet: the input waits.
         c.process_event(0);
         assert_eq!(c.pending_input(), input.len());
@@ -395,6 +420,32 @@ mod tests {
         mem.read_slice(&mut got, GuestAddress(0x20_1000)).unwrap();
         assert_eq!(&got, &input[5..]);
         assert_eq!(c.pending_input(), 0);
+    }
+
+    #[test]
+    fn input_beyond_the_buffer_waits_for_the_guest() {
+        let mem = memory();
+        let (mut c, feed) = Console::with_input(Box::new(std::io::sink())).unwrap();
+        let (mut rx, _tx, _) = activate(&mem, &mut c);
+        let big = vec![b'a'; INPUT_BUFFER_SIZE + 100];
+        let pusher = std::thread::spawn(move || feed.push(&big));
+        let start = Instant::now();
+        while c.pending_input() < INPUT_BUFFER_SIZE {
+            assert!(start.elapsed() < Duration::from_secs(5));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            c.pending_input(),
+            INPUT_BUFFER_SIZE,
+            "the buffer never grows past its cap"
+        );
+        rx.add(&[Buf(0x20_0000, 4096, true)]);
+        c.process_queue(RX);
+        assert!(
+            pusher.join().unwrap(),
+            "the rest got in once the guest took some"
+        );
     }
 
     #[test]
@@ -413,16 +464,12 @@ mod tests {
     #[test]
     fn readable_rx_buffers_and_bad_addresses_do_not_panic() {
         let mem = memory();
-        let mut c = Console::with_input(Box::new(std::io::sink()), &b"x"[..]).unwrap();
+        let (mut c, feed) = Console::with_input(Box::new(std::io::sink())).unwrap();
         let (mut rx, mut tx, intr) = activate(&mem, &mut c);
         tx.add(&[Buf(u64::MAX - 4, 64, false)]);
         c.process_queue(TX);
         assert!(intr.needs_reset());
-        let start = Instant::now();
-        while c.pending_input() < 1 {
-            assert!(start.elapsed() < Duration::from_secs(5));
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        assert!(feed.push(b"x"));
         rx.add(&[Buf(0x20_0000, 16, false)]);
         c.process_queue(RX);
         assert_eq!(rx.used(0).1, 0, "no writable room: nothing delivered");

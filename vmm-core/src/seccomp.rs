@@ -1,0 +1,339 @@
+//! Seccomp filters for the VMM's threads, built with seccompiler.
+//!
+//! Each thread that runs guest-driven code installs, before it touches the
+//! guest, a filter that allows only the system calls its job needs; any other
+//! system call raises `SIGSYS`, whose handler names the call on stderr and
+//! ends the process with status 159 (128 + SIGSYS).
+//!
+//! | thread | allowed beyond the common set |
+//! |---|---|
+//! | vCPU | `ioctl` with `KVM_RUN`, `KVM_GET_REGS`, `KVM_GET_SREGS`, `KVM_TRANSLATE` only |
+//! | event loop | `epoll_wait`/`epoll_pwait`/`epoll_ctl`, `pread64`/`pwrite64`, `fdatasync`/`fsync`, `fallocate`, `getrandom` |
+//! | input (host stdin pumps) | nothing |
+//! | main (after the VM is built) | `tgkill` (to kick vCPUs), `ioctl` none |
+//!
+//! The common set is what any Rust thread needs to run and end: `read`,
+//! `write`, `close`, `futex`, memory management (`mmap`, `munmap`,
+//! `mprotect`, `madvise`, `brk`), signal return and masks, `sigaltstack`,
+//! sleeping, `sched_yield`, `exit`, `exit_group`. No thread may open files,
+//! create sockets, fork or exec.
+
+use std::collections::BTreeMap;
+use std::sync::Once;
+
+use libc::{c_int, c_void, siginfo_t};
+use seccompiler::{
+    apply_filter, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
+    SeccompFilter, SeccompRule, TargetArch,
+};
+use vmm_sys_util::signal::register_signal_handler;
+
+/// The kinds of VMM thread, each with its own allowlist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// A vCPU thread.
+    Vcpu,
+    /// The device event loop.
+    EventLoop,
+    /// A thread that reads host input for a device.
+    Input,
+    /// The thread that built the VM and waits for it.
+    Main,
+}
+
+/// Why a filter could not be installed.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    /// The filter could not be built.
+    #[error("cannot build the seccomp filter")]
+    Build(#[source] seccompiler::BackendError),
+    /// The filter could not be compiled to BPF.
+    #[error("cannot compile the seccomp filter")]
+    Compile(#[source] seccompiler::BackendError),
+    /// The kernel refused the filter.
+    #[error("cannot install the seccomp filter")]
+    Apply(#[source] seccompiler::Error),
+    /// The SIGSYS handler could not be installed.
+    #[error("cannot install the SIGSYS handler")]
+    Handler(#[source] vmm_sys_util::errno::Error),
+}
+
+const fn ioc(dir: u64, nr: u64, size: u64) -> u64 {
+    (dir << 30) | (size << 16) | (0xae << 8) | nr
+}
+const IOC_READ: u64 = 2;
+const IOC_WRITE: u64 = 1;
+/// `KVM_RUN`.
+const KVM_RUN: u64 = ioc(0, 0x80, 0);
+/// `KVM_GET_REGS`.
+const KVM_GET_REGS: u64 = ioc(
+    IOC_READ,
+    0x81,
+    std::mem::size_of::<kvm_bindings::kvm_regs>() as u64,
+);
+/// `KVM_GET_SREGS`.
+const KVM_GET_SREGS: u64 = ioc(
+    IOC_READ,
+    0x83,
+    std::mem::size_of::<kvm_bindings::kvm_sregs>() as u64,
+);
+/// `KVM_TRANSLATE`.
+const KVM_TRANSLATE: u64 = ioc(
+    IOC_READ | IOC_WRITE,
+    0x85,
+    std::mem::size_of::<kvm_bindings::kvm_translation>() as u64,
+);
+
+const COMMON: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_close,
+    libc::SYS_futex,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mprotect,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sigaltstack,
+    libc::SYS_sched_yield,
+    libc::SYS_nanosleep,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_clock_gettime,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_fcntl,
+    libc::SYS_rseq,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
+    let mut map: BTreeMap<i64, Vec<SeccompRule>> =
+        COMMON.iter().map(|&s| (s, Vec::new())).collect();
+    let extra: &[i64] = match kind {
+        ThreadKind::Vcpu => &[],
+        ThreadKind::EventLoop => &[
+            libc::SYS_epoll_wait,
+            libc::SYS_epoll_pwait,
+            libc::SYS_epoll_ctl,
+            libc::SYS_pread64,
+            libc::SYS_pwrite64,
+            libc::SYS_preadv,
+            libc::SYS_pwritev,
+            libc::SYS_fdatasync,
+            libc::SYS_fsync,
+            libc::SYS_fallocate,
+            libc::SYS_getrandom,
+        ],
+        ThreadKind::Input => &[],
+        ThreadKind::Main => &[libc::SYS_tgkill],
+    };
+    for &s in extra {
+        map.insert(s, Vec::new());
+    }
+    if kind == ThreadKind::Vcpu {
+        let ioctl = |req: u64| -> Result<SeccompRule, SeccompError> {
+            let cond = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, req)
+                .map_err(SeccompError::Build)?;
+            SeccompRule::new(vec![cond]).map_err(SeccompError::Build)
+        };
+        let allowed = [KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, KVM_TRANSLATE];
+        map.insert(
+            libc::SYS_ioctl,
+            allowed
+                .iter()
+                .map(|&r| ioctl(r))
+                .collect::<Result<_, _>>()?,
+        );
+    }
+    Ok(map)
+}
+
+/// The BPF program of `kind`'s filter.
+pub fn program(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
+    let filter = SeccompFilter::new(
+        rules(kind)?,
+        SeccompAction::Trap,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(SeccompError::Build)?;
+    filter.try_into().map_err(SeccompError::Compile)
+}
+
+extern "C" fn sigsys_handler(_: c_int, info: *mut siginfo_t, _: *mut c_void) {
+    // SAFETY: for SIGSYS raised by seccomp the kernel fills the `_sigsys`
+    // member of siginfo: on x86_64 the system call number is the int at byte
+    // offset 24 (after si_signo, si_errno, si_code, padding, _call_addr).
+    let nr = unsafe { *(info as *const u8).add(24).cast::<c_int>() };
+    let mut digits = [0u8; 12];
+    let mut at = digits.len();
+    let mut n = nr.unsigned_abs();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let parts: [&[u8]; 3] = [
+        b"vmm: seccomp blocked system call ",
+        &digits[at..],
+        b"; run with --no-seccomp to debug\n",
+    ];
+    // SAFETY: write(2) and _exit(2) are async-signal-safe; each part is a
+    // valid buffer of its length.
+    unsafe {
+        for p in parts {
+            libc::write(2, p.as_ptr().cast(), p.len());
+        }
+        libc::_exit(128 + libc::SIGSYS);
+    }
+}
+
+/// Installs `kind`'s filter on the calling thread (and the threads it will
+/// create). The filter cannot be removed.
+pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
+    static HANDLER: Once = Once::new();
+    let mut handler_result = Ok(());
+    HANDLER.call_once(|| handler_result = register_signal_handler(libc::SIGSYS, sigsys_handler));
+    handler_result.map_err(SeccompError::Handler)?;
+    let prog = program(kind)?;
+    apply_filter(&prog).map_err(SeccompError::Apply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kvm_ioctl_numbers_match_the_kernel_headers() {
+        // From include/uapi/linux/kvm.h on x86_64.
+        assert_eq!(KVM_RUN, 0xae80);
+        assert_eq!(KVM_GET_REGS, 0x8090_ae81);
+        assert_eq!(KVM_GET_SREGS, 0x8138_ae83);
+        assert_eq!(KVM_TRANSLATE, 0xc018_ae85);
+    }
+
+    #[test]
+    fn every_filter_compiles() {
+        for kind in [
+            ThreadKind::Vcpu,
+            ThreadKind::EventLoop,
+            ThreadKind::Input,
+            ThreadKind::Main,
+        ] {
+            assert!(!program(kind).unwrap().is_empty());
+        }
+    }
+
+    #[test]
+    fn only_vcpus_may_ioctl_and_no_thread_may_open_or_exec() {
+        for kind in [ThreadKind::EventLoop, ThreadKind::Input, ThreadKind::Main] {
+            assert!(
+                !rules(kind).unwrap().contains_key(&libc::SYS_ioctl),
+                "{kind:?}"
+            );
+        }
+        for kind in [
+            ThreadKind::Vcpu,
+            ThreadKind::EventLoop,
+            ThreadKind::Input,
+            ThreadKind::Main,
+        ] {
+            let r = rules(kind).unwrap();
+            for forbidden in [
+                libc::SYS_open,
+                libc::SYS_openat,
+                libc::SYS_execve,
+                libc::SYS_socket,
+                libc::SYS_clone,
+            ] {
+                assert!(!r.contains_key(&forbidden), "{kind:?} allows {forbidden}");
+            }
+        }
+    }
+}
+
+/// Which threads a [`Vmm`](crate::Vmm) confines.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SeccompPolicy {
+    /// No filters (for debugging).
+    Disabled,
+    /// The threads the VMM starts: vCPUs, the event loop, input pumps.
+    #[default]
+    VmmThreads,
+    /// Those, and the thread that calls [`Vmm::run`](crate::Vmm::run), once
+    /// the VMM's threads are started. That thread can then no longer open
+    /// files or start threads: meant for a process whose job is one VM.
+    VmmThreadsAndCaller,
+}
+
+impl SeccompPolicy {
+    /// Whether VMM threads are confined.
+    pub fn confines_threads(self) -> bool {
+        self != SeccompPolicy::Disabled
+    }
+}
+
+/// Why a confined thread could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// The OS refused the thread.
+    #[error("cannot start thread {name}")]
+    Thread {
+        /// Thread name.
+        name: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The thread could not install its filter (it ended without running).
+    #[error("thread {name} could not install its seccomp filter")]
+    Filter {
+        /// Thread name.
+        name: String,
+        /// Why.
+        #[source]
+        source: SeccompError,
+    },
+}
+
+/// Starts thread `name` that installs `kind`'s filter (when `confine`)
+/// before running `f`, and returns once the filter is in place. The thread
+/// returns `None` if it could not install it.
+pub fn spawn_confined<T, F>(
+    name: String,
+    kind: ThreadKind,
+    confine: bool,
+    f: F,
+) -> Result<std::thread::JoinHandle<Option<T>>, SpawnError>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let handle = std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || {
+            let installed = if confine { install(kind) } else { Ok(()) };
+            let ok = installed.is_ok();
+            let _ = tx.send(installed);
+            ok.then(f)
+        })
+        .map_err(|source| SpawnError::Thread {
+            name: name.clone(),
+            source,
+        })?;
+    match rx.recv() {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(source)) => Err(SpawnError::Filter { name, source }),
+        Err(_) => Err(SpawnError::Thread {
+            name,
+            source: std::io::Error::other("thread ended at start"),
+        }),
+    }
+}
