@@ -1,0 +1,55 @@
+//! Kernel inspection and loading, and the boot structures, fed arbitrary
+//! images, command lines and protocol choices. No panic; a kernel that loads
+//! lies inside guest RAM above 1 MiB.
+#![no_main]
+
+use std::io::Cursor;
+
+use arbitrary::Unstructured;
+use libfuzzer_sys::fuzz_target;
+use vmm_boot::{boot_guest, inspect_kernel, BootConfig, BootProtocol, ProtocolChoice};
+use vmm_kit_fuzz::byte;
+use vmm_memory::{create_guest_ram, AddressMap, RamBacking};
+
+fuzz_target!(|data: &[u8]| {
+    let mut u = Unstructured::new(data);
+    let choice = match byte(&mut u) % 3 {
+        0 => ProtocolChoice::Auto,
+        1 => ProtocolChoice::Force(BootProtocol::Linux64),
+        _ => ProtocolChoice::Force(BootProtocol::Pvh),
+    };
+    let mib = 2 + u64::from(byte(&mut u) % 31);
+    let cmdline_len = usize::from(byte(&mut u));
+    let cmdline = String::from_utf8_lossy(u.bytes(cmdline_len).unwrap_or_default()).into_owned();
+    let with_initrd = byte(&mut u) & 1 == 1;
+    let initrd_len = usize::from(byte(&mut u)) * 64;
+    let initrd = u.bytes(initrd_len).unwrap_or_default().to_vec();
+    let image = u.take_rest();
+
+    let _ = inspect_kernel(&mut Cursor::new(image));
+    let map = AddressMap::new(mib << 20).expect("map");
+    let mem = create_guest_ram(&map, RamBacking::Anonymous).expect("ram");
+    let config = BootConfig {
+        protocol: choice,
+        cmdline: &cmdline,
+    };
+    let mut initrd = Cursor::new(initrd);
+    let result = boot_guest(
+        &mem,
+        &map,
+        &mut Cursor::new(image),
+        with_initrd.then_some(&mut initrd),
+        &config,
+    );
+    if let Ok(setup) = result {
+        if let Some((lo, hi)) = setup.kernel.load_range {
+            assert!(
+                lo >= 0x10_0000 && map.is_ram(lo, hi - lo),
+                "kernel at {lo:#x}..{hi:#x} outside RAM"
+            );
+        }
+        if let Some((addr, size)) = setup.initrd {
+            assert!(map.is_ram(addr, size.max(1)), "initrd outside RAM");
+        }
+    }
+});
