@@ -143,6 +143,10 @@ fn exit_port_can_be_moved() {
 #[test]
 fn no_seccomp_runs_the_same_guest() {
     require_kvm();
-    let out = run_minimal(&["--no-seccomp", "--cmdline", "testguest.run=hello,exit testguest.exit=11"]);
+    let out = run_minimal(&[
+        "--no-seccomp",
+        "--cmdline",
+        "testguest.run=hello,exit testguest.exit=11",
+    ]);
     assert_eq!(out.status.code(), Some(11), "{}", common::stderr(&out));
 }

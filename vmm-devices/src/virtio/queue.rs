@@ -86,3 +86,36 @@ where
     }
     result.map(|()| more)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::test_utils::{memory, Buf, Driver, TestInterrupt};
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn a_driver_that_refills_forever_is_cut_off_at_the_budget() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem, 0x1000, 16);
+        driver.add(&[Buf(0x10_0000, 8, true)]);
+        let mut q = driver.queue();
+        let intr = TestInterrupt::default();
+        let avail = driver.avail_addr();
+        let mut handled = 0usize;
+        let budget = QueueBudget::for_queue(&q);
+        let more = drain_queue(&mut q, &mem, &intr, budget, |_chain| {
+            handled += 1;
+            // The driver republishes head 0 as soon as it is consumed.
+            let idx: u16 = mem.read_obj(GuestAddress(avail + 2)).unwrap();
+            mem.write_obj(0u16, GuestAddress(avail + 4 + 2 * u64::from(idx % 16)))
+                .unwrap();
+            mem.write_obj(idx.wrapping_add(1), GuestAddress(avail + 2))
+                .unwrap();
+            0
+        })
+        .unwrap();
+        assert!(more, "the caller is told to come back");
+        assert_eq!(handled, 4 * 16, "exactly the budget");
+        assert_eq!(intr.used_count(), 1, "one notification for the batch");
+    }
+}

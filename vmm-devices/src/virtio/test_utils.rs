@@ -7,8 +7,7 @@ use std::sync::Arc;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{ActivationContext, VirtioInterrupt};
@@ -52,26 +51,64 @@ impl TestInterrupt {
 pub struct Buf(pub u64, pub u32, pub bool);
 
 /// A driver's view of one queue at `base` (queue structures) with `size`
-/// entries.
+/// entries: descriptor table, then the available ring, then the used ring.
+///
+/// It lays the rings out itself: virtio-queue 0.18's `MockSplitQueue` ends
+/// its available ring `size` bytes (not entries) after the ring start, so
+/// its used ring overlaps the available ring of queues above 4 entries.
 pub struct Driver<'a> {
-    pub mock: MockSplitQueue<'a, GuestMemoryMmap>,
     mem: &'a GuestMemoryMmap,
+    desc: u64,
+    avail: u64,
+    used: u64,
     next_desc: u16,
     size: u16,
 }
 
 impl<'a> Driver<'a> {
     pub fn new(mem: &'a GuestMemoryMmap, base: u64, size: u16) -> Self {
+        let desc = base;
+        let avail = desc + 16 * u64::from(size);
+        let used = (avail + 6 + 2 * u64::from(size)).next_multiple_of(4);
+        for addr in [avail, avail + 2, used, used + 2] {
+            mem.write_obj(0u16, GuestAddress(addr)).unwrap();
+        }
         Self {
-            mock: MockSplitQueue::create(mem, GuestAddress(base), size),
             mem,
+            desc,
+            avail,
+            used,
             next_desc: 0,
             size,
         }
     }
 
+    /// A ready queue over these rings.
     pub fn queue(&self) -> Queue {
-        self.mock.create_queue::<Queue>().unwrap()
+        let mut q = Queue::new(self.size).unwrap();
+        q.try_set_desc_table_address(GuestAddress(self.desc))
+            .unwrap();
+        q.try_set_avail_ring_address(GuestAddress(self.avail))
+            .unwrap();
+        q.try_set_used_ring_address(GuestAddress(self.used))
+            .unwrap();
+        q.set_ready(true);
+        q
+    }
+
+    /// The available ring's address.
+    pub fn avail_addr(&self) -> u64 {
+        self.avail
+    }
+
+    /// Stores a raw descriptor at `index`.
+    pub fn store(&self, index: u16, d: RawDescriptor) {
+        self.mem
+            .write_obj(
+                d,
+                GuestAddress(self.desc + 16 * u64::from(index % self.size)),
+            )
+            .unwrap();
     }
 
     /// Publishes a chain of `bufs` (linked with NEXT) and returns its head.
@@ -83,63 +120,55 @@ impl<'a> Driver<'a> {
         } else {
             self.next_desc
         };
-        let descs: Vec<RawDescriptor> = bufs
-            .iter()
-            .enumerate()
-            .map(|(i, b)| {
-                let mut flags = if b.2 { VRING_DESC_F_WRITE as u16 } else { 0 };
-                if i + 1 < bufs.len() {
-                    flags |= VRING_DESC_F_NEXT as u16;
-                }
-                RawDescriptor::from(Descriptor::new(
-                    b.0,
-                    b.1,
-                    flags,
-                    (head + i as u16 + 1) % self.size,
-                ))
-            })
-            .collect();
-        self.mock.add_desc_chains(&descs, head).unwrap();
+        for (i, b) in bufs.iter().enumerate() {
+            let mut flags = if b.2 { VRING_DESC_F_WRITE as u16 } else { 0 };
+            if i + 1 < bufs.len() {
+                flags |= VRING_DESC_F_NEXT as u16;
+            }
+            let idx = head + i as u16;
+            self.store(
+                idx,
+                RawDescriptor::from(Descriptor::new(b.0, b.1, flags, (idx + 1) % self.size)),
+            );
+        }
         self.next_desc = (head + bufs.len() as u16) % self.size;
+        self.push_avail(head);
         head
     }
 
     /// Writes raw descriptors at `index` and makes `head` available.
     pub fn add_raw(&mut self, index: u16, descs: &[RawDescriptor], head: u16) {
         for (i, d) in descs.iter().enumerate() {
-            self.mock.desc_table().store(index + i as u16, *d).unwrap();
+            self.store(index + i as u16, *d);
         }
         self.push_avail(head);
     }
 
     /// Makes `head` available without touching descriptors.
     pub fn push_avail(&mut self, head: u16) {
-        let avail = self.mock.avail_addr().0;
-        let idx: u16 = self.mem.read_obj(GuestAddress(avail + 2)).unwrap();
-        let slot = avail + 4 + 2 * u64::from(idx % self.size);
+        let idx: u16 = self.mem.read_obj(GuestAddress(self.avail + 2)).unwrap();
+        let slot = self.avail + 4 + 2 * u64::from(idx % self.size);
         self.mem.write_obj(head, GuestAddress(slot)).unwrap();
         self.mem
-            .write_obj(idx.wrapping_add(1), GuestAddress(avail + 2))
+            .write_obj(idx.wrapping_add(1), GuestAddress(self.avail + 2))
             .unwrap();
     }
 
     /// Sets the available index directly (for hostile tests).
     pub fn set_avail_idx(&self, idx: u16) {
         self.mem
-            .write_obj(idx, GuestAddress(self.mock.avail_addr().0 + 2))
+            .write_obj(idx, GuestAddress(self.avail + 2))
             .unwrap();
     }
 
     /// The used index.
     pub fn used_idx(&self) -> u16 {
-        self.mem
-            .read_obj(GuestAddress(self.mock.used_addr().0 + 2))
-            .unwrap()
+        self.mem.read_obj(GuestAddress(self.used + 2)).unwrap()
     }
 
     /// Used ring entry `i`: (head, length).
     pub fn used(&self, i: u16) -> (u32, u32) {
-        let at = self.mock.used_addr().0 + 4 + 8 * u64::from(i % self.size);
+        let at = self.used + 4 + 8 * u64::from(i % self.size);
         (
             self.mem.read_obj(GuestAddress(at)).unwrap(),
             self.mem.read_obj(GuestAddress(at + 4)).unwrap(),

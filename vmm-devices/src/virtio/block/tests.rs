@@ -343,7 +343,7 @@ fn event_idx_suppresses_interrupts_the_driver_did_not_ask_for() {
     let mem = memory();
     let mut s = setup(&mem, false, true);
     // used_event = 5: the driver wants an interrupt only after entry 5.
-    let used_event_at = s.driver.mock.avail_addr().0 + 4 + 2 * 16;
+    let used_event_at = s.driver.avail_addr() + 4 + 2 * 16;
     mem.write_obj(5u16, GuestAddress(used_event_at)).unwrap();
     s.request(VIRTIO_BLK_T_FLUSH, 0, 0, false);
     assert_eq!(s.intr.used_count(), 0);
