@@ -5,9 +5,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Messages allowed per window.
-const BURST: u64 = 10;
+pub const BURST: u64 = 10;
 /// Window length in seconds.
-const WINDOW_SECS: u64 = 10;
+pub const WINDOW_SECS: u64 = 10;
 
 /// A per-call-site limiter: at most [`BURST`] messages every [`WINDOW_SECS`]
 /// seconds.
