@@ -5,6 +5,8 @@
 #   SECONDS_PER_TARGET  default 60; CI uses a short run, run it longer
 #                       (hours) to search deeper.
 #   TARGET...           default: every target in fuzz/Cargo.toml.
+# FUZZ_SEED=N fixes libFuzzer's seed, so that a short run explores the same
+# inputs each time (CI uses it); without it every run explores new ground.
 #
 # Installs cargo-fuzz when missing, builds the targets once with the nightly
 # toolchain and AddressSanitizer, writes the seed corpus (generated from
@@ -34,7 +36,11 @@ cargo +nightly run --quiet --release --bin make_corpus -- corpus
 failed=0
 for t in "${targets[@]}"; do
     echo "== fuzz $t for ${secs}s"
-    if ! cargo +nightly fuzz run "$t" "corpus/$t" -- -max_total_time="$secs" -print_final_stats=1 \
+    seed_arg=()
+    if [ -n "${FUZZ_SEED:-}" ]; then
+        seed_arg=(-seed="$FUZZ_SEED")
+    fi
+    if ! cargo +nightly fuzz run "$t" "corpus/$t" -- -max_total_time="$secs" -print_final_stats=1 "${seed_arg[@]}" \
         > "target/fuzz-$t.log" 2>&1; then
         echo "FAILED: $t (see fuzz/target/fuzz-$t.log and fuzz/artifacts/$t/)"
         grep -E "panicked|SUMMARY" -A3 "target/fuzz-$t.log" | head -20 || true

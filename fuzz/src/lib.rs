@@ -257,18 +257,17 @@ pub fn snapshot(mem: &GuestMemoryMmap) -> Vec<u8> {
 /// The ranges a device may write for queue `index`: every device-writable
 /// buffer the descriptor table (or an indirect table it names) describes,
 /// and the used ring. `None` when a writable buffer overlaps a descriptor
-/// table or a ring: the driver then lets the device rewrite its
+/// table or any queue's rings: the driver then lets the device rewrite its
 /// own descriptors or ring and no fixed set of ranges (nor ring indices) can
 /// be derived beforehand.
 pub fn writable_ranges(mem: &GuestMemoryMmap, index: usize, size: u16) -> Option<Vec<(u64, u64)>> {
-    let (desc, avail, used) = QueueScenario::rings(index);
+    let (desc, _, used) = QueueScenario::rings(index);
     let mut out = vec![(used, used + 6 + 8 * u64::from(size))];
     let mut tables = vec![(desc, u64::from(size))];
-    // Driver structures a buffer must not overlap for the check to hold.
-    let mut all_tables = vec![
-        (avail, avail + 6 + 2 * u64::from(size)),
-        (used, used + 6 + 8 * u64::from(size)),
-    ];
+    // Driver structures a buffer must not overlap for the check to hold:
+    // the whole queue area (every queue's table and rings) and any indirect
+    // table.
+    let mut all_tables = vec![(QUEUE_AREA, BUF_BASE)];
     while let Some((table, n)) = tables.pop() {
         all_tables.push((table, table.saturating_add(16 * n)));
         if all_tables.len() > 16 {
