@@ -185,24 +185,6 @@ fn transmit<M: GuestMemoryBackend>(
 }
 
 impl<M: GuestMemoryBackend + Send> Console<M> {
-    fn finish(
-        ctx: &ActivationContext<M>,
-        broken: u64,
-        result: Result<bool, virtio_queue::Error>,
-    ) -> bool {
-        if broken > 0 {
-            ctx.interrupt.set_needs_reset();
-        }
-        match result {
-            Ok(more) => more,
-            Err(e) => {
-                guest_warn!("virtio-console: {e}; the device needs a reset");
-                ctx.interrupt.set_needs_reset();
-                false
-            }
-        }
-    }
-
     /// Moves pending host input into posted receive buffers.
     fn receive(&mut self) -> bool {
         let (Some(ctx), Some(input)) = (self.active.as_mut(), self.input.as_ref()) else {
@@ -253,7 +235,7 @@ impl<M: GuestMemoryBackend + Send> Console<M> {
         cvar.notify_all();
         drop(st);
         self.broken_chains += broken;
-        Self::finish(ctx, broken, result)
+        ctx.settle("virtio-console", broken, result)
     }
 }
 
@@ -283,13 +265,7 @@ impl<M: GuestMemoryBackend + Send> VirtioDevice<M> for Console<M> {
     }
 
     fn activate(&mut self, ctx: ActivationContext<M>) -> Result<(), ActivateError> {
-        if ctx.queues.len() != 2 {
-            return Err(ActivateError::QueueCount {
-                expected: 2,
-                got: ctx.queues.len(),
-            });
-        }
-        self.active = Some(ctx);
+        self.active = Some(ctx.expect_queues(2)?);
         Ok(())
     }
 
@@ -324,7 +300,7 @@ impl<M: GuestMemoryBackend + Send> VirtioDevice<M> for Console<M> {
                         })
                     });
                 self.broken_chains += broken;
-                Self::finish(ctx, broken, result)
+                ctx.settle("virtio-console", broken, result)
             }
             _ => false,
         }

@@ -58,6 +58,38 @@ pub struct ActivationContext<M> {
     pub acked_features: u64,
 }
 
+impl<M> ActivationContext<M> {
+    /// The context itself if the driver set up `expected` queues.
+    pub fn expect_queues(self, expected: usize) -> Result<Self, ActivateError> {
+        match self.queues.len() {
+            n if n == expected => Ok(self),
+            got => Err(ActivateError::QueueCount { expected, got }),
+        }
+    }
+
+    /// Settles one [`drain_queue`] pass of `device`: asks for a reset when
+    /// `broken_chains` could not be answered or the driver broke the ring,
+    /// and returns whether to come back for more.
+    pub fn settle(
+        &self,
+        device: &str,
+        broken_chains: u64,
+        result: Result<bool, virtio_queue::Error>,
+    ) -> bool {
+        if broken_chains > 0 {
+            self.interrupt.set_needs_reset();
+        }
+        match result {
+            Ok(more) => more,
+            Err(e) => {
+                guest_warn!("{device}: {e}; the device needs a reset");
+                self.interrupt.set_needs_reset();
+                false
+            }
+        }
+    }
+}
+
 /// Why a device refused activation.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
@@ -135,6 +167,24 @@ pub(crate) mod test_utils;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::rng::Rng;
+    use crate::virtio::test_utils::{context, memory};
+    use vm_memory::GuestMemoryMmap;
+
+    #[test]
+    fn devices_refuse_the_wrong_number_of_queues() {
+        let mem = memory();
+        let (ctx, _) = context(&mem, Vec::new(), VIRTIO_F_VERSION_1);
+        let mut rng: Rng<GuestMemoryMmap> = Rng::new();
+        assert!(matches!(
+            rng.activate(ctx),
+            Err(ActivateError::QueueCount {
+                expected: 1,
+                got: 0
+            })
+        ));
+        assert!(!rng.is_active());
+    }
 
     #[test]
     fn config_reads_are_bounded_by_the_space() {

@@ -110,13 +110,7 @@ impl<M: GuestMemoryBackend + Send> VirtioDevice<M> for Rng<M> {
     }
 
     fn activate(&mut self, ctx: ActivationContext<M>) -> Result<(), ActivateError> {
-        if ctx.queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: ctx.queues.len(),
-            });
-        }
-        self.active = Some(ctx);
+        self.active = Some(ctx.expect_queues(1)?);
         Ok(())
     }
 
@@ -148,18 +142,8 @@ impl<M: GuestMemoryBackend + Send> VirtioDevice<M> for Rng<M> {
                 0
             })
         });
-        if broken > 0 {
-            self.broken_chains += broken;
-            ctx.interrupt.set_needs_reset();
-        }
-        match result {
-            Ok(more) => more,
-            Err(e) => {
-                guest_warn!("virtio-rng: {e}; the device needs a reset");
-                ctx.interrupt.set_needs_reset();
-                false
-            }
-        }
+        self.broken_chains += broken;
+        ctx.settle("virtio-rng", broken, result)
     }
 }
 

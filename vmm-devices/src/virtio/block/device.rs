@@ -408,13 +408,7 @@ impl<M: GuestMemoryBackend + Send> VirtioDevice<M> for Block<M> {
     }
 
     fn activate(&mut self, ctx: ActivationContext<M>) -> Result<(), ActivateError> {
-        if ctx.queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: ctx.queues.len(),
-            });
-        }
-        self.active = Some(ctx);
+        self.active = Some(ctx.expect_queues(1)?);
         Ok(())
     }
 
@@ -446,18 +440,8 @@ impl<M: GuestMemoryBackend + Send> VirtioDevice<M> for Block<M> {
                 0
             })
         });
-        if broken {
-            backend.broken_chains += 1;
-            ctx.interrupt.set_needs_reset();
-        }
-        match result {
-            Ok(more) => more,
-            Err(e) => {
-                guest_warn!("virtio-blk: queue {index}: {e}; the device needs a reset");
-                ctx.interrupt.set_needs_reset();
-                false
-            }
-        }
+        backend.broken_chains += u64::from(broken);
+        ctx.settle("virtio-blk", u64::from(broken), result)
     }
 }
 
