@@ -150,3 +150,23 @@ fn no_seccomp_runs_the_same_guest() {
     ]);
     assert_eq!(out.status.code(), Some(11), "{}", common::stderr(&out));
 }
+
+#[test]
+fn bench_scenarios_report_cycles_per_exit() {
+    require_kvm();
+    let out = run_minimal(&[
+        "--cmdline",
+        "testguest.run=bench-pio,bench-mmio testguest.bench_iters=200",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    let reports = parse_output(&stdout(&out));
+    for name in ["bench-pio", "bench-mmio"] {
+        let r = event(&reports, name);
+        assert_eq!(r.get_u64("iters"), Some(200));
+        let per_op = r.get_u64("cycles_per_op").expect("cycles_per_op");
+        assert!(
+            per_op > 0 && per_op * 200 <= r.get_u64("cycles").expect("cycles"),
+            "{r:?}"
+        );
+    }
+}

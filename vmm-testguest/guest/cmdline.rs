@@ -10,6 +10,8 @@ pub struct Args {
     pub exit_status: Option<u8>,
     /// `testguest.exit_port=PORT`.
     pub exit_port: Option<u16>,
+    /// `testguest.bench_iters=N`: iterations of the `bench-*` loops.
+    pub bench_iters: Option<u64>,
 }
 
 impl Args {
@@ -19,6 +21,7 @@ impl Args {
             run: b"hello",
             exit_status: None,
             exit_port: None,
+            bench_iters: None,
         };
         for word in cmdline.split(|&b| b == b' ' || b == b'\t' || b == b'\n') {
             let Some(eq) = word.iter().position(|&b| b == b'=') else {
@@ -33,6 +36,7 @@ impl Args {
                 b"testguest.exit_port" => {
                     args.exit_port = parse_u64(value).and_then(|v| u16::try_from(v).ok())
                 }
+                b"testguest.bench_iters" => args.bench_iters = parse_u64(value).filter(|&n| n > 0),
                 _ => {}
             }
         }

@@ -30,6 +30,12 @@ pub fn run(name: &str, boot: &BootInfo, args: &Args) -> u8 {
         "console" => devices::console(boot, Mode::Poll),
         "console-irq" => devices::console(boot, Mode::Irq),
         "hostile" => hostile::hostile(boot),
+        "bench-pio" => bench_exits(args, "bench-pio", || io::outb(BENCH_PORT, 0)),
+        "bench-mmio" => bench_exits(args, "bench-mmio", || {
+            // SAFETY: an unclaimed address in the MMIO gap, identity mapped
+            // and user accessible; the read exits to the VMM.
+            unsafe { core::ptr::read_volatile(BENCH_MMIO as *const u32) };
+        }),
         "spin" => {
             report!("spin");
             loop {
@@ -52,5 +58,35 @@ fn hello(boot: &BootInfo) -> u8 {
         boot.ram_top,
         boot.map_entries
     );
+    EXIT_OK
+}
+
+/// Port the `bench-pio` loop writes (port 0x80, the POST diagnostic port:
+/// no device of ours claims it, QEMU answers it in a stub).
+const BENCH_PORT: u16 = 0x80;
+/// Address the `bench-mmio` loop reads: in the device MMIO window, past the
+/// devices a VMM places there.
+const BENCH_MMIO: u64 = 0xdfff_f000;
+const DEFAULT_BENCH_ITERS: u64 = 20_000;
+
+fn rdtsc() -> u64 {
+    // SAFETY: rdtsc has no side effects and is allowed at CPL3.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Times `op` (one exit to the VMM) over `testguest.bench_iters` iterations
+/// and reports TSC cycles per iteration.
+fn bench_exits(args: &Args, name: &str, op: impl Fn()) -> u8 {
+    let iters = args.bench_iters.unwrap_or(DEFAULT_BENCH_ITERS);
+    // Warm up the exit path before timing it.
+    for _ in 0..iters.min(100) {
+        op();
+    }
+    let start = rdtsc();
+    for _ in 0..iters {
+        op();
+    }
+    let cycles = rdtsc().wrapping_sub(start);
+    report!("{} iters={} cycles={} cycles_per_op={}", name, iters, cycles, cycles / iters);
     EXIT_OK
 }

@@ -1,0 +1,262 @@
+//! Performance of the reference VMM against the floor, measured in one run.
+//!
+//! `cargo run --release --example bench [-- --repeats N --iters N]` prints a
+//! table of ratios. Each figure is the median of N runs, with the minimum
+//! and maximum:
+//!
+//! - guest port I/O and MMIO exits (from a CPL3 loop in the test guest), in
+//!   TSC cycles per exit, under the reference VMM and under the floor: a raw
+//!   kvm-ioctls loop on the same guest that handles each exit inline;
+//! - VMM process start to the guest's first serial line, against the floor's
+//!   process start to the end of a VM that runs one instruction.
+
+use std::io::{BufRead, BufReader, Cursor};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use kvm_ioctls::{Kvm, VcpuExit};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_kit::boot::{boot_guest, BootConfig, ProtocolChoice};
+use vmm_kit::core::vcpu::{apply_sregs, boot_regs};
+use vmm_kit::memory::{create_guest_ram, AddressMap, RamBacking};
+use vmm_kit::testguest::parse_output;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Runs per figure.
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// Exits per run of the exit loops.
+    #[arg(long, default_value_t = 20_000)]
+    iters: u64,
+    /// Internal: run the floor's one-instruction VM and exit.
+    #[arg(long, hide = true)]
+    floor_boot: bool,
+}
+
+/// Median, minimum and maximum.
+#[derive(Clone, Copy)]
+struct Stat {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+fn stat(mut v: Vec<f64>) -> Stat {
+    v.sort_by(f64::total_cmp);
+    Stat {
+        median: v[v.len() / 2],
+        min: v[0],
+        max: v[v.len() - 1],
+    }
+}
+
+fn minimal_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("bench binary");
+    exe.parent().expect("examples dir").join("minimal")
+}
+
+/// Runs the reference VMM on `scenario` and returns the guest's cycles per op.
+fn ours_exit(scenario: &str, iters: u64) -> f64 {
+    let out = Command::new(minimal_bin())
+        .args([
+            "--cmdline",
+            &format!("testguest.run={scenario} testguest.bench_iters={iters}"),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the reference VMM (build it with --example minimal)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let r = parse_output(&text)
+        .into_iter()
+        .find(|r| r.event == scenario)
+        .expect("bench report");
+    r.get_u64("cycles_per_op").expect("cycles_per_op") as f64
+}
+
+/// The floor: the same guest and scenario in a raw kvm-ioctls loop.
+fn floor_exit(scenario: &str, iters: u64) -> f64 {
+    let kvm = Kvm::new().expect("/dev/kvm");
+    let vm = kvm.create_vm().expect("vm");
+    vm.set_tss_address(0xfffb_d000).expect("tss");
+    vm.create_irq_chip().expect("irqchip");
+    let map = AddressMap::new(64 << 20).expect("map");
+    let mem = create_guest_ram(&map, RamBacking::Anonymous).expect("ram");
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .expect("host address") as u64;
+        let r = kvm_bindings::kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host,
+        };
+        // SAFETY: the mapping lives in `mem` until the end of this function,
+        // longer than the VM that uses it.
+        unsafe { vm.set_user_memory_region(r) }.expect("memslot");
+    }
+    let cmdline = format!("testguest.run={scenario} testguest.bench_iters={iters}");
+    let config = BootConfig {
+        protocol: ProtocolChoice::Auto,
+        cmdline: &cmdline,
+    };
+    let setup = boot_guest(
+        &mem,
+        &map,
+        &mut Cursor::new(vmm_kit::testguest::IMAGE),
+        None::<&mut Cursor<&[u8]>>,
+        &config,
+    )
+    .expect("boot setup");
+    let mut vcpu = vm.create_vcpu(0).expect("vcpu");
+    let cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .expect("cpuid");
+    vcpu.set_cpuid2(&cpuid).expect("set cpuid");
+    let mut sregs = vcpu.get_sregs().expect("sregs");
+    apply_sregs(&mut sregs, &setup.cpu);
+    vcpu.set_sregs(&sregs).expect("set sregs");
+    vcpu.set_regs(&boot_regs(&setup.cpu)).expect("set regs");
+    let mut serial = Vec::new();
+    loop {
+        match vcpu.run().expect("KVM_RUN") {
+            VcpuExit::IoOut(0x3f8, d) => serial.extend_from_slice(d),
+            VcpuExit::IoOut(0xf4, _) => break,
+            VcpuExit::IoOut(..) | VcpuExit::MmioWrite(..) => {}
+            VcpuExit::IoIn(0x3fd, d) => d.fill(0x60),
+            VcpuExit::IoIn(_, d) => d.fill(0xff),
+            VcpuExit::MmioRead(_, d) => d.fill(0),
+            other => panic!("floor: unexpected exit {other:?}"),
+        }
+    }
+    let text = String::from_utf8_lossy(&serial);
+    let r = parse_output(&text)
+        .into_iter()
+        .find(|r| r.event == scenario)
+        .expect("bench report");
+    r.get_u64("cycles_per_op").expect("cycles_per_op") as f64
+}
+
+/// Process start to the first `testguest:` line of the reference VMM.
+fn ours_first_line() -> f64 {
+    let start = Instant::now();
+    let mut child = Command::new(minimal_bin())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run the reference VMM");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("first line");
+    let t = start.elapsed();
+    // Drain the rest so the VMM's writes do not hit a closed pipe.
+    let _ = std::io::copy(&mut out, &mut std::io::sink());
+    let _ = child.wait();
+    t.as_secs_f64() * 1e3
+}
+
+/// The floor's one-instruction VM, run in this process.
+fn floor_boot_child() {
+    let kvm = Kvm::new().expect("/dev/kvm");
+    let vm = kvm.create_vm().expect("vm");
+    let mem =
+        vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0x1000), 4096)])
+            .expect("page");
+    vm_memory::Bytes::write_obj(&mem, 0xf4u8, vm_memory::GuestAddress(0x1000)).expect("hlt");
+    let host = mem
+        .get_host_address(vm_memory::GuestAddress(0x1000))
+        .expect("host address");
+    let r = kvm_bindings::kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0x1000,
+        memory_size: 4096,
+        userspace_addr: host as u64,
+    };
+    // SAFETY: `mem` outlives the VM, which ends with this function.
+    unsafe { vm.set_user_memory_region(r) }.expect("memslot");
+    let mut vcpu = vm.create_vcpu(0).expect("vcpu");
+    let mut sregs = vcpu.get_sregs().expect("sregs");
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    vcpu.set_sregs(&sregs).expect("sregs");
+    let regs = kvm_bindings::kvm_regs {
+        rip: 0x1000,
+        rflags: 2,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).expect("regs");
+    let exit = vcpu.run().expect("KVM_RUN");
+    assert!(matches!(exit, VcpuExit::Hlt), "floor: {exit:?}");
+}
+
+/// Process start to the end of the floor's one-instruction VM.
+fn floor_first_instruction() -> f64 {
+    let start = Instant::now();
+    let status = Command::new(std::env::current_exe().expect("bench binary"))
+        .arg("--floor-boot")
+        .status()
+        .expect("floor child");
+    assert!(status.success());
+    start.elapsed().as_secs_f64() * 1e3
+}
+
+fn measure(repeats: usize, mut f: impl FnMut() -> f64) -> Stat {
+    stat((0..repeats).map(|_| f()).collect())
+}
+
+fn row(name: &str, ours: Stat, floor: Stat) {
+    println!(
+        "| {name} | {:.1} ({:.1}-{:.1}) | {:.1} ({:.1}-{:.1}) | {:.2} |",
+        ours.median,
+        ours.min,
+        ours.max,
+        floor.median,
+        floor.min,
+        floor.max,
+        ours.median / floor.median
+    );
+}
+
+fn main() {
+    let args = Args::parse();
+    if args.floor_boot {
+        floor_boot_child();
+        return;
+    }
+    let r = args.repeats.max(1);
+    let tsc_ghz = tsc_ghz();
+    println!("TSC: {tsc_ghz:.3} GHz; each figure: median (min-max) of {r} runs\n");
+    println!("| figure | ours | floor | ours / floor |");
+    println!("|---|---|---|---|");
+    for (scenario, name) in [
+        ("bench-pio", "port I/O exit, cycles"),
+        ("bench-mmio", "MMIO exit, cycles"),
+    ] {
+        let ours = measure(r, || ours_exit(scenario, args.iters));
+        let floor = measure(r, || floor_exit(scenario, args.iters));
+        row(name, ours, floor);
+    }
+    let ours = measure(r, ours_first_line);
+    let floor = measure(r, floor_first_instruction);
+    row(
+        "process start to first serial line (ours) / to a 1-instruction VM's end (floor), ms",
+        ours,
+        floor,
+    );
+}
+
+/// The TSC rate, measured against the monotonic clock.
+fn tsc_ghz() -> f64 {
+    // SAFETY: rdtsc has no side effects.
+    let t0 = unsafe { core::arch::x86_64::_rdtsc() };
+    let c0 = Instant::now();
+    std::thread::sleep(Duration::from_millis(100));
+    // SAFETY: as above.
+    let t1 = unsafe { core::arch::x86_64::_rdtsc() };
+    (t1 - t0) as f64 / c0.elapsed().as_nanos() as f64
+}
