@@ -1,8 +1,10 @@
 //! Performance of the reference VMM against the floor, measured in one run.
 //!
-//! `cargo run --release --example bench [-- --repeats N --iters N]` prints a
-//! table of ratios. Each figure is the median of N runs, with the minimum
-//! and maximum:
+//! `cargo run --release --example bench [-- --repeats N --iters N]` (or
+//! `scripts/bench.sh`, which also installs QEMU) prints a table of ratios.
+//! Each figure is the median of N runs, with the minimum and maximum, for
+//! the reference VMM, for QEMU's microvm machine on the very same guest image
+//! (when `qemu-system-x86_64` is installed), and for the floor:
 //!
 //! - guest port I/O and MMIO exits (from a CPL3 loop in the test guest), in
 //!   TSC cycles per exit, under the reference VMM and under the floor: a raw
@@ -10,7 +12,9 @@
 //! - VMM process start to the guest's first serial line, against the floor's
 //!   process start to the end of a VM that runs one instruction;
 //! - peak resident memory of the whole VMM process booting the test guest
-//!   (which touches about 1 MiB of its 128 MiB), against the floor's.
+//!   (which touches about 1 MiB of its 128 MiB), against the floor's;
+//! - virtio notify to used-buffer round trips (one-byte virtio-rng requests),
+//!   polled and interrupt driven (no floor: QEMU is the peer).
 
 use std::io::{BufRead, BufReader, Cursor};
 use std::path::PathBuf;
@@ -58,24 +62,6 @@ fn stat(mut v: Vec<f64>) -> Stat {
 fn minimal_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("bench binary");
     exe.parent().expect("examples dir").join("minimal")
-}
-
-/// Runs the reference VMM on `scenario` and returns the guest's cycles per op.
-fn ours_exit(scenario: &str, iters: u64) -> f64 {
-    let out = Command::new(minimal_bin())
-        .args([
-            "--cmdline",
-            &format!("testguest.run={scenario} testguest.bench_iters={iters}"),
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run the reference VMM (build it with --example minimal)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let r = parse_output(&text)
-        .into_iter()
-        .find(|r| r.event == scenario)
-        .expect("bench report");
-    r.get_u64("cycles_per_op").expect("cycles_per_op") as f64
 }
 
 /// The floor: the same guest and scenario in a raw kvm-ioctls loop.
@@ -143,24 +129,6 @@ fn floor_exit(scenario: &str, iters: u64) -> f64 {
     r.get_u64("cycles_per_op").expect("cycles_per_op") as f64
 }
 
-/// Process start to the first `testguest:` line of the reference VMM.
-fn ours_first_line() -> f64 {
-    let start = Instant::now();
-    let mut child = Command::new(minimal_bin())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("run the reference VMM");
-    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    out.read_line(&mut line).expect("first line");
-    let t = start.elapsed();
-    // Drain the rest so the VMM's writes do not hit a closed pipe.
-    let _ = std::io::copy(&mut out, &mut std::io::sink());
-    let _ = child.wait();
-    t.as_secs_f64() * 1e3
-}
-
 /// The floor's one-instruction VM, run in this process.
 fn floor_boot_child() {
     let kvm = Kvm::new().expect("/dev/kvm");
@@ -207,6 +175,85 @@ fn floor_first_instruction() -> f64 {
     start.elapsed().as_secs_f64() * 1e3
 }
 
+/// The test guest image as a file, for QEMU.
+fn guest_image_file() -> PathBuf {
+    let path = std::env::temp_dir().join(format!("vmm-kit-bench-guest-{}.elf", std::process::id()));
+    std::fs::write(&path, vmm_kit::testguest::IMAGE).expect("write the guest image");
+    path
+}
+
+fn qemu_available() -> bool {
+    Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// QEMU's microvm on the test guest, with `extra` device arguments.
+fn qemu_command(image: &PathBuf, cmdline: &str, extra: &[&str]) -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args([
+        "-M",
+        "microvm,acpi=off",
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host,-arch-capabilities",
+        "-m",
+        "128",
+    ])
+    .args([
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+    ])
+    .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
+    // The modern (version 2) virtio-mmio interface, as ours.
+    .args(["-global", "virtio-mmio.force-legacy=false"])
+    .arg("-kernel")
+    .arg(image)
+    .args(["-append", cmdline])
+    .args(extra);
+    c
+}
+
+/// Runs `cmd` (a VMM on the test guest) and returns the `cycles_per_op` of
+/// the report named `scenario`.
+fn cycles_of(cmd: &mut Command, scenario: &str) -> f64 {
+    let out = cmd.stdin(Stdio::null()).output().expect("run the VMM");
+    let text = String::from_utf8_lossy(&out.stdout);
+    parse_output(&text)
+        .into_iter()
+        .find(|r| r.event == scenario && r.get("cycles_per_op").is_some())
+        .and_then(|r| r.get_u64("cycles_per_op"))
+        .unwrap_or_else(|| panic!("no {scenario} report from {cmd:?}:\n{text}")) as f64
+}
+
+/// Process start to the first `testguest:` line of `cmd`, in ms.
+fn first_line_ms(cmd: &mut Command) -> f64 {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run the VMM");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    while !line.starts_with("testguest:") {
+        line.clear();
+        if out.read_line(&mut line).expect("read") == 0 {
+            panic!("the VMM printed no testguest line");
+        }
+    }
+    let t = start.elapsed();
+    let _ = std::io::copy(&mut out, &mut std::io::sink());
+    let _ = child.wait();
+    t.as_secs_f64() * 1e3
+}
+
 /// Runs `cmd` to its end and returns its peak resident set size in MiB
 /// (from the kernel's accounting, as `wait4` reports it).
 fn peak_rss_mib(cmd: &mut Command) -> f64 {
@@ -233,16 +280,27 @@ fn measure(repeats: usize, mut f: impl FnMut() -> f64) -> Stat {
     stat((0..repeats).map(|_| f()).collect())
 }
 
-fn row(name: &str, ours: Stat, floor: Stat) {
+fn cell(s: Option<Stat>) -> String {
+    s.map_or("n/a".into(), |s| {
+        format!("{:.1} ({:.1}-{:.1})", s.median, s.min, s.max)
+    })
+}
+
+fn ratio(a: Option<Stat>, b: Option<Stat>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) => format!("{:.2}", a.median / b.median),
+        _ => "-".into(),
+    }
+}
+
+fn row(name: &str, ours: Stat, qemu: Option<Stat>, floor: Option<Stat>) {
     println!(
-        "| {name} | {:.1} ({:.1}-{:.1}) | {:.1} ({:.1}-{:.1}) | {:.2} |",
-        ours.median,
-        ours.min,
-        ours.max,
-        floor.median,
-        floor.min,
-        floor.max,
-        ours.median / floor.median
+        "| {name} | {} | {} | {} | {} | {} |",
+        cell(Some(ours)),
+        cell(qemu),
+        cell(floor),
+        ratio(Some(ours), qemu),
+        ratio(Some(ours), floor)
     );
 }
 
@@ -254,37 +312,83 @@ fn main() {
     }
     let r = args.repeats.max(1);
     let tsc_ghz = tsc_ghz();
-    println!("TSC: {tsc_ghz:.3} GHz; each figure: median (min-max) of {r} runs\n");
-    println!("| figure | ours | floor | ours / floor |");
-    println!("|---|---|---|---|");
+    let qemu = qemu_available();
+    let image = guest_image_file();
+    println!(
+        "TSC: {tsc_ghz:.3} GHz; each figure: median (min-max) of {r} runs; QEMU: {}\n",
+        if qemu { "yes" } else { "not installed" }
+    );
+    println!("| figure | ours | QEMU microvm | floor | ours / QEMU | ours / floor |");
+    println!("|---|---|---|---|---|---|");
+    let qemu_stat = |f: &mut dyn FnMut() -> f64| qemu.then(|| measure(r, f));
     for (scenario, name) in [
         ("bench-pio", "port I/O exit, cycles"),
         ("bench-mmio", "MMIO exit, cycles"),
     ] {
-        let ours = measure(r, || ours_exit(scenario, args.iters));
+        let cmdline = format!(
+            "testguest.run={scenario} testguest.bench_iters={}",
+            args.iters
+        );
+        let ours = measure(r, || {
+            cycles_of(
+                Command::new(minimal_bin()).args(["--cmdline", &cmdline]),
+                scenario,
+            )
+        });
+        let q = qemu_stat(&mut || cycles_of(&mut qemu_command(&image, &cmdline, &[]), scenario));
         let floor = measure(r, || floor_exit(scenario, args.iters));
-        row(name, ours, floor);
+        row(name, ours, q, Some(floor));
+    }
+    for (scenario, name) in [
+        ("bench-virtio", "virtio notify to used, polled, cycles"),
+        (
+            "bench-virtio-irq",
+            "virtio notify to used interrupt, cycles",
+        ),
+    ] {
+        let cmdline = format!(
+            "testguest.run={scenario} testguest.bench_iters={}",
+            args.iters / 10
+        );
+        let ours = measure(r, || {
+            cycles_of(
+                Command::new(minimal_bin()).args(["--rng", "--cmdline", &cmdline]),
+                scenario,
+            )
+        });
+        let q = qemu_stat(&mut || {
+            cycles_of(
+                &mut qemu_command(&image, &cmdline, &["-device", "virtio-rng-device"]),
+                scenario,
+            )
+        });
+        row(name, ours, q, None);
     }
     let ours = measure(r, || {
         peak_rss_mib(Command::new(minimal_bin()).args(["--mem", "128"]))
     });
+    let q = qemu_stat(&mut || peak_rss_mib(&mut qemu_command(&image, "testguest.run=hello", &[])));
     let floor = measure(r, || {
         peak_rss_mib(
             Command::new(std::env::current_exe().expect("bench binary")).arg("--floor-boot"),
         )
     });
     row(
-        "peak RSS of the whole process, MiB (ours: 128 MiB guest saying hello)",
+        "peak RSS of the whole process, MiB (128 MiB guest saying hello)",
         ours,
-        floor,
+        q,
+        Some(floor),
     );
-    let ours = measure(r, ours_first_line);
+    let ours = measure(r, || first_line_ms(&mut Command::new(minimal_bin())));
+    let q = qemu_stat(&mut || first_line_ms(&mut qemu_command(&image, "testguest.run=hello", &[])));
     let floor = measure(r, floor_first_instruction);
     row(
-        "process start to first serial line (ours) / to a 1-instruction VM's end (floor), ms",
+        "process start to first serial line, ms (floor: to a 1-instruction VM's end)",
         ours,
-        floor,
+        q,
+        Some(floor),
     );
+    let _ = std::fs::remove_file(&image);
 }
 
 /// The TSC rate, measured against the monotonic clock.

@@ -196,3 +196,22 @@ fn missing_or_directory_disks_and_bad_disk_options_are_refused() {
         "cannot open console output",
     );
 }
+
+#[test]
+fn virtio_round_trip_benchmarks_report_cycles() {
+    require_kvm();
+    let out = run_minimal(&[
+        "--rng",
+        "--cmdline",
+        "testguest.run=bench-virtio,bench-virtio-irq testguest.bench_iters=50",
+    ]);
+    let reports = reports_of(&out);
+    for name in ["bench-virtio", "bench-virtio-irq"] {
+        let r = reports
+            .iter()
+            .find(|r| r.event == name && r.get("cycles_per_op").is_some())
+            .unwrap_or_else(|| panic!("no {name} figure in {reports:?}"));
+        assert_eq!(r.get_u64("iters"), Some(50));
+        assert!(r.get_u64("cycles_per_op").unwrap_or(0) > 0);
+    }
+}

@@ -223,3 +223,39 @@ pub fn console(boot: &BootInfo, mode: Mode) -> u8 {
         Ok(())
     })
 }
+
+/// `bench-virtio` / `bench-virtio-irq`: round trips of one-byte rng requests
+/// (notify, the device answers, the driver sees the used entry by polling or
+/// by interrupt), in TSC cycles per request.
+pub fn bench_virtio(boot: &BootInfo, mode: Mode, iters: u64) -> u8 {
+    let name = if mode == Mode::Irq { "bench-virtio-irq" } else { "bench-virtio" };
+    let mut cycles_per_op = 0;
+    let status = for_each(boot, TYPE_RNG, name, mode, |e, index| {
+        if index > 0 {
+            return Ok(());
+        }
+        let mut dev = Device::init(e, VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX, mode)?;
+        let mut q = dev.queue(0)?;
+        dev.start()?;
+        let buf = dma_alloc(1, 1).ok_or("out of DMA memory")?;
+        for _ in 0..iters.min(100) {
+            dev.transact(&mut q, &[(buf, 1, true)])?;
+        }
+        // SAFETY: rdtsc has no side effects and is allowed at CPL3.
+        let start = unsafe { core::arch::x86_64::_rdtsc() };
+        for _ in 0..iters {
+            if dev.transact(&mut q, &[(buf, 1, true)])? != 1 {
+                return Err("short answer");
+            }
+        }
+        // SAFETY: as above.
+        let end = unsafe { core::arch::x86_64::_rdtsc() };
+        cycles_per_op = end.wrapping_sub(start) / iters;
+        dev.reset();
+        Ok(())
+    });
+    if status == EXIT_OK {
+        report!("{} iters={} cycles_per_op={}", name, iters, cycles_per_op);
+    }
+    status
+}

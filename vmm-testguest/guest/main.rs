@@ -55,7 +55,14 @@ pub extern "C" fn tg_user_main(proto: u32, info: u64) -> ! {
     if let Some(port) = args.exit_port {
         io::set_exit_port(port);
     }
-    report!("boot proto={} cpl={}", boot.protocol, current_cpl());
+    let (_, virtio_entries) = virtio::find_devices(boot.cmdline);
+    report!(
+        "boot proto={} cpl={} cmdline_bytes={} virtio_entries={}",
+        boot.protocol,
+        current_cpl(),
+        boot.cmdline.len(),
+        virtio_entries
+    );
     for name in args.scenarios() {
         let status = scenarios::run(name, &boot, &args);
         if status != EXIT_OK {

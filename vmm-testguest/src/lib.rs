@@ -25,7 +25,12 @@
 //!   [`shared::blk_pattern_byte`] at [`shared::BLK_PATTERN_SECTOR`], flushes,
 //!   reads it back and checks a read past the end fails; on read-only disks
 //!   it checks a write fails. `rng` checks two requests come back full and
-//!   different. `console` writes [`shared::CONSOLE_MESSAGE`].
+//!   different. `console` writes [`shared::CONSOLE_MESSAGE`];
+//! - `hostile`: breaks the virtio rules on the first disk in eighteen ways and
+//!   checks each is refused, ignored or answered with DEVICE_NEEDS_RESET;
+//! - `bench-pio`, `bench-mmio`, `bench-virtio`, `bench-virtio-irq`: time
+//!   `testguest.bench_iters=N` exits or rng round trips with the TSC and
+//!   report cycles per operation.
 //!
 //! An unknown name ends the guest with [`exit_status::UNKNOWN_SCENARIO`].
 //!
