@@ -40,6 +40,9 @@ struct Args {
     /// Internal: run the floor's one-instruction VM and exit.
     #[arg(long, hide = true)]
     floor_boot: bool,
+    /// Internal: like --floor-boot, then stay up.
+    #[arg(long, hide = true)]
+    floor_boot_wait: bool,
 }
 
 /// Median, minimum and maximum.
@@ -130,7 +133,7 @@ fn floor_exit(scenario: &str, iters: u64) -> f64 {
 }
 
 /// The floor's one-instruction VM, run in this process.
-fn floor_boot_child() {
+fn floor_boot_child(wait: bool) {
     let kvm = Kvm::new().expect("/dev/kvm");
     let vm = kvm.create_vm().expect("vm");
     let mem =
@@ -162,6 +165,11 @@ fn floor_boot_child() {
     vcpu.set_regs(&regs).expect("regs");
     let exit = vcpu.run().expect("KVM_RUN");
     assert!(matches!(exit, VcpuExit::Hlt), "floor: {exit:?}");
+    if wait {
+        // Stay up, VM and all, while the parent reads our memory use.
+        println!("testguest: spin (floor)");
+        std::thread::sleep(Duration::from_secs(30));
+    }
 }
 
 /// Process start to the end of the floor's one-instruction VM.
@@ -232,6 +240,90 @@ fn cycles_of(cmd: &mut Command, scenario: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {scenario} report from {cmd:?}:\n{text}")) as f64
 }
 
+/// Runs `cmd` (a VMM on the test guest's `bench-blk`) and returns cycles per
+/// request of each workload.
+fn blk_cycles(cmd: &mut Command) -> Vec<(String, f64)> {
+    let out = cmd.stdin(Stdio::null()).output().expect("run the VMM");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let loads: Vec<(String, f64)> = parse_output(&text)
+        .into_iter()
+        .filter(|r| r.event == "bench-blk")
+        .filter_map(|r| {
+            Some((
+                r.get("load")?.to_string(),
+                r.get_u64("cycles_per_op")? as f64,
+            ))
+        })
+        .collect();
+    assert_eq!(
+        loads.len(),
+        BLK_LOADS.len(),
+        "bench-blk reports from {cmd:?}:\n{text}"
+    );
+    loads
+}
+
+/// The workloads of the guest's `bench-blk`: name, bytes, random, write.
+const BLK_LOADS: [(&str, usize, bool, bool); 6] = [
+    ("randread-4k-qd1", 4096, true, false),
+    ("randwrite-4k-qd1", 4096, true, true),
+    ("randread-4k-qd32", 4096, true, false),
+    ("randwrite-4k-qd32", 4096, true, true),
+    ("read-128k", 128 * 1024, false, false),
+    ("write-128k", 128 * 1024, false, true),
+];
+
+/// The floor of a block workload: the host's own pread/pwrite on the same
+/// file, one request at a time, in TSC cycles per request.
+fn host_io_cycles(
+    path: &PathBuf,
+    bytes: usize,
+    random: bool,
+    write: bool,
+    iters: usize,
+    tsc_ghz: f64,
+) -> f64 {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("bench image");
+    let span = f.metadata().expect("image size").len() / bytes as u64;
+    let mut buf = vec![0u8; bytes];
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let start = Instant::now();
+    for i in 0..iters as u64 {
+        let slot = if random {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % span
+        } else {
+            (i + 1) % span
+        };
+        let at = slot * bytes as u64;
+        if write {
+            f.write_all_at(&buf, at).expect("pwrite");
+        } else {
+            f.read_exact_at(&mut buf, at).expect("pread");
+        }
+    }
+    start.elapsed().as_nanos() as f64 * tsc_ghz / iters as f64
+}
+
+/// A 64 MiB image with non-zero data, for the block workloads.
+fn bench_disk() -> PathBuf {
+    let path = std::env::temp_dir().join(format!("vmm-kit-bench-disk-{}.img", std::process::id()));
+    let chunk: Vec<u8> = (0..=255u8).cycle().take(1 << 20).collect();
+    let mut data = Vec::with_capacity(64 << 20);
+    for _ in 0..64 {
+        data.extend_from_slice(&chunk);
+    }
+    std::fs::write(&path, data).expect("write the bench disk");
+    path
+}
+
 /// Process start to the first `testguest:` line of `cmd`, in ms.
 fn first_line_ms(cmd: &mut Command) -> f64 {
     let start = Instant::now();
@@ -254,26 +346,35 @@ fn first_line_ms(cmd: &mut Command) -> f64 {
     t.as_secs_f64() * 1e3
 }
 
-/// Runs `cmd` to its end and returns its peak resident set size in MiB
-/// (from the kernel's accounting, as `wait4` reports it).
-fn peak_rss_mib(cmd: &mut Command) -> f64 {
-    #[expect(
-        clippy::zombie_processes,
-        reason = "reaped by wait4 below, which also reports its usage"
-    )]
-    let child = cmd
+/// Starts `cmd`, waits until it prints a line starting with `marker` (the
+/// guest has booted and now spins), reads the process's peak resident set
+/// (`VmHWM`, which counts this program only, not the one that started it),
+/// then kills it. In MiB.
+fn peak_rss_mib(cmd: &mut Command, marker: &str) -> f64 {
+    let mut child = cmd
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("start the child");
-    let mut status = 0;
-    // SAFETY: rusage is plain data the kernel fills in.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waits for our own child; both pointers are valid for writes.
-    let rc = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
-    assert_eq!(rc, child.id() as libc::pid_t, "wait4");
-    usage.ru_maxrss as f64 / 1024.0
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    while !line.starts_with(marker) {
+        line.clear();
+        if out.read_line(&mut line).expect("read") == 0 {
+            panic!("{cmd:?} ended before printing {marker:?}");
+        }
+    }
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", child.id())).expect("/proc status");
+    let _ = child.kill();
+    let _ = child.wait();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    kib / 1024.0
 }
 
 fn measure(repeats: usize, mut f: impl FnMut() -> f64) -> Stat {
@@ -306,8 +407,8 @@ fn row(name: &str, ours: Stat, qemu: Option<Stat>, floor: Option<Stat>) {
 
 fn main() {
     let args = Args::parse();
-    if args.floor_boot {
-        floor_boot_child();
+    if args.floor_boot || args.floor_boot_wait {
+        floor_boot_child(args.floor_boot_wait);
         return;
     }
     let r = args.repeats.max(1);
@@ -364,17 +465,59 @@ fn main() {
         });
         row(name, ours, q, None);
     }
-    let ours = measure(r, || {
-        peak_rss_mib(Command::new(minimal_bin()).args(["--mem", "128"]))
+    let disk = bench_disk();
+    let disk_arg = disk.to_str().expect("utf-8 temp path").to_string();
+    let iters = (args.iters / 10) as usize;
+    let blk_cmdline = format!("testguest.run=bench-blk testguest.bench_iters={iters}");
+    let ours_runs: Vec<Vec<(String, f64)>> = (0..r)
+        .map(|_| {
+            blk_cycles(Command::new(minimal_bin()).args([
+                "--disk",
+                &disk_arg,
+                "--cmdline",
+                &blk_cmdline,
+            ]))
+        })
+        .collect();
+    let drive = format!("id=d0,file={disk_arg},format=raw,if=none");
+    let qemu_blk = ["-drive", &drive, "-device", "virtio-blk-device,drive=d0"];
+    let qemu_runs: Option<Vec<Vec<(String, f64)>>> = qemu.then(|| {
+        (0..r)
+            .map(|_| blk_cycles(&mut qemu_command(&image, &blk_cmdline, &qemu_blk)))
+            .collect()
     });
-    let q = qemu_stat(&mut || peak_rss_mib(&mut qemu_command(&image, "testguest.run=hello", &[])));
-    let floor = measure(r, || {
+    for (i, (name, bytes, random, write)) in BLK_LOADS.iter().enumerate() {
+        let ours = stat(ours_runs.iter().map(|run| run[i].1).collect());
+        let q = qemu_runs
+            .as_ref()
+            .map(|runs| stat(runs.iter().map(|run| run[i].1).collect()));
+        let floor = measure(r, || {
+            host_io_cycles(&disk, *bytes, *random, *write, iters, tsc_ghz)
+        });
+        let host_call = if *write { "pwrite" } else { "pread" };
+        row(
+            &format!("virtio-blk {name}, cycles/request (floor: host {host_call}, one at a time)"),
+            ours,
+            q,
+            Some(floor),
+        );
+    }
+    let _ = std::fs::remove_file(&disk);
+    let spin = "testguest.run=hello,spin";
+    let ours = measure(r, || {
         peak_rss_mib(
-            Command::new(std::env::current_exe().expect("bench binary")).arg("--floor-boot"),
+            Command::new(minimal_bin()).args(["--mem", "128", "--cmdline", spin]),
+            "testguest: spin",
         )
     });
+    let q =
+        qemu_stat(&mut || peak_rss_mib(&mut qemu_command(&image, spin, &[]), "testguest: spin"));
+    let floor = measure(r, || {
+        let mut c = Command::new(std::env::current_exe().expect("bench binary"));
+        peak_rss_mib(c.arg("--floor-boot-wait"), "testguest: spin")
+    });
     row(
-        "peak RSS of the whole process, MiB (128 MiB guest saying hello)",
+        "peak RSS of the whole process, MiB (128 MiB guest, booted)",
         ours,
         q,
         Some(floor),

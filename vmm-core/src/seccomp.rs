@@ -8,7 +8,7 @@
 //! | thread | allowed beyond the common set |
 //! |---|---|
 //! | vCPU | `ioctl` with `KVM_RUN`, `KVM_GET_REGS`, `KVM_GET_SREGS`, `KVM_TRANSLATE` only |
-//! | event loop | `epoll_wait`/`epoll_pwait`/`epoll_ctl`, `pread64`/`pwrite64`, `fdatasync`/`fsync`, `fallocate`, `getrandom` |
+//! | event loop | `epoll_wait`/`epoll_pwait`/`epoll_ctl`, `pread64`/`pwrite64`, `lseek`, `fdatasync`/`fsync`, `fallocate`, `getrandom` |
 //! | input (host stdin pumps) | nothing |
 //! | main (after the VM is built) | `tgkill` (to kick vCPUs), `ioctl` none |
 //!
@@ -120,6 +120,7 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompErr
             libc::SYS_epoll_ctl,
             libc::SYS_pread64,
             libc::SYS_pwrite64,
+            libc::SYS_lseek,
             libc::SYS_preadv,
             libc::SYS_pwritev,
             libc::SYS_fdatasync,

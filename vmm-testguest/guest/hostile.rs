@@ -259,8 +259,8 @@ pub fn hostile(boot: &BootInfo) -> u8 {
         }),
     );
     case("chain-longer-than-queue", chain_longer_than_queue(&disk, &b));
-    case("avail-index-racing-ahead", bad_chain(&disk, |_, _| (0, 100)));
-    case("head-out-of-range", bad_chain(&disk, |_, _| (200, 1)));
+    case("avail-index-racing-ahead", bad_chain(&disk, |_, _| (0, crate::virtio::QUEUE_SIZE + 20)));
+    case("head-out-of-range", bad_chain(&disk, |_, _| (crate::virtio::QUEUE_SIZE + 72, 1)));
     case(
         "buffer-outside-ram",
         bad_chain(&disk, |_, q| {

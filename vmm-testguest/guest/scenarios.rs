@@ -32,6 +32,7 @@ pub fn run(name: &str, boot: &BootInfo, args: &Args) -> u8 {
         "hostile" => hostile::hostile(boot),
         "bench-virtio" => devices::bench_virtio(boot, Mode::Poll, args.bench_iters.unwrap_or(2_000)),
         "bench-virtio-irq" => devices::bench_virtio(boot, Mode::Irq, args.bench_iters.unwrap_or(2_000)),
+        "bench-blk" => devices::bench_blk(boot, args.bench_iters.unwrap_or(2_000)),
         "bench-pio" => bench_exits(args, "bench-pio", || io::outb(BENCH_PORT, 0)),
         "bench-mmio" => bench_exits(args, "bench-mmio", || {
             // SAFETY: an unclaimed address in the MMIO gap, identity mapped

@@ -10,7 +10,7 @@ use crate::cmdline::parse_u64;
 /// Most devices the guest looks at.
 pub const MAX_DEVICES: usize = 8;
 /// Entries in each queue the guest sets up.
-pub const QUEUE_SIZE: u16 = 16;
+pub const QUEUE_SIZE: u16 = 128;
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
@@ -46,10 +46,10 @@ pub const S_NEEDS_RESET: u32 = 64;
 pub const DESC_F_NEXT: u16 = 1;
 pub const DESC_F_WRITE: u16 = 2;
 
-/// Where DMA buffers and rings live: 1 MiB of guest RAM at 4 MiB, above
+/// Where DMA buffers and rings live: 2 MiB of guest RAM at 4 MiB, above
 /// the image, handed out by a bump allocator.
 const DMA_BASE: u64 = 0x40_0000;
-const DMA_SIZE: u64 = 0x10_0000;
+const DMA_SIZE: u64 = 0x20_0000;
 static mut DMA_NEXT: u64 = DMA_BASE;
 
 /// Allocates `len` bytes of zeroed DMA memory aligned to `align`.
@@ -396,6 +396,39 @@ impl Device {
             return Err("used entry for another chain");
         }
         Ok(len)
+    }
+
+    /// Makes `chains` available at once (one index update, one notification)
+    /// and waits, polling, until the device has used them all.
+    pub fn transact_batch(&mut self, q: &mut Queue, chains: &[&[(u64, u32, bool)]]) -> Result<(), DriverError> {
+        let n = chains.len() as u16;
+        let descs: usize = chains.iter().map(|c| c.len()).sum();
+        if n == 0 || descs > usize::from(QUEUE_SIZE) {
+            return Err("bad batch");
+        }
+        let old_idx = rd16(q.avail + 2);
+        for (i, bufs) in chains.iter().enumerate() {
+            let head = Self::write_chain(q, bufs);
+            wr16(q.avail + 4 + 2 * u64::from(old_idx.wrapping_add(i as u16) % QUEUE_SIZE), head);
+        }
+        let target = q.last_used.wrapping_add(n);
+        if self.features & VIRTIO_RING_F_EVENT_IDX != 0 {
+            wr16(q.avail + 4 + 2 * u64::from(QUEUE_SIZE), target.wrapping_sub(1));
+        }
+        fence(Ordering::SeqCst);
+        wr16(q.avail + 2, old_idx.wrapping_add(n));
+        fence(Ordering::SeqCst);
+        self.notify(q.index);
+        let start = rdtsc();
+        while rd16(q.used + 2) != target {
+            if rdtsc().wrapping_sub(start) > TIMEOUT_CYCLES {
+                return Err("timeout waiting for a batch");
+            }
+            core::hint::spin_loop();
+        }
+        fence(Ordering::SeqCst);
+        q.last_used = target;
+        Ok(())
     }
 
     /// Reads a transport register.

@@ -1,7 +1,7 @@
 //! The virtio-blk device.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -13,7 +13,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_queue::{DescriptorChain, Reader, Writer};
 use vm_memory::bitmap::BitmapSlice;
-use vm_memory::GuestMemoryBackend;
+use vm_memory::{Bytes, GuestMemoryBackend};
 
 use super::request::{DiscardSegment, RequestHeader, RequestType};
 use crate::virtio::{
@@ -92,6 +92,7 @@ impl Backend {
         mem: &M,
         chain: DescriptorChain<&M>,
     ) -> Option<u32> {
+        let data_chain = chain.clone();
         let (mut reader, mut writer) = match (chain.clone().reader(mem), chain.writer(mem)) {
             (Ok(r), Ok(w)) => (r, w),
             _ => {
@@ -106,6 +107,13 @@ impl Backend {
         }
         let mut status_writer = writer.split_at(writable - 1).ok()?;
         let (status, data_written) = match reader.read_obj::<RequestHeader>() {
+            // Reads go straight from the file into guest memory: the Writer
+            // above has checked every writable buffer lies in guest RAM.
+            Ok(h) if RequestType::from(h.request_type.to_native()) == RequestType::In => {
+                let len = (writable - 1) as u64;
+                let status = self.read_direct(mem, data_chain, h.sector.to_native(), len);
+                (status, if status == S_OK { len as u32 } else { 0 })
+            }
             Ok(h) => self.execute(&h, &mut reader, &mut writer),
             Err(_) => (S_IOERR, 0),
         };
@@ -156,6 +164,41 @@ impl Backend {
         }
         let end = sector.checked_add(len / SECTOR_SIZE)?;
         (end <= self.capacity).then(|| sector * SECTOR_SIZE)
+    }
+
+    /// IN without a bounce buffer: the file is read into each writable
+    /// buffer of the chain in turn (the last byte, the status, excluded).
+    fn read_direct<M: GuestMemoryBackend>(
+        &mut self,
+        mem: &M,
+        chain: DescriptorChain<&M>,
+        sector: u64,
+        len: u64,
+    ) -> Status {
+        let Some(mut offset) = self.range(sector, len) else {
+            return S_IOERR;
+        };
+        let mut left = len;
+        for desc in chain.writable() {
+            if left == 0 {
+                break;
+            }
+            let n = u64::from(desc.len()).min(left);
+            if self.file.seek(SeekFrom::Start(offset)).is_err()
+                || mem
+                    .read_exact_volatile_from(desc.addr(), &mut self.file, n as usize)
+                    .is_err()
+            {
+                return S_IOERR;
+            }
+            offset += n;
+            left -= n;
+        }
+        if left == 0 {
+            S_OK
+        } else {
+            S_IOERR
+        }
     }
 
     fn read_sectors<B: BitmapSlice>(&mut self, sector: u64, w: &mut Writer<'_, B>) -> Status {
