@@ -9,8 +9,9 @@
 //! - guest port I/O and MMIO exits (from a CPL3 loop in the test guest), in
 //!   TSC cycles per exit, under the reference VMM and under the floor: a raw
 //!   kvm-ioctls loop on the same guest that handles each exit inline;
-//! - VMM process start to the guest's first serial line, against the floor's
-//!   process start to the end of a VM that runs one instruction;
+//! - VMM process start to the guest's first instruction (its boot marker on
+//!   the debug console, port 0xE9) and to its first serial line, against the
+//!   floor's process start to the end of a VM that runs one instruction;
 //! - peak resident memory of the whole VMM process booting the test guest
 //!   (which touches about 1 MiB of its 128 MiB), against the floor's;
 //! - virtio notify to used-buffer round trips (one-byte virtio-rng requests),
@@ -324,6 +325,30 @@ fn bench_disk() -> PathBuf {
     path
 }
 
+/// Process start to the first byte `cmd` writes on stderr (the guest's boot
+/// marker on the debug console), in ms.
+fn first_marker_ms(cmd: &mut Command) -> f64 {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run the VMM");
+    let mut err = child.stderr.take().expect("stderr");
+    let mut byte = [0u8; 1];
+    loop {
+        std::io::Read::read_exact(&mut err, &mut byte).expect("marker");
+        if byte[0] == b'!' {
+            break;
+        }
+    }
+    let t = start.elapsed();
+    let _ = std::io::copy(&mut err, &mut std::io::sink());
+    let _ = child.wait();
+    t.as_secs_f64() * 1e3
+}
+
 /// Process start to the first `testguest:` line of `cmd`, in ms.
 fn first_line_ms(cmd: &mut Command) -> f64 {
     let start = Instant::now();
@@ -518,6 +543,28 @@ fn main() {
     });
     row(
         "peak RSS of the whole process, MiB (128 MiB guest, booted)",
+        ours,
+        q,
+        Some(floor),
+    );
+    let ours = measure(r, || {
+        first_marker_ms(Command::new(minimal_bin()).arg("--debugcon"))
+    });
+    let q = qemu_stat(&mut || {
+        first_marker_ms(&mut qemu_command(
+            &image,
+            "testguest.run=hello",
+            &[
+                "-chardev",
+                "file,id=dbg,path=/dev/stderr",
+                "-device",
+                "isa-debugcon,iobase=0xe9,chardev=dbg",
+            ],
+        ))
+    });
+    let floor = measure(r, floor_first_instruction);
+    row(
+        "process start to the guest's first instruction, ms (floor: to a 1-instruction VM's end)",
         ours,
         q,
         Some(floor),

@@ -76,6 +76,11 @@ struct Args {
     /// `file=PATH` (output to PATH).
     #[arg(long, value_name = "stdout|file=PATH", value_parser = parse_console)]
     console: Option<ConsoleConfig>,
+    /// Put a debug console on port 0xE9 (as Bochs and QEMU's isa-debugcon),
+    /// its output on stderr. The test guest writes '!' there at its first
+    /// instruction.
+    #[arg(long)]
+    debugcon: bool,
     /// Run without seccomp filters (for debugging: a blocked system call
     /// ends the VMM with status 159 and names the call).
     #[arg(long)]
@@ -199,6 +204,7 @@ fn main() -> ExitCode {
         rng: args.rng,
         console: args.console,
         // This process runs one VM: confine its main thread too.
+        debugcon: args.debugcon,
         seccomp: if args.no_seccomp {
             SeccompPolicy::Disabled
         } else {

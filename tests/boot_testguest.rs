@@ -170,3 +170,20 @@ fn bench_scenarios_report_cycles_per_exit() {
         );
     }
 }
+
+#[test]
+fn debugcon_shows_the_boot_marker_of_the_first_instruction() {
+    require_kvm();
+    let out = run_minimal(&["--debugcon"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        common::stderr(&out).starts_with('!'),
+        "{}",
+        common::stderr(&out)
+    );
+    let quiet = run_minimal(&[]);
+    assert!(
+        !common::stderr(&quiet).contains('!'),
+        "no debug console unless asked"
+    );
+}

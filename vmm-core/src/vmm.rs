@@ -14,8 +14,8 @@ use vm_device::bus::{PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, PioManager};
 use vmm_boot::{boot_guest, BootConfig, BootSetup, ProtocolChoice};
 use vmm_devices::legacy::{
-    DebugExit, Serial, COM1_IRQ, COM1_PORT, COM1_PORT_SIZE, DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_SIZE,
-    I8042, I8042_PORT, I8042_PORT_SIZE,
+    DebugCon, DebugExit, Serial, COM1_IRQ, COM1_PORT, COM1_PORT_SIZE, DEBUGCON_PORT,
+    DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_SIZE, I8042, I8042_PORT, I8042_PORT_SIZE,
 };
 use vmm_devices::EventFdTrigger;
 use vmm_memory::{create_guest_ram, AddressMap, RamBacking, ResourceAllocator};
@@ -73,6 +73,8 @@ pub struct VmConfig {
     pub console: Option<ConsoleConfig>,
     /// Which threads get seccomp filters.
     pub seccomp: SeccompPolicy,
+    /// Put a debug console (port 0xE9) on the bus, writing to stderr.
+    pub debugcon: bool,
 }
 
 impl Default for VmConfig {
@@ -90,6 +92,7 @@ impl Default for VmConfig {
             rng: false,
             console: None,
             seccomp: SeccompPolicy::default(),
+            debugcon: false,
         }
     }
 }
@@ -352,6 +355,11 @@ impl Vmm {
             debug_exit.clone(),
         )
         .map_err(VmmError::Bus)?;
+        if config.debugcon {
+            let con = Arc::new(Mutex::new(DebugCon::new(io::stderr())));
+            bus.register_pio(range(DEBUGCON_PORT, 1)?, con)
+                .map_err(VmmError::Bus)?;
+        }
         attach(&vm, &mut bus, &virtio)?;
 
         let vcpu = vm.create_vcpu(0)?;

@@ -44,6 +44,10 @@ global_asm!(
     .global pvh_start
 pvh_start:
     cli
+    movb $0x21, %al             /* boot marker '!' on the debug console */
+    outb %al, $0xe9
+    movb $0x21, %al             /* boot marker '!' on the debug console */
+    outb %al, $0xe9
     movl %ebx, %esi
     movl %cr4, %eax
     orl $0x620, %eax            /* PAE | OSFXSR | OSXMMEXCPT */
@@ -70,6 +74,8 @@ tg_pvh64:
     .global _start
 _start:
     cli
+    movb $0x21, %al             /* boot marker '!' on the debug console */
+    outb %al, $0xe9
     movl $1, %edi
 
 tg_common64:
