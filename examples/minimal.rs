@@ -11,7 +11,8 @@ use std::process::ExitCode;
 use clap::{Parser, ValueEnum};
 use vmm_kit::boot::{inspect_kernel, BootProtocol, ProtocolChoice};
 use vmm_kit::core::{
-    ConsoleConfig, DiskConfig, KernelSource, SeccompPolicy, VmConfig, Vmm, DEFAULT_CMDLINE,
+    ConsoleConfig, DiskConfig, HostIo, KernelSource, SeccompPolicy, VmBuilder, VmConfig, VmmError,
+    DEFAULT_CMDLINE,
 };
 use vmm_kit::devices::legacy::DEBUG_EXIT_PORT;
 use vmm_kit::memory::RamBacking;
@@ -129,7 +130,7 @@ fn parse_disk(s: &str) -> Result<DiskConfig, String> {
 
 fn parse_console(s: &str) -> Result<ConsoleConfig, String> {
     match s.split_once('=') {
-        None if s == "stdout" => Ok(ConsoleConfig::Stdout),
+        None if s == "stdout" => Ok(ConsoleConfig::Host),
         Some(("file", path)) if !path.is_empty() => Ok(ConsoleConfig::File(PathBuf::from(path))),
         _ => Err("expected stdout or file=PATH".into()),
     }
@@ -167,6 +168,24 @@ fn inspect(path: &PathBuf) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The VM `config` describes, its consoles on this process's stdio: COM1
+/// on stdout, stdin to the virtio console when it is on stdout (else to
+/// COM1), the debug console on stderr. Ctrl-C stops it.
+fn build(config: &VmConfig) -> Result<vmm_kit::core::Vmm, VmmError> {
+    let console_on_stdout = config.console == Some(ConsoleConfig::Host);
+    let stdin = || Some(Box::new(std::io::stdin()) as Box<dyn std::io::Read + Send>);
+    let io = HostIo {
+        serial_out: Box::new(std::io::stdout()),
+        serial_in: if console_on_stdout { None } else { stdin() },
+        console_out: Some(Box::new(std::io::stdout())),
+        console_in: if console_on_stdout { stdin() } else { None },
+        debugcon_out: Some(Box::new(std::io::stderr())),
+    };
+    let mut builder = VmBuilder::from_config(config, io)?;
+    builder.stop_on_signals(&[libc::SIGINT]);
+    builder.build()
 }
 
 fn main() -> ExitCode {
@@ -211,24 +230,13 @@ fn main() -> ExitCode {
             SeccompPolicy::VmmThreadsAndCaller
         },
     };
-    let stdin_to_console = config.console == Some(ConsoleConfig::Stdout);
-    let vmm = match Vmm::new(&config, Box::new(std::io::stdout())) {
+    let vmm = match build(&config) {
         Ok(v) => v,
         Err(e) => {
             report(&e);
             return ExitCode::FAILURE;
         }
     };
-    if let Err(e) = vmm.stop_on_sigint() {
-        log::warn!("Ctrl-C will not stop the VM cleanly: {e}");
-    }
-    // stdin goes to the virtio-console when it is on stdout, else to COM1.
-    if !stdin_to_console {
-        if let Err(e) = vmm.forward_serial_input(std::io::stdin()) {
-            report(&e);
-            return ExitCode::FAILURE;
-        }
-    }
     match vmm.run() {
         Ok(exit) => {
             let _ = std::io::stdout().flush();

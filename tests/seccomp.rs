@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use vmm_kit::core::seccomp::{spawn_confined, ThreadKind};
+use vmm_kit::core::seccomp::{program, spawn_confined, ThreadKind};
 use vmm_sys_util::eventfd::EventFd;
 
 const CHILD_ENV: &str = "VMM_KIT_SECCOMP_CHILD";
@@ -23,7 +23,8 @@ fn kind_named(name: &str) -> ThreadKind {
 fn child(kind: &str, what: &str) -> ! {
     let evt = EventFd::new(0).expect("eventfd");
     let what = what.to_string();
-    let h = spawn_confined("confined".into(), kind_named(kind), true, move || {
+    let filter = program(kind_named(kind)).expect("filter");
+    let h = spawn_confined("confined".into(), Some(filter), move || {
         evt.write(5).expect("eventfd write is allowed");
         assert_eq!(evt.read().expect("eventfd read is allowed"), 5);
         eprintln!("allowed calls passed");

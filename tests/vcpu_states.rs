@@ -4,7 +4,6 @@
 mod common;
 
 use std::io::Cursor;
-use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,12 +11,12 @@ use common::{require_kvm, SharedBuf};
 use vm_device::bus::{PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, PioManager};
 use vmm_kit::boot::{boot_guest, BootConfig, ProtocolChoice};
-use vmm_kit::core::vcpu::{VcpuCommand, VcpuEvent, VcpuHandle};
-use vmm_kit::core::{StopReason, Vm};
+use vmm_kit::core::seccomp::{program, ThreadKind};
+use vmm_kit::core::vcpu::{VcpuCommand, VcpuHandle, VcpuState};
+use vmm_kit::core::{StopReason, Vm, VmEvent, VmEventSender};
 use vmm_kit::devices::legacy::{Serial, COM1_PORT, COM1_PORT_SIZE};
 use vmm_kit::devices::EventFdTrigger;
 use vmm_kit::memory::{create_guest_ram, AddressMap, RamBacking};
-use vmm_sys_util::eventfd::EventFd;
 
 #[test]
 fn vcpu_pauses_resumes_and_exits_on_command_and_returns_its_state() {
@@ -51,38 +50,39 @@ fn vcpu_pauses_resumes_and_exits_on_command_and_returns_its_state() {
     let vcpu = vm.create_vcpu(0).expect("vcpu");
     vcpu.configure(vm.kvm(), &setup.cpu).expect("configure");
 
-    let (tx, rx) = channel();
-    let notify = EventFd::new(0).expect("eventfd");
+    let (events, rx) = VmEventSender::channel();
     let handle = VcpuHandle::spawn(
         vcpu,
         Arc::new(bus),
         mem,
-        tx,
-        notify.try_clone().expect("clone"),
-        true, // under its seccomp filter, as in the VMM
+        events,
+        // Under its seccomp filter, as in the VMM.
+        Some(program(ThreadKind::Vcpu).expect("filter")),
     )
     .expect("spawn");
 
     out.wait_for("testguest: spin", Duration::from_secs(30));
     let timeout = Duration::from_secs(10);
     handle.send(VcpuCommand::Pause);
-    assert!(matches!(rx.recv_timeout(timeout), Ok(VcpuEvent::Paused(0))));
+    assert_eq!(
+        handle.wait_for(|s| s != VcpuState::Running, timeout),
+        Some(VcpuState::Paused)
+    );
     handle.send(VcpuCommand::Resume);
-    assert!(matches!(
-        rx.recv_timeout(timeout),
-        Ok(VcpuEvent::Resumed(0))
-    ));
-    // Each event is announced on the eventfd after it is sent: count the
-    // announcements (the blocking read returns once at least one is in).
-    let mut announced = 0;
-    while announced < 2 {
-        announced += notify.read().expect("notified");
-    }
+    assert_eq!(
+        handle.wait_for(|s| s != VcpuState::Paused, timeout),
+        Some(VcpuState::Running)
+    );
+    assert!(rx.try_recv().is_err(), "pausing is not an end");
 
     let vcpu = handle.join(timeout).expect("vCPU handed back");
+    assert_eq!(handle.state(), VcpuState::Exited);
     assert!(matches!(
         rx.recv_timeout(timeout),
-        Ok(VcpuEvent::Stopped(0, Ok(StopReason::Requested)))
+        Ok(VmEvent::VcpuStopped {
+            id: 0,
+            result: Ok(StopReason::Requested)
+        })
     ));
     // The guest was stopped in its CPL3 spin loop, inside the image.
     let regs = vcpu.fd().get_regs().expect("regs");

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{minimal_bin, require_kvm, SharedBuf};
-use vmm_kit::core::{KernelSource, VmConfig, VmExit, Vmm};
+use vmm_kit::core::{HostIo, KernelSource, VmConfig, VmEvent, VmExit, Vmm};
 use vmm_kit::testguest::parse_output;
 
 fn config(cmdline: &str) -> VmConfig {
@@ -26,7 +26,7 @@ fn library_vmm_runs_the_guest_and_returns_its_status() {
     let out = SharedBuf::default();
     let vmm = Vmm::new(
         &config("testguest.run=hello,exit testguest.exit=7"),
-        Box::new(out.clone()),
+        HostIo::serial(Box::new(out.clone())),
     )
     .expect("build");
     assert_eq!(
@@ -45,17 +45,59 @@ fn library_vmm_runs_the_guest_and_returns_its_status() {
 }
 
 #[test]
-fn stop_handle_ends_a_spinning_guest() {
+fn a_handle_pauses_resumes_and_stops_a_spinning_guest_from_another_thread() {
     require_kvm();
     let out = SharedBuf::default();
-    let vmm = Vmm::new(&config("testguest.run=spin"), Box::new(out.clone())).expect("build");
-    let stop = vmm.stop_handle();
-    let runner = std::thread::spawn(move || vmm.run());
+    let vmm = Vmm::new(
+        &config("testguest.run=spin"),
+        HostIo::serial(Box::new(out.clone())),
+    )
+    .expect("build");
+    let handle = vmm.handle();
+    assert!(
+        handle.pause().is_err(),
+        "a VM that has not started cannot pause"
+    );
+    let running = vmm.start().expect("start");
     out.wait_for("testguest: spin", Duration::from_secs(30));
-    stop.stop();
-    let exit = runner.join().expect("run thread").expect("run");
+    let controller = std::thread::spawn(move || {
+        handle.pause().expect("pause");
+        assert!(handle.is_paused());
+        handle.pause().expect("a second pause is a no-op");
+        handle.resume().expect("resume");
+        assert!(!handle.is_paused());
+        handle.stop();
+    });
+    let exit = running.wait().expect("run");
+    controller.join().expect("controller thread");
     assert_eq!(exit, VmExit::Interrupted);
     assert_eq!(exit.exit_code(), 130);
+}
+
+#[test]
+fn a_paused_guest_makes_no_progress_and_stops_while_paused() {
+    require_kvm();
+    let out = SharedBuf::default();
+    let vmm = Vmm::new(
+        &config("testguest.run=spin"),
+        HostIo::serial(Box::new(out.clone())),
+    )
+    .expect("build");
+    let handle = vmm.handle();
+    let running = vmm.start().expect("start");
+    out.wait_for("testguest: spin", Duration::from_secs(30));
+    handle.pause().expect("pause");
+    let events = handle.events();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        events.send(VmEvent::GuestStatus(5));
+    });
+    let (exit, stopped) = running.wait_and_keep().expect("run");
+    assert_eq!(exit, VmExit::GuestStatus(5), "an event ends a paused VM");
+    let regs = stopped.vcpus[0].fd().get_regs().expect("regs");
+    let sregs = stopped.vcpus[0].fd().get_sregs().expect("sregs");
+    assert_eq!(sregs.cs.selector & 3, 3, "stopped in the CPL3 spin loop");
+    assert_ne!(regs.rip, 0);
 }
 
 #[test]

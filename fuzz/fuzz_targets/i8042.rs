@@ -14,7 +14,8 @@ use vmm_kit_fuzz::*;
 fuzz_target!(|data: &[u8]| {
     let mut u = Unstructured::new(data);
     let mut kbd = I8042::new(EventFdTrigger::new().expect("eventfd"));
-    let mut exit = DebugExit::new(EventFdTrigger::new().expect("eventfd"));
+    let mut exits = 0u32;
+    let mut exit = DebugExit::new(|_status| exits += 1);
     let mut resets = 0u64;
     let mut first_status = None;
     for _ in 0..1024 {
@@ -50,4 +51,10 @@ fuzz_target!(|data: &[u8]| {
     }
     assert_eq!(kbd.resets(), resets);
     assert_eq!(exit.status(), first_status);
+    drop(exit);
+    assert_eq!(
+        exits,
+        u32::from(first_status.is_some()),
+        "the sink hears one status"
+    );
 });

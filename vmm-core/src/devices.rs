@@ -1,21 +1,20 @@
-//! Virtio devices of a [`Vmm`](crate::Vmm): built from the configuration,
-//! placed by the resource allocator, announced on the kernel command line and
-//! wired to KVM (ioeventfds for notifications, irqfds for interrupts).
+//! Devices of a VM: the virtio-mmio slot every virtio device sits in (its
+//! window, interrupt line, ioeventfds, irqfd and command-line entry), the
+//! typed handle its owner keeps, and the plain descriptions of the built-in
+//! devices that [`VmConfig`](crate::VmConfig) carries.
 
-use std::fs::OpenOptions;
 use std::io;
+use std::marker::PhantomData;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::IoEventAddress;
 use vm_device::bus::{MmioAddress, MmioRange};
 use vm_device::device_manager::{IoManager, MmioManager};
-use vmm_devices::virtio::block::{Block, BlockError};
-use vmm_devices::virtio::console::{Console, ConsoleInput};
+use vmm_devices::virtio::block::BlockError;
 use vmm_devices::virtio::mmio::{
     MmioEventHandler, MmioTransport, TransportError, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET,
 };
-use vmm_devices::virtio::rng::Rng;
 use vmm_devices::virtio::VirtioDevice;
 use vmm_devices::EventFdTrigger;
 use vmm_memory::{AllocatorError, GuestRam, GuestRange, ResourceAllocator};
@@ -37,13 +36,15 @@ pub struct DiskConfig {
 /// Where a virtio console goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConsoleConfig {
-    /// Output to the VMM's stdout, input from its stdin.
-    Stdout,
+    /// The host I/O given to the builder
+    /// ([`HostIo::console_out`](crate::HostIo::console_out) and
+    /// [`HostIo::console_in`](crate::HostIo::console_in)).
+    Host,
     /// Output to a file (created or truncated), no input.
     File(PathBuf),
 }
 
-/// Why a virtio device could not be set up.
+/// Why a device could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     /// A disk could not be opened.
@@ -64,8 +65,8 @@ pub enum DeviceError {
         #[source]
         source: io::Error,
     },
-    /// The console input thread could not start.
-    #[error("cannot start the console input")]
+    /// The console input could not be set up.
+    #[error("cannot set up the console input")]
     ConsoleInput(#[source] io::Error),
     /// No MMIO window or interrupt line was left.
     #[error("no resources left for a device")]
@@ -79,23 +80,74 @@ pub enum DeviceError {
     /// KVM refused an ioeventfd or irqfd.
     #[error("cannot wire the device to KVM")]
     Kvm(#[from] VmError),
-    /// The MMIO bus refused the device.
-    #[error("cannot place the device on the MMIO bus")]
-    Bus(#[source] vm_device::bus::Error),
+    /// A device's range clashes with another's, or is not a valid range.
+    #[error("{name} at {base:#x} (+{size:#x}) overlaps another device or is not a valid range")]
+    Bus {
+        /// The device being placed.
+        name: String,
+        /// Its first address.
+        base: u64,
+        /// Its size.
+        size: u64,
+        /// The bus's reason.
+        #[source]
+        source: vm_device::bus::Error,
+    },
+    /// A device lock was poisoned by a panic on another thread.
+    #[error("the lock of {0} is poisoned")]
+    Poisoned(&'static str),
 }
+
+/// The transport of a virtio device in a VM.
+pub type Transport = MmioTransport<GuestRam>;
 
 /// One virtio-mmio device in the VM.
 pub struct VirtioSlot {
-    /// Its MMIO window.
-    pub window: GuestRange,
-    /// Its interrupt line.
-    pub irq: u32,
+    window: GuestRange,
+    irq: u32,
     irq_evt: EventFdTrigger,
-    /// The transport (and the device inside).
-    pub transport: Arc<Mutex<MmioTransport<GuestRam>>>,
+    transport: Arc<Mutex<Transport>>,
 }
 
 impl VirtioSlot {
+    /// Puts `device` on a transport in a fresh MMIO window with a fresh
+    /// interrupt line, both from `resources`.
+    pub fn place(
+        device: Box<dyn VirtioDevice<GuestRam>>,
+        memory: &GuestRam,
+        resources: &mut ResourceAllocator,
+    ) -> Result<Self, DeviceError> {
+        let window = resources.allocate_mmio(MMIO_WINDOW_SIZE)?;
+        let irq = resources.allocate_irq()?;
+        let irq_evt = EventFdTrigger::new().map_err(DeviceError::EventFd)?;
+        let transport = MmioTransport::new(
+            device,
+            memory.clone(),
+            irq_evt.try_clone().map_err(DeviceError::EventFd)?,
+        )?;
+        Ok(Self {
+            window,
+            irq,
+            irq_evt,
+            transport: Arc::new(Mutex::new(transport)),
+        })
+    }
+
+    /// Its MMIO window.
+    pub fn window(&self) -> GuestRange {
+        self.window
+    }
+
+    /// Its interrupt line (a GSI of the in-kernel IOAPIC).
+    pub fn irq(&self) -> u32 {
+        self.irq
+    }
+
+    /// The transport, with the device inside.
+    pub fn transport(&self) -> &Arc<Mutex<Transport>> {
+        &self.transport
+    }
+
     /// The `virtio_mmio.device=` command line entry that announces it.
     pub fn cmdline_entry(&self) -> String {
         format!(
@@ -105,104 +157,89 @@ impl VirtioSlot {
             self.irq
         )
     }
-}
 
-fn place(
-    device: Box<dyn VirtioDevice<GuestRam>>,
-    memory: &GuestRam,
-    resources: &mut ResourceAllocator,
-) -> Result<VirtioSlot, DeviceError> {
-    let window = resources.allocate_mmio(MMIO_WINDOW_SIZE)?;
-    let irq = resources.allocate_irq()?;
-    let irq_evt = EventFdTrigger::new().map_err(DeviceError::EventFd)?;
-    let transport = MmioTransport::new(
-        device,
-        memory.clone(),
-        irq_evt.try_clone().map_err(DeviceError::EventFd)?,
-    )?;
-    Ok(VirtioSlot {
-        window,
-        irq,
-        irq_evt,
-        transport: Arc::new(Mutex::new(transport)),
-    })
-}
-
-/// Builds the configured devices, in a stable order: disks, rng, console.
-/// Returns them and, for a console on stdout, the handle its stdin pump
-/// feeds.
-pub fn build_virtio(
-    disks: &[DiskConfig],
-    rng: bool,
-    console: Option<&ConsoleConfig>,
-    memory: &GuestRam,
-    resources: &mut ResourceAllocator,
-) -> Result<(Vec<VirtioSlot>, Option<ConsoleInput>), DeviceError> {
-    let mut slots = Vec::new();
-    let mut input = None;
-    for d in disks {
-        let dev = Block::open(&d.path, d.read_only, d.serial.as_deref()).map_err(|source| {
-            DeviceError::Disk {
-                path: d.path.clone(),
-                source,
-            }
-        })?;
-        slots.push(place(Box::new(dev), memory, resources)?);
-    }
-    if rng {
-        slots.push(place(Box::new(Rng::new()), memory, resources)?);
-    }
-    if let Some(c) = console {
-        let dev = match c {
-            ConsoleConfig::Stdout => {
-                let (dev, feed) = Console::with_input(Box::new(io::stdout()))
-                    .map_err(DeviceError::ConsoleInput)?;
-                input = Some(feed);
-                dev
-            }
-            ConsoleConfig::File(path) => {
-                let f = OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(path)
-                    .map_err(|source| DeviceError::ConsoleFile {
-                        path: path.clone(),
-                        source,
-                    })?;
-                Console::new(Box::new(f))
-            }
-        };
-        slots.push(place(Box::new(dev), memory, resources)?);
-    }
-    Ok((slots, input))
-}
-
-/// Wires the devices to KVM and the MMIO bus.
-pub fn attach(vm: &Vm, bus: &mut IoManager, slots: &[VirtioSlot]) -> Result<(), DeviceError> {
-    for slot in slots {
-        vm.register_irqfd(slot.irq_evt.eventfd(), slot.irq)?;
-        let t = slot
+    /// Wires the slot to KVM (irqfd; an ioeventfd per queue on the notify
+    /// register) and to the MMIO bus.
+    pub fn attach(&self, vm: &Vm, bus: &mut IoManager) -> Result<(), DeviceError> {
+        vm.register_irqfd(self.irq_evt.eventfd(), self.irq)?;
+        let t = self
             .transport
             .lock()
-            .map_err(|_| DeviceError::EventFd(io::Error::other("poisoned lock")))?;
-        let notify = IoEventAddress::Mmio(slot.window.start() + NOTIFY_REG_OFFSET);
+            .map_err(|_| DeviceError::Poisoned("a virtio transport"))?;
+        let notify = IoEventAddress::Mmio(self.window.start() + NOTIFY_REG_OFFSET);
         for (i, evt) in t.queue_events().iter().enumerate() {
             vm.register_ioevent(evt, &notify, i as u32)?;
         }
+        let name = format!("virtio device type {}", t.device().device_type());
         drop(t);
-        let range = MmioRange::new(MmioAddress(slot.window.start()), slot.window.len())
-            .map_err(DeviceError::Bus)?;
-        bus.register_mmio(range, slot.transport.clone())
-            .map_err(DeviceError::Bus)?;
+        let bus_err = |source| DeviceError::Bus {
+            name: name.clone(),
+            base: self.window.start(),
+            size: self.window.len(),
+            source,
+        };
+        let range =
+            MmioRange::new(MmioAddress(self.window.start()), self.window.len()).map_err(bus_err)?;
+        bus.register_mmio(range, self.transport.clone())
+            .map_err(bus_err)
     }
-    Ok(())
+
+    /// The event loop subscriber that serves its queues and events.
+    pub fn subscriber(&self) -> Subscriber {
+        Box::new(MmioEventHandler::new(self.transport.clone()))
+    }
 }
 
-/// The event loop subscribers of the devices.
-pub fn subscribers(slots: &[VirtioSlot]) -> Vec<Subscriber> {
-    slots
-        .iter()
-        .map(|s| Box::new(MmioEventHandler::new(s.transport.clone())) as Subscriber)
-        .collect()
+/// The owner's typed handle on a virtio device it gave to a VM: reach the
+/// device (as its own type) while the VM runs or after it ended.
+pub struct VirtioHandle<D> {
+    window: GuestRange,
+    irq: u32,
+    transport: Arc<Mutex<Transport>>,
+    device: PhantomData<fn() -> D>,
+}
+
+impl<D> Clone for VirtioHandle<D> {
+    fn clone(&self) -> Self {
+        Self {
+            window: self.window,
+            irq: self.irq,
+            transport: self.transport.clone(),
+            device: PhantomData,
+        }
+    }
+}
+
+impl<D: VirtioDevice<GuestRam>> VirtioHandle<D> {
+    pub(crate) fn new(slot: &VirtioSlot) -> Self {
+        Self {
+            window: slot.window,
+            irq: slot.irq,
+            transport: slot.transport.clone(),
+            device: PhantomData,
+        }
+    }
+
+    /// Runs `f` on the device (holding its transport's lock: keep it short,
+    /// the device's queues wait meanwhile). `None` if the lock is poisoned.
+    pub fn with<R>(&self, f: impl FnOnce(&mut D) -> R) -> Option<R> {
+        let mut t = self.transport.lock().ok()?;
+        t.device_as_mut::<D>().map(f)
+    }
+
+    /// The transport, with the device inside (its state, the driver's
+    /// status).
+    pub fn transport(&self) -> &Arc<Mutex<Transport>> {
+        &self.transport
+    }
+
+    /// Its MMIO window.
+    pub fn window(&self) -> GuestRange {
+        self.window
+    }
+
+    /// Its interrupt line.
+    pub fn irq(&self) -> u32 {
+        self.irq
+    }
 }

@@ -1,17 +1,19 @@
 //! The KVM binding of the crate family: the VM (memslots, irqchip, PIT,
 //! irqfds), vCPUs set up from [`vmm_boot`]'s plain boot state, the vCPU
-//! thread with a pure exit handler dispatching to the vm-device bus, and a
-//! [`Vmm`] that puts a whole guest together and waits for its end.
+//! thread with a pure exit handler dispatching to the vm-device bus, the
+//! device event loop, and the [`VmBuilder`] that assembles a whole VM from
+//! parts (the built-in devices and your own alike) into a [`Vmm`] that runs,
+//! pauses, resumes and stops on typed [`VmEvent`]s.
 //!
 //! ```no_run
-//! use vmm_core::{KernelSource, VmConfig, Vmm};
+//! use vmm_core::{HostIo, KernelSource, VmConfig, Vmm};
 //!
 //! let config = VmConfig {
 //!     kernel: KernelSource::Bytes(vmm_testguest::IMAGE),
 //!     cmdline: "testguest.run=hello".into(),
 //!     ..VmConfig::default()
 //! };
-//! let vmm = Vmm::new(&config, Box::new(std::io::stdout()))?;
+//! let vmm = Vmm::new(&config, HostIo::serial(Box::new(std::io::stdout())))?;
 //! let exit = vmm.run()?;
 //! std::process::exit(exit.exit_code().into());
 //! # Ok::<(), vmm_core::VmmError>(())
@@ -19,15 +21,22 @@
 
 #![deny(missing_docs)]
 
+mod builder;
+mod config;
 pub mod devices;
 pub mod event_loop;
+mod events;
 pub mod seccomp;
 pub mod vcpu;
 pub mod vm;
 mod vmm;
 
-pub use devices::{ConsoleConfig, DeviceError, DiskConfig};
-pub use seccomp::SeccompPolicy;
+pub use builder::VmBuilder;
+pub use config::{HostIo, KernelSource, VmConfig, DEFAULT_CMDLINE};
+pub use devices::{ConsoleConfig, DeviceError, DiskConfig, Transport, VirtioHandle, VirtioSlot};
+pub use event_loop::{EventLoop, EventLoopError, Subscriber};
+pub use events::{EventTrigger, StopCause, VmEvent, VmEventSender, VmExit};
+pub use seccomp::{SeccompPolicy, ThreadKind};
 pub use vcpu::{handle_exit, StopReason, Vcpu, VcpuEmulation, VcpuError};
 pub use vm::{Vm, VmError};
-pub use vmm::{KernelSource, StopHandle, VmConfig, VmExit, Vmm, VmmError, DEFAULT_CMDLINE};
+pub use vmm::{ControlError, RunningVm, StoppedVm, VmHandle, Vmm, VmmError};

@@ -29,7 +29,7 @@ use seccompiler::{
 use vmm_sys_util::signal::register_signal_handler;
 
 /// The kinds of VMM thread, each with its own allowlist.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ThreadKind {
     /// A vCPU thread.
     Vcpu,
@@ -39,6 +39,16 @@ pub enum ThreadKind {
     Input,
     /// The thread that built the VM and waits for it.
     Main,
+}
+
+impl ThreadKind {
+    /// Every kind.
+    pub const ALL: [ThreadKind; 4] = [
+        ThreadKind::Vcpu,
+        ThreadKind::EventLoop,
+        ThreadKind::Input,
+        ThreadKind::Main,
+    ];
 }
 
 /// Why a filter could not be installed.
@@ -109,7 +119,10 @@ const COMMON: &[i64] = &[
     libc::SYS_exit_group,
 ];
 
-fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
+fn rules(
+    kind: ThreadKind,
+    extra_calls: &[i64],
+) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
     let mut map: BTreeMap<i64, Vec<SeccompRule>> =
         COMMON.iter().map(|&s| (s, Vec::new())).collect();
     let extra: &[i64] = match kind {
@@ -131,7 +144,7 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompErr
         ThreadKind::Input => &[],
         ThreadKind::Main => &[libc::SYS_tgkill],
     };
-    for &s in extra {
+    for &s in extra.iter().chain(extra_calls) {
         map.insert(s, Vec::new());
     }
     if kind == ThreadKind::Vcpu {
@@ -154,8 +167,16 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompErr
 
 /// The BPF program of `kind`'s filter.
 pub fn program(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
+    program_with(kind, &[])
+}
+
+/// The BPF program of `kind`'s filter, also allowing `extra_calls` (system
+/// call numbers, `libc::SYS_*`) with any arguments: what a device's own
+/// code on that thread needs. A call the base filter restricts by argument
+/// (`ioctl` on vCPU threads) keeps its restriction.
+pub fn program_with(kind: ThreadKind, extra_calls: &[i64]) -> Result<BpfProgram, SeccompError> {
     let filter = SeccompFilter::new(
-        rules(kind)?,
+        rules(kind, extra_calls)?,
         SeccompAction::Trap,
         SeccompAction::Allow,
         TargetArch::x86_64,
@@ -198,12 +219,45 @@ extern "C" fn sigsys_handler(_: c_int, info: *mut siginfo_t, _: *mut c_void) {
 /// Installs `kind`'s filter on the calling thread (and the threads it will
 /// create). The filter cannot be removed.
 pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
+    install_program(&program(kind)?)
+}
+
+/// Installs a compiled filter on the calling thread (and the threads it will
+/// create), with the SIGSYS handler that names a blocked call.
+pub fn install_program(prog: &BpfProgram) -> Result<(), SeccompError> {
     static HANDLER: Once = Once::new();
     let mut handler_result = Ok(());
     HANDLER.call_once(|| handler_result = register_signal_handler(libc::SIGSYS, sigsys_handler));
     handler_result.map_err(SeccompError::Handler)?;
-    let prog = program(kind)?;
-    apply_filter(&prog).map_err(SeccompError::Apply)
+    apply_filter(prog).map_err(SeccompError::Apply)
+}
+
+/// The compiled filter of each kind of thread, with the extra system calls
+/// a VM's devices asked for; `None` everywhere when filters are off.
+#[derive(Clone, Debug, Default)]
+pub struct ThreadFilters {
+    programs: BTreeMap<u8, BpfProgram>,
+}
+
+impl ThreadFilters {
+    /// No filters.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Every kind's filter, each with `extra(kind)` allowed as well.
+    pub fn build(extra: impl Fn(ThreadKind) -> Vec<i64>) -> Result<Self, SeccompError> {
+        let mut programs = BTreeMap::new();
+        for kind in ThreadKind::ALL {
+            programs.insert(kind as u8, program_with(kind, &extra(kind))?);
+        }
+        Ok(Self { programs })
+    }
+
+    /// `kind`'s filter, if filters are on.
+    pub fn get(&self, kind: ThreadKind) -> Option<&BpfProgram> {
+        self.programs.get(&(kind as u8))
+    }
 }
 
 #[cfg(test)]
@@ -217,6 +271,30 @@ mod tests {
         assert_eq!(KVM_GET_REGS, 0x8090_ae81);
         assert_eq!(KVM_GET_SREGS, 0x8138_ae83);
         assert_eq!(KVM_TRANSLATE, 0xc018_ae85);
+    }
+
+    #[test]
+    fn extra_calls_are_added_but_do_not_lift_argument_checks() {
+        let r = rules(ThreadKind::EventLoop, &[libc::SYS_sendmsg]).unwrap();
+        assert!(r.contains_key(&libc::SYS_sendmsg));
+        let r = rules(ThreadKind::Vcpu, &[libc::SYS_ioctl]).unwrap();
+        assert_eq!(
+            r[&libc::SYS_ioctl].len(),
+            4,
+            "still only the four KVM ioctls"
+        );
+        let filters = ThreadFilters::build(|k| {
+            if k == ThreadKind::Input {
+                vec![libc::SYS_sendmsg]
+            } else {
+                Vec::new()
+            }
+        })
+        .unwrap();
+        for kind in ThreadKind::ALL {
+            assert!(filters.get(kind).is_some());
+        }
+        assert!(ThreadFilters::none().get(ThreadKind::Vcpu).is_none());
     }
 
     #[test]
@@ -235,7 +313,7 @@ mod tests {
     fn only_vcpus_may_ioctl_and_no_thread_may_open_or_exec() {
         for kind in [ThreadKind::EventLoop, ThreadKind::Input, ThreadKind::Main] {
             assert!(
-                !rules(kind).unwrap().contains_key(&libc::SYS_ioctl),
+                !rules(kind, &[]).unwrap().contains_key(&libc::SYS_ioctl),
                 "{kind:?}"
             );
         }
@@ -245,7 +323,7 @@ mod tests {
             ThreadKind::Input,
             ThreadKind::Main,
         ] {
-            let r = rules(kind).unwrap();
+            let r = rules(kind, &[]).unwrap();
             for forbidden in [
                 libc::SYS_open,
                 libc::SYS_openat,
@@ -303,13 +381,12 @@ pub enum SpawnError {
     },
 }
 
-/// Starts thread `name` that installs `kind`'s filter (when `confine`)
-/// before running `f`, and returns once the filter is in place. The thread
-/// returns `None` if it could not install it.
+/// Starts thread `name` that installs `filter` (when given) before running
+/// `f`, and returns once the filter is in place. The thread returns `None`
+/// if it could not install it.
 pub fn spawn_confined<T, F>(
     name: String,
-    kind: ThreadKind,
-    confine: bool,
+    filter: Option<BpfProgram>,
     f: F,
 ) -> Result<std::thread::JoinHandle<Option<T>>, SpawnError>
 where
@@ -320,7 +397,10 @@ where
     let handle = std::thread::Builder::new()
         .name(name.clone())
         .spawn(move || {
-            let installed = if confine { install(kind) } else { Ok(()) };
+            let installed = match &filter {
+                Some(p) => install_program(p),
+                None => Ok(()),
+            };
             let ok = installed.is_ok();
             let _ = tx.send(installed);
             ok.then(f)

@@ -1,134 +1,34 @@
-//! A complete single-vCPU VM: guest RAM, the boot, the legacy devices on the
-//! port bus, the vCPU thread, and the wait for the guest's end.
+//! A whole VM: [`Vmm`] (built, not yet running), [`RunningVm`] (its threads
+//! started) and [`VmHandle`] (stop, pause and resume from any thread).
 
-use std::fs::File;
-use std::io::{self, Cursor, Read, Write};
-use std::path::{Path, PathBuf};
+use std::io::{self, Write};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::mpsc::{channel, Receiver};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use libc::{c_int, c_void, siginfo_t};
-use vm_device::bus::{PioAddress, PioRange};
-use vm_device::device_manager::{IoManager, PioManager};
-use vmm_boot::{boot_guest, BootConfig, BootSetup, ProtocolChoice};
-use vmm_devices::legacy::{
-    DebugCon, DebugExit, Serial, COM1_IRQ, COM1_PORT, COM1_PORT_SIZE, DEBUGCON_PORT,
-    DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_SIZE, I8042, I8042_PORT, I8042_PORT_SIZE,
-};
+use vm_device::device_manager::IoManager;
+use vmm_boot::BootSetup;
+use vmm_devices::legacy::Serial;
 use vmm_devices::EventFdTrigger;
-use vmm_memory::{create_guest_ram, AddressMap, RamBacking, ResourceAllocator};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::register_signal_handler;
 
-use crate::devices::{
-    attach, build_virtio, subscribers, ConsoleConfig, DeviceError, DiskConfig, VirtioSlot,
-};
-use crate::event_loop::{EventLoop, EventLoopError};
-use crate::seccomp::{self, spawn_confined, SeccompError, SeccompPolicy, SpawnError, ThreadKind};
-use crate::vcpu::{StopReason, Vcpu, VcpuError, VcpuEvent, VcpuHandle};
+use crate::devices::{DeviceError, VirtioSlot};
+use crate::event_loop::{EventLoop, EventLoopError, Subscriber};
+use crate::events::{StopCause, VmEvent, VmEventSender, VmExit};
+use crate::seccomp::{self, spawn_confined, SeccompError, SeccompPolicy, SpawnError};
+use crate::seccomp::{ThreadFilters, ThreadKind};
+use crate::vcpu::{StopReason, Vcpu, VcpuCommand, VcpuError, VcpuHandle, VcpuState};
 use crate::vm::{Vm, VmError};
 
-/// Default kernel command line: what a Linux guest needs on this machine
-/// model (serial console, reset through the i8042, reboot on panic).
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+/// How long stopping, pausing or resuming waits for each vCPU thread.
+const VCPU_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long [`Vmm::run`] waits for a vCPU thread to leave the guest.
-const VCPU_JOIN_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Where the kernel comes from.
-#[derive(Clone, Debug)]
-pub enum KernelSource {
-    /// An image file.
-    Path(PathBuf),
-    /// An image in memory (such as the embedded test guest).
-    Bytes(&'static [u8]),
-}
-
-/// What to build.
-#[derive(Clone, Debug)]
-pub struct VmConfig {
-    /// Guest RAM in MiB.
-    pub mem_mib: u64,
-    /// Number of vCPUs (only 1 for now).
-    pub vcpus: u8,
-    /// The kernel.
-    pub kernel: KernelSource,
-    /// An initrd file.
-    pub initrd: Option<PathBuf>,
-    /// The kernel command line.
-    pub cmdline: String,
-    /// The boot protocol.
-    pub protocol: ProtocolChoice,
-    /// What backs guest RAM.
-    pub ram_backing: RamBacking,
-    /// The debug-exit port.
-    pub exit_port: u16,
-    /// virtio-blk disks.
-    pub disks: Vec<DiskConfig>,
-    /// A virtio-rng device.
-    pub rng: bool,
-    /// A virtio-console.
-    pub console: Option<ConsoleConfig>,
-    /// Which threads get seccomp filters.
-    pub seccomp: SeccompPolicy,
-    /// Put a debug console (port 0xE9) on the bus, writing to stderr.
-    pub debugcon: bool,
-}
-
-impl Default for VmConfig {
-    fn default() -> Self {
-        Self {
-            mem_mib: 128,
-            vcpus: 1,
-            kernel: KernelSource::Bytes(&[]),
-            initrd: None,
-            cmdline: DEFAULT_CMDLINE.to_string(),
-            protocol: ProtocolChoice::Auto,
-            ram_backing: RamBacking::Anonymous,
-            exit_port: DEBUG_EXIT_PORT,
-            disks: Vec::new(),
-            rng: false,
-            console: None,
-            seccomp: SeccompPolicy::default(),
-            debugcon: false,
-        }
-    }
-}
-
-/// How the VM ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum VmExit {
-    /// The guest wrote this status to the debug-exit port.
-    GuestStatus(u8),
-    /// The guest asked for a reset (i8042 command 0xFE or a reset event).
-    Reset,
-    /// The guest triple-faulted (the x86 CPU reset).
-    TripleFault,
-    /// The guest powered off.
-    PowerOff,
-    /// The vCPU halted with nothing to wake it.
-    Halted,
-    /// The guest reported a crash.
-    Crash,
-    /// The VMM was told to stop (Ctrl-C or [`StopHandle::stop`]).
-    Interrupted,
-}
-
-impl VmExit {
-    /// The process exit code a VMM should end with: the guest's status when
-    /// it gave one, 0 for a reset, triple fault, power-off or halt, 1 for a
-    /// crash and 130 for an interruption (as a shell reports Ctrl-C).
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            VmExit::GuestStatus(s) => *s,
-            VmExit::Reset | VmExit::TripleFault | VmExit::PowerOff | VmExit::Halted => 0,
-            VmExit::Crash => 1,
-            VmExit::Interrupted => 130,
-        }
-    }
-}
+pub(crate) type SerialDevice = Serial<EventFdTrigger, Box<dyn Write + Send>>;
 
 /// Why a VM could not be built or run.
 #[derive(Debug, thiserror::Error)]
@@ -182,212 +82,336 @@ pub enum VmmError {
     /// An eventfd could not be created.
     #[error("cannot create an eventfd")]
     EventFd(#[source] io::Error),
-    /// A device could not be put on the bus.
-    #[error("cannot place a device on the I/O bus")]
-    Bus(#[source] vm_device::bus::Error),
-    /// A virtio device could not be set up.
-    #[error("cannot set up a virtio device")]
+    /// A device could not be set up.
+    #[error("cannot set up a device")]
     Device(#[from] DeviceError),
     /// The device event loop could not start.
     #[error("cannot start the device event loop")]
     EventLoop(#[source] EventLoopError),
     /// A helper thread could not start.
     #[error("cannot start a VMM thread")]
-    Spawn(#[source] SpawnError),
-    /// A seccomp filter could not be installed.
+    Spawn(#[from] SpawnError),
+    /// A seccomp filter could not be built or installed.
     #[error("cannot confine the VMM")]
     Seccomp(#[from] SeccompError),
+    /// A signal handler could not be installed.
+    #[error("cannot install the handler of signal {0}")]
+    Signal(c_int, #[source] io::Error),
 }
 
-type SerialDevice = Serial<EventFdTrigger, Box<dyn Write + Send>>;
+/// Why a pause or resume did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The VM has not started, or has ended.
+    #[error("the VM is not running")]
+    NotRunning,
+    /// A vCPU did not obey in time.
+    #[error("vCPU {0} did not pause or resume within {VCPU_TIMEOUT:?}")]
+    VcpuTimeout(u8),
+    /// The device event loop did not pause.
+    #[error("the device event loop did not pause")]
+    EventLoop(#[from] EventLoopError),
+}
 
-/// Tells a running [`Vmm`] to stop, from any thread.
+/// A thread a device asked for, started with the VM.
+pub(crate) struct HostThread {
+    pub name: String,
+    pub kind: ThreadKind,
+    pub body: Box<dyn FnOnce() + Send>,
+}
+
+/// What [`VmBuilder::build`](crate::VmBuilder::build) hands over.
+pub(crate) struct Parts {
+    pub vm: Vm,
+    pub vcpus: Vec<Vcpu>,
+    pub bus: Arc<IoManager>,
+    pub boot: BootSetup,
+    pub virtio: Vec<VirtioSlot>,
+    pub cmdline: String,
+    pub subscribers: Vec<Subscriber>,
+    pub threads: Vec<HostThread>,
+    pub filters: ThreadFilters,
+    pub seccomp: SeccompPolicy,
+    pub stop_signals: Vec<c_int>,
+    pub events: VmEventSender,
+    pub receiver: Receiver<VmEvent>,
+    pub serial: Arc<Mutex<SerialDevice>>,
+}
+
+/// The threads of a started VM.
+struct Running {
+    vcpus: Vec<VcpuHandle>,
+    event_loop: EventLoop,
+    paused: bool,
+}
+
+/// What handles and the waiting thread share: the running threads, behind
+/// one lock so that control operations never interleave.
+struct Control {
+    running: Mutex<Option<Running>>,
+    events: VmEventSender,
+}
+
+impl Control {
+    fn pause(&self) -> Result<(), ControlError> {
+        let mut guard = self.running.lock().map_err(|_| ControlError::NotRunning)?;
+        let r = guard.as_mut().ok_or(ControlError::NotRunning)?;
+        if r.paused {
+            return Ok(());
+        }
+        for v in &r.vcpus {
+            v.send(VcpuCommand::Pause);
+        }
+        for v in &r.vcpus {
+            v.wait_for(|s| s != VcpuState::Running, VCPU_TIMEOUT)
+                .ok_or(ControlError::VcpuTimeout(v.id()))?;
+        }
+        r.event_loop.pause(VCPU_TIMEOUT)?;
+        r.paused = true;
+        self.events.send(VmEvent::Paused);
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<(), ControlError> {
+        let mut guard = self.running.lock().map_err(|_| ControlError::NotRunning)?;
+        let r = guard.as_mut().ok_or(ControlError::NotRunning)?;
+        if !r.paused {
+            return Ok(());
+        }
+        r.event_loop.resume();
+        for v in &r.vcpus {
+            v.send(VcpuCommand::Resume);
+        }
+        for v in &r.vcpus {
+            v.wait_for(|s| s != VcpuState::Paused, VCPU_TIMEOUT)
+                .ok_or(ControlError::VcpuTimeout(v.id()))?;
+        }
+        r.paused = false;
+        self.events.send(VmEvent::Resumed);
+        Ok(())
+    }
+
+    /// Ends every vCPU thread (out of `KVM_RUN`, joined), then the event
+    /// loop (the device handler in progress finishes first).
+    fn shutdown(&self) -> Vec<Vcpu> {
+        let running = self.running.lock().ok().and_then(|mut g| g.take());
+        let Some(r) = running else {
+            return Vec::new();
+        };
+        for v in &r.vcpus {
+            v.send(VcpuCommand::Exit);
+        }
+        let vcpus = r
+            .vcpus
+            .iter()
+            .filter_map(|v| v.join(VCPU_TIMEOUT))
+            .collect();
+        r.event_loop.stop();
+        vcpus
+    }
+}
+
+/// A handle on a VM, from any thread: stop it, pause and resume it.
+///
+/// ```no_run
+/// # use vmm_core::{HostIo, KernelSource, VmConfig, Vmm};
+/// # let config = VmConfig { kernel: KernelSource::Bytes(vmm_testguest::IMAGE), ..VmConfig::default() };
+/// let vmm = Vmm::new(&config, HostIo::default())?;
+/// let handle = vmm.handle();
+/// let running = vmm.start()?;
+/// handle.pause()?;   // every vCPU out of the guest, no device work
+/// handle.resume()?;
+/// handle.stop();
+/// assert_eq!(running.wait()?, vmm_core::VmExit::Interrupted);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Clone)]
-pub struct StopHandle {
-    evt: Arc<EventFd>,
-    requested: Arc<AtomicBool>,
+pub struct VmHandle {
+    events: VmEventSender,
+    control: Arc<Control>,
 }
 
-impl StopHandle {
-    /// Asks the VMM to stop; [`Vmm::run`] then returns [`VmExit::Interrupted`].
+impl VmHandle {
+    /// Asks the VM to stop; [`RunningVm::wait`] then returns
+    /// [`VmExit::Interrupted`]. Works before the VM starts too (it then
+    /// stops as soon as it starts).
     pub fn stop(&self) {
-        self.requested.store(true, Ordering::SeqCst);
-        let _ = self.evt.write(1);
+        self.events
+            .send(VmEvent::StopRequested(StopCause::Requested));
+    }
+
+    /// Pauses every vCPU (each out of `KVM_RUN`) and the device event loop,
+    /// and returns once they are all quiet. Pausing a paused VM does
+    /// nothing.
+    pub fn pause(&self) -> Result<(), ControlError> {
+        self.control.pause()
+    }
+
+    /// Runs a paused VM again.
+    pub fn resume(&self) -> Result<(), ControlError> {
+        self.control.resume()
+    }
+
+    /// Whether the VM is started and paused.
+    pub fn is_paused(&self) -> bool {
+        self.control
+            .running
+            .lock()
+            .ok()
+            .and_then(|g| g.as_ref().map(|r| r.paused))
+            .unwrap_or(false)
+    }
+
+    /// The VM's event sender.
+    pub fn events(&self) -> VmEventSender {
+        self.events.clone()
     }
 }
 
-static SIGINT_FD: AtomicI32 = AtomicI32::new(-1);
-static SIGINT_SEEN: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn sigint_handler(_: c_int, _: *mut siginfo_t, _: *mut c_void) {
-    SIGINT_SEEN.store(true, Ordering::SeqCst);
-    let fd = SIGINT_FD.load(Ordering::SeqCst);
-    if fd >= 0 {
-        let one: u64 = 1;
-        // SAFETY: write(2) is async-signal-safe; `one` is 8 readable bytes.
-        unsafe { libc::write(fd, (&raw const one).cast(), 8) };
-    }
-}
-
-/// A VM built from a [`VmConfig`], ready to [`run`](Vmm::run).
+/// A VM built and ready to [`start`](Vmm::start) or [`run`](Vmm::run).
 pub struct Vmm {
-    vm: Vm,
-    vcpu: Option<Vcpu>,
-    bus: Arc<IoManager>,
-    serial: Arc<Mutex<SerialDevice>>,
-    i8042: Arc<Mutex<I8042<EventFdTrigger>>>,
-    debug_exit: Arc<Mutex<DebugExit<EventFdTrigger>>>,
-    stop_evt: Arc<EventFd>,
-    stop_requested: Arc<AtomicBool>,
-    boot: BootSetup,
-    virtio: Vec<VirtioSlot>,
-    cmdline: String,
-    seccomp: SeccompPolicy,
-}
-
-fn open_file(what: &'static str, path: &Path) -> Result<File, VmmError> {
-    let file = File::open(path).map_err(|source| VmmError::Open {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let meta = file.metadata().map_err(|source| VmmError::Open {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })?;
-    if !meta.is_file() {
-        return Err(VmmError::NotAFile {
-            what,
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(file)
+    parts: Parts,
+    control: Arc<Control>,
 }
 
 impl Vmm {
-    /// Builds the VM: RAM, kernel and boot parameters, KVM VM and vCPU,
-    /// COM1 (output to `serial_out`), i8042 and the debug-exit port.
-    pub fn new(config: &VmConfig, serial_out: Box<dyn Write + Send>) -> Result<Self, VmmError> {
-        match config.vcpus {
-            0 => return Err(VmmError::NoVcpus),
-            1 => {}
-            n => return Err(VmmError::SmpUnsupported { requested: n }),
-        }
-        let mut initrd = match &config.initrd {
-            Some(p) => Some(open_file("initrd", p)?),
-            None => None,
-        };
-        let mut kernel_file = match &config.kernel {
-            KernelSource::Path(p) => Some(open_file("kernel", p)?),
-            KernelSource::Bytes(_) => None,
-        };
-        let size = config
-            .mem_mib
-            .checked_mul(1 << 20)
-            .ok_or(VmmError::MemoryTooLarge(config.mem_mib))?;
-        let map = AddressMap::new(size)?;
-        let memory = create_guest_ram(&map, config.ram_backing)?;
-        let mut resources = ResourceAllocator::new(&map).map_err(DeviceError::from)?;
-        let (virtio, console_input) = build_virtio(
-            &config.disks,
-            config.rng,
-            config.console.as_ref(),
-            &memory,
-            &mut resources,
-        )?;
-        let mut cmdline = config.cmdline.trim().to_string();
-        for slot in &virtio {
-            if !cmdline.is_empty() {
-                cmdline.push(' ');
-            }
-            cmdline.push_str(&slot.cmdline_entry());
-        }
-        let boot_config = BootConfig {
-            protocol: config.protocol,
-            cmdline: &cmdline,
-        };
-        let boot = match (&mut kernel_file, &config.kernel) {
-            (Some(file), _) => boot_guest(&memory, &map, file, initrd.as_mut(), &boot_config)?,
-            (None, KernelSource::Bytes(bytes)) => boot_guest(
-                &memory,
-                &map,
-                &mut Cursor::new(*bytes),
-                initrd.as_mut(),
-                &boot_config,
-            )?,
-            (None, KernelSource::Path(path)) => {
-                return Err(VmmError::NotAFile {
-                    what: "kernel",
-                    path: path.clone(),
-                });
-            }
-        };
-        log::info!(
-            "kernel loaded: {} via {}, entry {:#x}, ends at {:#x}",
-            boot.kernel.format,
-            boot.protocol,
-            boot.cpu.rip,
-            boot.kernel_end
-        );
+    /// Builds the VM `config` describes, its consoles on `io`:
+    /// [`VmBuilder::from_config`](crate::VmBuilder::from_config), then
+    /// [`build`](crate::VmBuilder::build).
+    pub fn new(config: &crate::VmConfig, io: crate::HostIo) -> Result<Self, VmmError> {
+        crate::VmBuilder::from_config(config, io)?.build()
+    }
 
-        let vm = Vm::new(memory)?;
-        let stop_evt = Arc::new(EventFd::new(0).map_err(VmmError::EventFd)?);
-        let trigger = || -> Result<EventFdTrigger, VmmError> {
-            Ok(EventFdTrigger::from_eventfd(
-                stop_evt.try_clone().map_err(VmmError::EventFd)?,
-            ))
-        };
-        let serial_irq = EventFdTrigger::new().map_err(VmmError::EventFd)?;
-        vm.register_irqfd(serial_irq.eventfd(), COM1_IRQ)?;
-        let serial = Arc::new(Mutex::new(Serial::new(serial_irq, serial_out)));
-        let i8042 = Arc::new(Mutex::new(I8042::new(trigger()?)));
-        let debug_exit = Arc::new(Mutex::new(DebugExit::new(trigger()?)));
+    pub(crate) fn assemble(parts: Parts) -> Self {
+        let control = Arc::new(Control {
+            running: Mutex::new(None),
+            events: parts.events.clone(),
+        });
+        Self { parts, control }
+    }
 
-        let mut bus = IoManager::new();
-        let range = |base, size| PioRange::new(PioAddress(base), size).map_err(VmmError::Bus);
-        bus.register_pio(range(COM1_PORT, COM1_PORT_SIZE)?, serial.clone())
-            .map_err(VmmError::Bus)?;
-        bus.register_pio(range(I8042_PORT, I8042_PORT_SIZE)?, i8042.clone())
-            .map_err(VmmError::Bus)?;
-        bus.register_pio(
-            range(config.exit_port, DEBUG_EXIT_PORT_SIZE)?,
-            debug_exit.clone(),
+    /// What was booted and how.
+    pub fn boot_setup(&self) -> &BootSetup {
+        &self.parts.boot
+    }
+
+    /// The virtio devices, in the order of their command line entries.
+    pub fn virtio_devices(&self) -> &[VirtioSlot] {
+        &self.parts.virtio
+    }
+
+    /// The kernel command line the guest got (with the device entries).
+    pub fn cmdline(&self) -> &str {
+        &self.parts.cmdline
+    }
+
+    /// The KVM VM.
+    pub fn vm(&self) -> &Vm {
+        &self.parts.vm
+    }
+
+    /// A handle that stops, pauses and resumes this VM from any thread.
+    pub fn handle(&self) -> VmHandle {
+        VmHandle {
+            events: self.parts.events.clone(),
+            control: self.control.clone(),
+        }
+    }
+
+    /// Starts the VM: the device event loop, the devices' host threads, the
+    /// signal relay if asked, then the vCPUs. With
+    /// [`SeccompPolicy::VmmThreadsAndCaller`], the calling thread is
+    /// confined last.
+    pub fn start(self) -> Result<RunningVm, VmmError> {
+        let Vmm { parts, control } = self;
+        let filters = &parts.filters;
+        let event_loop = EventLoop::spawn(
+            parts.subscribers,
+            filters.get(ThreadKind::EventLoop).cloned(),
         )
-        .map_err(VmmError::Bus)?;
-        if config.debugcon {
-            let con = Arc::new(Mutex::new(DebugCon::new(io::stderr())));
-            bus.register_pio(range(DEBUGCON_PORT, 1)?, con)
-                .map_err(VmmError::Bus)?;
+        .map_err(VmmError::EventLoop)?;
+        for t in parts.threads {
+            spawn_confined(t.name, filters.get(t.kind).cloned(), t.body)?;
         }
-        attach(&vm, &mut bus, &virtio)?;
-
-        let vcpu = vm.create_vcpu(0)?;
-        vcpu.configure(vm.kvm(), &boot.cpu)?;
-        Ok(Self {
-            vm,
-            vcpu: Some(vcpu),
-            bus: Arc::new(bus),
-            serial,
-            i8042,
-            debug_exit,
-            stop_evt,
-            stop_requested: Arc::new(AtomicBool::new(false)),
-            boot,
-            virtio,
-            cmdline,
-            seccomp: config.seccomp,
-        })
-        .and_then(|vmm: Self| {
-            if let Some(feed) = console_input {
-                let confine = vmm.seccomp.confines_threads();
-                spawn_confined("console-in".into(), ThreadKind::Input, confine, move || {
-                    feed.pump(io::stdin())
-                })
-                .map_err(VmmError::Spawn)?;
+        let signals = if parts.stop_signals.is_empty() {
+            None
+        } else {
+            Some(SignalRelay::start(
+                &parts.stop_signals,
+                parts.events.clone(),
+                filters.get(ThreadKind::Input).cloned(),
+            )?)
+        };
+        let mut vcpus = Vec::with_capacity(parts.vcpus.len());
+        for vcpu in parts.vcpus {
+            let spawned = VcpuHandle::spawn(
+                vcpu,
+                parts.bus.clone(),
+                parts.vm.memory().clone(),
+                parts.events.clone(),
+                filters.get(ThreadKind::Vcpu).cloned(),
+            );
+            match spawned {
+                Ok(h) => vcpus.push(h),
+                Err(e) => {
+                    for v in &vcpus {
+                        v.join(VCPU_TIMEOUT);
+                    }
+                    return Err(e.into());
+                }
             }
-            Ok(vmm)
-        })
+        }
+        if let Ok(mut g) = control.running.lock() {
+            *g = Some(Running {
+                vcpus,
+                event_loop,
+                paused: false,
+            });
+        }
+        let running = RunningVm {
+            vm: Some(parts.vm),
+            boot: parts.boot,
+            virtio: parts.virtio,
+            receiver: parts.receiver,
+            control,
+            serial: parts.serial,
+            signals,
+            vcpus: Vec::new(),
+        };
+        if parts.seccomp == SeccompPolicy::VmmThreadsAndCaller {
+            if let Err(e) = seccomp::install(ThreadKind::Main) {
+                running.control.shutdown();
+                return Err(e.into());
+            }
+        }
+        Ok(running)
+    }
+
+    /// Starts the VM and waits for its end.
+    pub fn run(self) -> Result<VmExit, VmmError> {
+        self.start()?.wait()
+    }
+}
+
+/// A started VM.
+pub struct RunningVm {
+    vm: Option<Vm>,
+    boot: BootSetup,
+    virtio: Vec<VirtioSlot>,
+    receiver: Receiver<VmEvent>,
+    control: Arc<Control>,
+    serial: Arc<Mutex<SerialDevice>>,
+    signals: Option<SignalRelay>,
+    vcpus: Vec<Vcpu>,
+}
+
+impl RunningVm {
+    /// A handle that stops, pauses and resumes this VM from any thread.
+    pub fn handle(&self) -> VmHandle {
+        VmHandle {
+            events: self.control.events.clone(),
+            control: self.control.clone(),
+        }
     }
 
     /// What was booted and how.
@@ -395,92 +419,31 @@ impl Vmm {
         &self.boot
     }
 
-    /// The virtio devices, in the order of their command line entries.
+    /// The virtio devices.
     pub fn virtio_devices(&self) -> &[VirtioSlot] {
         &self.virtio
     }
 
-    /// The kernel command line the guest got (with the device entries).
-    pub fn cmdline(&self) -> &str {
-        &self.cmdline
+    /// Waits for the event that ends the run, then stops the VM in order:
+    /// every vCPU out of the guest and joined, the event loop stopped.
+    pub fn wait(self) -> Result<VmExit, VmmError> {
+        self.wait_and_keep().map(|(exit, _)| exit)
     }
 
-    /// A handle that stops [`Vmm::run`] from another thread.
-    pub fn stop_handle(&self) -> StopHandle {
-        StopHandle {
-            evt: self.stop_evt.clone(),
-            requested: self.stop_requested.clone(),
-        }
-    }
-
-    /// Makes Ctrl-C (SIGINT) stop this VMM cleanly: [`Vmm::run`] returns
-    /// [`VmExit::Interrupted`]. The handler is process-wide and points at the
-    /// last VMM it was installed for.
-    pub fn stop_on_sigint(&self) -> io::Result<()> {
-        SIGINT_SEEN.store(false, Ordering::SeqCst);
-        SIGINT_FD.store(
-            std::os::fd::AsRawFd::as_raw_fd(self.stop_evt.as_ref()),
-            Ordering::SeqCst,
-        );
-        register_signal_handler(libc::SIGINT, sigint_handler)
-            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
-    }
-
-    /// Forwards `input` (the host's stdin, say) to the guest's COM1 on a
-    /// thread of its own, waiting whenever the UART's FIFO is full. The thread
-    /// ends at end of input.
-    pub fn forward_serial_input<R: Read + Send + 'static>(
-        &self,
-        mut input: R,
-    ) -> Result<(), VmmError> {
-        let serial = self.serial.clone();
-        let confine = self.seccomp.confines_threads();
-        spawn_confined("serial-in".into(), ThreadKind::Input, confine, move || {
-            let mut buf = [0u8; 64];
-            loop {
-                let n = match input.read(&mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                let mut rest = &buf[..n];
-                while !rest.is_empty() {
-                    let taken = serial
-                        .lock()
-                        .map(|mut s| s.enqueue_input(rest))
-                        .unwrap_or(0);
-                    rest = &rest[taken..];
-                    if taken == 0 {
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                }
+    /// Like [`wait`](RunningVm::wait), and hands back the stopped VM and its
+    /// vCPUs (for inspection or state capture).
+    pub fn wait_and_keep(mut self) -> Result<(VmExit, StoppedVm), VmmError> {
+        let outcome = loop {
+            let Ok(event) = self.receiver.recv() else {
+                break Ok(VmExit::Interrupted);
+            };
+            log_event(&event);
+            if let Some(outcome) = event.outcome() {
+                break outcome;
             }
-        })
-        .map_err(VmmError::Spawn)?;
-        Ok(())
-    }
-
-    /// Runs the guest until it ends, then stops the vCPU.
-    pub fn run(mut self) -> Result<VmExit, VmmError> {
-        let vcpu = self.vcpu.take().ok_or(VmmError::NoVcpus)?;
-        let confine = self.seccomp.confines_threads();
-        let event_loop =
-            EventLoop::spawn(subscribers(&self.virtio), confine).map_err(VmmError::EventLoop)?;
-        let (tx, rx) = channel();
-        let notify = self.stop_evt.try_clone().map_err(VmmError::EventFd)?;
-        let memory = self.vm.memory().clone();
-        let handle = VcpuHandle::spawn(vcpu, self.bus.clone(), memory, tx, notify, confine)?;
-        if self.seccomp == SeccompPolicy::VmmThreadsAndCaller {
-            if let Err(e) = seccomp::install(ThreadKind::Main) {
-                handle.join(VCPU_JOIN_TIMEOUT);
-                event_loop.stop();
-                return Err(e.into());
-            }
-        }
-        let outcome = self.wait(&rx);
-        if handle.join(VCPU_JOIN_TIMEOUT).is_none() {
-            log::warn!("vCPU thread did not finish");
-        }
-        event_loop.stop();
+        };
+        self.vcpus = self.control.shutdown();
+        self.stop_signals();
         if let Ok(s) = self.serial.lock() {
             if s.lost_output() > 0 {
                 log::warn!(
@@ -489,134 +452,121 @@ impl Vmm {
                 );
             }
         }
-        outcome
+        let exit = outcome?;
+        let vm = self.vm.take().ok_or(VmmError::NoVcpus)?;
+        Ok((
+            exit,
+            StoppedVm {
+                vm,
+                vcpus: std::mem::take(&mut self.vcpus),
+                virtio: std::mem::take(&mut self.virtio),
+            },
+        ))
     }
 
-    fn wait(&self, vcpu_events: &Receiver<VcpuEvent>) -> Result<VmExit, VmmError> {
-        loop {
-            if let Err(e) = self.stop_evt.read() {
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(VmmError::EventFd(e));
-                }
-            }
-            if let Some(status) = self.debug_exit.lock().ok().and_then(|d| d.status()) {
-                return Ok(VmExit::GuestStatus(status));
-            }
-            while let Ok(event) = vcpu_events.try_recv() {
-                match event {
-                    VcpuEvent::Stopped(id, Err(e)) => {
-                        log::error!("vCPU {id} failed: {e}");
-                        return Err(VmmError::Vcpu(e));
-                    }
-                    VcpuEvent::Stopped(id, Ok(reason)) => {
-                        match reason {
-                            StopReason::TripleFault => {
-                                log::warn!("vCPU {id} triple-faulted: the guest reset its CPU")
-                            }
-                            StopReason::Crash => {
-                                log::warn!("vCPU {id}: the guest reported a crash")
-                            }
-                            _ => log::info!("vCPU {id} stopped: {reason:?}"),
-                        }
-                        match reason {
-                            StopReason::TripleFault => return Ok(VmExit::TripleFault),
-                            StopReason::Reset => return Ok(VmExit::Reset),
-                            StopReason::PowerOff => return Ok(VmExit::PowerOff),
-                            StopReason::Crash => return Ok(VmExit::Crash),
-                            StopReason::Halted => return Ok(VmExit::Halted),
-                            StopReason::Requested => {}
-                        }
-                    }
-                    VcpuEvent::Paused(_) | VcpuEvent::Resumed(_) => {}
-                }
-            }
-            if self.i8042.lock().map(|d| d.resets() > 0).unwrap_or(false) {
-                return Ok(VmExit::Reset);
-            }
-            if self.stop_requested.load(Ordering::SeqCst) || SIGINT_SEEN.load(Ordering::SeqCst) {
-                return Ok(VmExit::Interrupted);
-            }
+    fn stop_signals(&mut self) {
+        if let Some(s) = self.signals.take() {
+            s.stop();
         }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exit_codes_follow_the_documented_table() {
-        assert_eq!(VmExit::GuestStatus(42).exit_code(), 42);
-        assert_eq!(VmExit::Reset.exit_code(), 0);
-        assert_eq!(VmExit::TripleFault.exit_code(), 0);
-        assert_eq!(VmExit::Crash.exit_code(), 1);
-        assert_eq!(VmExit::Interrupted.exit_code(), 130);
+impl Drop for RunningVm {
+    /// A VM dropped without [`wait`](RunningVm::wait) is stopped in order
+    /// all the same.
+    fn drop(&mut self) {
+        self.control.shutdown();
+        self.stop_signals();
     }
+}
 
-    fn config() -> VmConfig {
-        VmConfig {
-            kernel: KernelSource::Bytes(vmm_testguest::IMAGE),
-            ..Default::default()
+/// A VM whose run ended: its KVM VM, vCPUs and devices, for inspection.
+pub struct StoppedVm {
+    /// The KVM VM.
+    pub vm: Vm,
+    /// The vCPUs, in index order.
+    pub vcpus: Vec<Vcpu>,
+    /// The virtio devices.
+    pub virtio: Vec<VirtioSlot>,
+}
+
+fn log_event(event: &VmEvent) {
+    match event {
+        VmEvent::VcpuStopped { id, result: Err(e) } => log::error!("vCPU {id} failed: {e}"),
+        VmEvent::VcpuStopped {
+            id,
+            result: Ok(StopReason::TripleFault),
+        } => log::warn!("vCPU {id} triple-faulted: the guest reset its CPU"),
+        VmEvent::VcpuStopped {
+            id,
+            result: Ok(StopReason::Crash),
+        } => log::warn!("vCPU {id}: the guest reported a crash"),
+        other => log::info!("VM event: {other:?}"),
+    }
+}
+
+static SIGNAL_FD: AtomicI32 = AtomicI32::new(-1);
+static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn stop_signal_handler(signal: c_int, _: *mut siginfo_t, _: *mut c_void) {
+    LAST_SIGNAL.store(signal, Ordering::SeqCst);
+    let fd = SIGNAL_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) is async-signal-safe; `one` is 8 readable bytes.
+        unsafe { libc::write(fd, (&raw const one).cast(), 8) };
+    }
+}
+
+/// Turns stop signals into [`VmEvent::StopRequested`]: the handler writes an
+/// eventfd (all a handler may do), a thread reads it and sends the event.
+struct SignalRelay {
+    evt: Arc<EventFd>,
+    closing: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Option<()>>>,
+}
+
+impl SignalRelay {
+    fn start(
+        signals: &[c_int],
+        events: VmEventSender,
+        filter: Option<seccompiler::BpfProgram>,
+    ) -> Result<Self, VmmError> {
+        let evt = Arc::new(EventFd::new(0).map_err(VmmError::EventFd)?);
+        let closing = Arc::new(AtomicBool::new(false));
+        let (thread_evt, thread_closing) = (evt.clone(), closing.clone());
+        let thread = spawn_confined("signals".into(), filter, move || loop {
+            if thread_evt.read().is_err() {
+                continue;
+            }
+            if thread_closing.load(Ordering::SeqCst) {
+                return;
+            }
+            let signal = LAST_SIGNAL.load(Ordering::SeqCst);
+            events.send(VmEvent::StopRequested(StopCause::Signal(signal)));
+        })?;
+        SIGNAL_FD.store(
+            std::os::fd::AsRawFd::as_raw_fd(evt.as_ref()),
+            Ordering::SeqCst,
+        );
+        for &s in signals {
+            register_signal_handler(s, stop_signal_handler)
+                .map_err(|e| VmmError::Signal(s, io::Error::from_raw_os_error(e.errno())))?;
         }
+        Ok(Self {
+            evt,
+            closing,
+            thread: Some(thread),
+        })
     }
 
-    #[test]
-    fn smp_and_zero_vcpus_are_refused_before_anything_is_built() {
-        let c = VmConfig {
-            vcpus: 2,
-            ..config()
-        };
-        assert!(matches!(
-            Vmm::new(&c, Box::new(io::sink())),
-            Err(VmmError::SmpUnsupported { requested: 2 })
-        ));
-        let c = VmConfig {
-            vcpus: 0,
-            ..config()
-        };
-        assert!(matches!(
-            Vmm::new(&c, Box::new(io::sink())),
-            Err(VmmError::NoVcpus)
-        ));
-    }
-
-    #[test]
-    fn missing_and_directory_kernels_are_clear_errors() {
-        let c = VmConfig {
-            kernel: KernelSource::Path("/nonexistent/vmlinux".into()),
-            ..config()
-        };
-        assert!(matches!(
-            Vmm::new(&c, Box::new(io::sink())),
-            Err(VmmError::Open { what: "kernel", .. })
-        ));
-        let c = VmConfig {
-            kernel: KernelSource::Path("/".into()),
-            ..config()
-        };
-        assert!(matches!(
-            Vmm::new(&c, Box::new(io::sink())),
-            Err(VmmError::NotAFile { what: "kernel", .. })
-        ));
-    }
-
-    #[test]
-    fn absurd_memory_sizes_are_refused() {
-        let c = VmConfig {
-            mem_mib: u64::MAX,
-            ..config()
-        };
-        assert!(matches!(
-            Vmm::new(&c, Box::new(io::sink())),
-            Err(VmmError::MemoryTooLarge(_))
-        ));
-        let c = VmConfig {
-            mem_mib: 1,
-            ..config()
-        };
-        assert!(matches!(
-            Vmm::new(&c, Box::new(io::sink())),
-            Err(VmmError::Layout(_))
-        ));
+    fn stop(mut self) {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(self.evt.as_ref());
+        let _ = SIGNAL_FD.compare_exchange(fd, -1, Ordering::SeqCst, Ordering::SeqCst);
+        self.closing.store(true, Ordering::SeqCst);
+        let _ = self.evt.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }

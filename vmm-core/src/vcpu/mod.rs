@@ -15,7 +15,7 @@ use vmm_boot::{BootCpuState, Segment};
 use vmm_sys_util::errno;
 
 pub use exit::{handle_exit, StopReason, VcpuEmulation};
-pub use thread::{kick_signal, VcpuCommand, VcpuEvent, VcpuHandle, VcpuState};
+pub use thread::{kick_signal, VcpuCommand, VcpuHandle, VcpuState};
 
 /// What KVM said about an internal error (`KVM_EXIT_INTERNAL_ERROR`), with
 /// where the guest was.

@@ -4,19 +4,20 @@
 use std::cell::Cell;
 use std::ptr;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
 use libc::{c_int, c_void, siginfo_t};
+use seccompiler::BpfProgram;
 use vm_device::device_manager::IoManager;
 use vmm_memory::GuestRam;
-use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use super::{StopReason, Vcpu, VcpuEmulation, VcpuError};
-use crate::seccomp::{spawn_confined, ThreadKind};
+use crate::events::{VmEvent, VmEventSender};
+use crate::seccomp::spawn_confined;
 
 /// Orders for a vCPU thread.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,17 +39,6 @@ pub enum VcpuState {
     Paused,
     /// Done; the thread ends.
     Exited,
-}
-
-/// What a vCPU thread reports.
-#[derive(Debug)]
-pub enum VcpuEvent {
-    /// The vCPU paused.
-    Paused(u8),
-    /// The vCPU resumed.
-    Resumed(u8),
-    /// The vCPU stopped for good, for this reason or with this error.
-    Stopped(u8, Result<StopReason, VcpuError>),
 }
 
 thread_local! {
@@ -82,41 +72,70 @@ fn install_kick_handler() {
     });
 }
 
-/// The VMM's end of a vCPU thread.
+/// A vCPU thread's state, shared with its handle.
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<VcpuState>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn set(&self, state: VcpuState) {
+        if let Ok(mut s) = self.state.lock() {
+            *s = state;
+        }
+        self.changed.notify_all();
+    }
+}
+
+/// The VMM's end of a vCPU thread. Usable from any thread.
 pub struct VcpuHandle {
     id: u8,
     commands: Sender<VcpuCommand>,
-    thread: Option<JoinHandle<Option<Vcpu>>>,
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<Option<Vcpu>>>>,
 }
 
+/// How often a vCPU that has not yet obeyed is kicked again.
+const REKICK: Duration = Duration::from_millis(20);
+
 impl VcpuHandle {
-    /// Starts `vcpu` on its own thread, confined by the vCPU seccomp filter
-    /// when `confine`. Exits go to `bus`; events are sent on `events` and
-    /// announced on `notify`.
+    /// Starts `vcpu` on its own thread, confined by `filter` when given.
+    /// Exits go to `bus`; when the thread ends it says why on `events`.
     pub fn spawn(
         vcpu: Vcpu,
         bus: Arc<IoManager>,
         memory: GuestRam,
-        events: Sender<VcpuEvent>,
-        notify: EventFd,
-        confine: bool,
+        events: VmEventSender,
+        filter: Option<BpfProgram>,
     ) -> Result<Self, VcpuError> {
         install_kick_handler();
         let id = vcpu.id();
         let (tx, rx) = std::sync::mpsc::channel();
-        let thread = spawn_confined(format!("vcpu{id}"), ThreadKind::Vcpu, confine, move || {
-            run_thread(vcpu, &bus, &memory, &rx, &events, &notify)
+        let shared = Arc::new(Shared {
+            state: Mutex::new(VcpuState::Running),
+            changed: Condvar::new(),
+        });
+        let thread_shared = shared.clone();
+        let thread = spawn_confined(format!("vcpu{id}"), filter, move || {
+            run_thread(vcpu, &bus, &memory, &rx, &events, &thread_shared)
         })?;
         Ok(Self {
             id,
             commands: tx,
-            thread: Some(thread),
+            shared,
+            thread: Mutex::new(Some(thread)),
         })
     }
 
     /// The vCPU index.
     pub fn id(&self) -> u8 {
         self.id
+    }
+
+    /// Where the thread is now.
+    pub fn state(&self) -> VcpuState {
+        self.shared.state.lock().map_or(VcpuState::Exited, |s| *s)
     }
 
     /// Sends `cmd` and kicks the thread out of the guest to read it.
@@ -128,27 +147,46 @@ impl VcpuHandle {
 
     /// Interrupts `KVM_RUN` on the vCPU thread.
     pub fn kick(&self) {
-        if let Some(t) = &self.thread {
-            if !t.is_finished() {
+        if let Ok(t) = self.thread.lock() {
+            if let Some(t) = t.as_ref().filter(|t| !t.is_finished()) {
                 let _ = t.kill(kick_signal());
             }
         }
     }
 
-    /// Tells the thread to exit and waits for it (kicking it again until it
-    /// leaves the guest, at most `timeout`); returns the vCPU for inspection.
-    pub fn join(mut self, timeout: Duration) -> Option<Vcpu> {
-        let _ = self.commands.send(VcpuCommand::Exit);
-        let t = self.thread.take()?;
+    /// Waits until the thread is in a state `done` accepts, kicking it again
+    /// now and then (a kick that raced with its entry into the guest is
+    /// caught by `immediate_exit`, this is belt and braces). Returns the
+    /// state reached, or `None` after `timeout`.
+    pub fn wait_for(&self, done: fn(VcpuState) -> bool, timeout: Duration) -> Option<VcpuState> {
         let deadline = Instant::now() + timeout;
-        while !t.is_finished() {
-            if Instant::now() > deadline {
-                log::error!("vCPU {} did not stop within {timeout:?}", self.id);
+        let mut state = self.shared.state.lock().ok()?;
+        while !done(*state) {
+            let now = Instant::now();
+            if now >= deadline {
                 return None;
             }
-            let _ = t.kill(kick_signal());
-            std::thread::sleep(Duration::from_millis(1));
+            let wait = REKICK.min(deadline - now);
+            let (s, timed_out) = self.shared.changed.wait_timeout(state, wait).ok()?;
+            state = s;
+            if timed_out.timed_out() && !done(*state) {
+                drop(state);
+                self.kick();
+                state = self.shared.state.lock().ok()?;
+            }
         }
+        Some(*state)
+    }
+
+    /// Tells the thread to exit and waits for it (at most `timeout`);
+    /// returns the vCPU for inspection.
+    pub fn join(&self, timeout: Duration) -> Option<Vcpu> {
+        self.send(VcpuCommand::Exit);
+        if self.wait_for(|s| s == VcpuState::Exited, timeout).is_none() {
+            log::error!("vCPU {} did not stop within {timeout:?}", self.id);
+            return None;
+        }
+        let t = self.thread.lock().ok()?.take()?;
         t.join().ok().flatten()
     }
 }
@@ -158,27 +196,18 @@ fn run_thread(
     bus: &IoManager,
     memory: &GuestRam,
     commands: &Receiver<VcpuCommand>,
-    events: &Sender<VcpuEvent>,
-    notify: &EventFd,
+    events: &VmEventSender,
+    shared: &Shared,
 ) -> Vcpu {
     let id = vcpu.id();
     KVM_RUN.with(|c| c.set(vcpu.fd.get_kvm_run() as *mut kvm_run));
-    let report = |e: VcpuEvent| {
-        let _ = events.send(e);
-        let _ = notify.write(1);
-    };
     let mut state = VcpuState::Running;
+    let mut end: Result<StopReason, VcpuError> = Ok(StopReason::Requested);
     while state != VcpuState::Exited {
-        state = match state {
+        let next = match state {
             VcpuState::Running => match commands.try_recv() {
-                Ok(VcpuCommand::Pause) => {
-                    report(VcpuEvent::Paused(id));
-                    VcpuState::Paused
-                }
-                Ok(VcpuCommand::Exit) | Err(TryRecvError::Disconnected) => {
-                    report(VcpuEvent::Stopped(id, Ok(StopReason::Requested)));
-                    VcpuState::Exited
-                }
+                Ok(VcpuCommand::Pause) => VcpuState::Paused,
+                Ok(VcpuCommand::Exit) | Err(TryRecvError::Disconnected) => VcpuState::Exited,
                 Ok(VcpuCommand::Resume) | Err(TryRecvError::Empty) => {
                     match vcpu.run_once(bus, memory) {
                         Ok(VcpuEmulation::Handled) => VcpuState::Running,
@@ -187,11 +216,11 @@ fn run_thread(
                             VcpuState::Running
                         }
                         Ok(VcpuEmulation::Stop(reason)) => {
-                            report(VcpuEvent::Stopped(id, Ok(reason)));
+                            end = Ok(reason);
                             VcpuState::Exited
                         }
                         Err(e) => {
-                            report(VcpuEvent::Stopped(id, Err(e)));
+                            end = Err(e);
                             VcpuState::Exited
                         }
                     }
@@ -200,18 +229,22 @@ fn run_thread(
             VcpuState::Paused => match commands.recv() {
                 Ok(VcpuCommand::Resume) => {
                     vcpu.set_immediate_exit(0);
-                    report(VcpuEvent::Resumed(id));
                     VcpuState::Running
                 }
                 Ok(VcpuCommand::Pause) => VcpuState::Paused,
-                Ok(VcpuCommand::Exit) | Err(_) => {
-                    report(VcpuEvent::Stopped(id, Ok(StopReason::Requested)));
-                    VcpuState::Exited
-                }
+                Ok(VcpuCommand::Exit) | Err(_) => VcpuState::Exited,
             },
             VcpuState::Exited => VcpuState::Exited,
         };
+        if next != state && next != VcpuState::Exited {
+            shared.set(next);
+        }
+        state = next;
     }
     KVM_RUN.with(|c| c.set(ptr::null_mut()));
+    // Say why before the state flips, so that whoever waits for the exit
+    // finds the reason already sent.
+    events.send(VmEvent::VcpuStopped { id, result: end });
+    shared.set(VcpuState::Exited);
     vcpu
 }

@@ -15,12 +15,12 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Condvar, Mutex};
 
 use virtio_queue::DescriptorChain;
-use vm_memory::GuestMemoryBackend;
+use vm_memory::{ByteValued, GuestMemoryBackend, Le16, Le32};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
-    drain_queue, read_config_bytes, ActivateError, ActivationContext, QueueBudget, VirtioDevice,
-    TYPE_CONSOLE, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    drain_queue, read_config_bytes, QueueBudget, VirtioCommon, VirtioDevice, TYPE_CONSOLE,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// Size of each queue.
@@ -105,13 +105,33 @@ impl ConsoleInput {
     }
 }
 
+/// `struct virtio_console_config` (virtio 1.2, 5.3.4).
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C)]
+pub struct ConsoleConfigSpace {
+    /// Columns.
+    pub cols: Le16,
+    /// Rows.
+    pub rows: Le16,
+    /// Ports (1: no multiport).
+    pub max_nr_ports: Le32,
+    /// Emergency write register (the driver writes one byte of output).
+    pub emerg_wr: Le32,
+}
+
+// SAFETY: little-endian integers at offsets 0, 2, 4 and 8, 12 bytes in all
+// with no padding; every bit pattern is a valid value.
+unsafe impl ByteValued for ConsoleConfigSpace {}
+
+/// Offset of `emerg_wr` in the configuration space.
+const EMERG_WR_OFFSET: u64 = 8;
+
 /// A one-port console.
 pub struct Console<M> {
     out: Box<dyn Write + Send>,
     input: Option<Input>,
-    config: [u8; 12],
-    queue_sizes: [u16; 2],
-    active: Option<ActivationContext<M>>,
+    config: ConsoleConfigSpace,
+    common: VirtioCommon<M>,
     buf: Vec<u8>,
     broken_chains: u64,
 }
@@ -119,16 +139,21 @@ pub struct Console<M> {
 impl<M> Console<M> {
     /// A console writing guest output to `out`, with no input.
     pub fn new(out: Box<dyn Write + Send>) -> Self {
-        let mut config = [0u8; 12];
-        config[0..2].copy_from_slice(&80u16.to_le_bytes());
-        config[2..4].copy_from_slice(&25u16.to_le_bytes());
-        config[4..8].copy_from_slice(&1u32.to_le_bytes());
+        let config = ConsoleConfigSpace {
+            cols: Le16::from(80),
+            rows: Le16::from(25),
+            max_nr_ports: Le32::from(1),
+            emerg_wr: Le32::from(0),
+        };
         Self {
             out,
             input: None,
             config,
-            queue_sizes: [CONSOLE_QUEUE_SIZE; 2],
-            active: None,
+            common: VirtioCommon::new(
+                TYPE_CONSOLE,
+                VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_CONSOLE_F_EMERG_WRITE,
+                &[CONSOLE_QUEUE_SIZE; 2],
+            ),
             buf: vec![0; CHUNK],
             broken_chains: 0,
         }
@@ -184,10 +209,10 @@ fn transmit<M: GuestMemoryBackend>(
     Some(0)
 }
 
-impl<M: GuestMemoryBackend + Send> Console<M> {
+impl<M: GuestMemoryBackend + Send + 'static> Console<M> {
     /// Moves pending host input into posted receive buffers.
     fn receive(&mut self) -> bool {
-        let (Some(ctx), Some(input)) = (self.active.as_mut(), self.input.as_ref()) else {
+        let (Some(ctx), Some(input)) = (self.common.active.as_mut(), self.input.as_ref()) else {
             return false;
         };
         let (lock, cvar) = &*input.shared;
@@ -239,53 +264,32 @@ impl<M: GuestMemoryBackend + Send> Console<M> {
     }
 }
 
-impl<M: GuestMemoryBackend + Send> VirtioDevice<M> for Console<M> {
-    fn device_type(&self) -> u32 {
-        TYPE_CONSOLE
+impl<M: GuestMemoryBackend + Send + 'static> VirtioDevice<M> for Console<M> {
+    fn common(&self) -> &VirtioCommon<M> {
+        &self.common
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
-    }
-
-    fn device_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_CONSOLE_F_EMERG_WRITE
+    fn common_mut(&mut self) -> &mut VirtioCommon<M> {
+        &mut self.common
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
+        read_config_bytes(self.config.as_slice(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // emerg_wr: one byte of output, whatever the access width.
-        if offset == 8 && !data.is_empty() {
+        if offset == EMERG_WR_OFFSET && !data.is_empty() {
             let _ = self.out.write_all(&data[..1]);
             let _ = self.out.flush();
         }
-    }
-
-    fn activate(&mut self, ctx: ActivationContext<M>) -> Result<(), ActivateError> {
-        self.active = Some(ctx.expect_queues(2)?);
-        Ok(())
-    }
-
-    fn reset(&mut self) -> Option<ActivationContext<M>> {
-        self.active.take()
-    }
-
-    fn is_active(&self) -> bool {
-        self.active.is_some()
-    }
-
-    fn active_queues(&self) -> &[virtio_queue::Queue] {
-        self.active.as_ref().map_or(&[], |c| &c.queues)
     }
 
     fn process_queue(&mut self, index: usize) -> bool {
         match index {
             RX => self.receive(),
             TX => {
-                let Some(ctx) = self.active.as_mut() else {
+                let Some(ctx) = self.common.active.as_mut() else {
                     return false;
                 };
                 let (out, buf) = (&mut self.out, &mut self.buf);

@@ -8,6 +8,7 @@
 //! as data match, so a notification never exits to userspace; writes that do
 //! reach the transport signal the same eventfds.
 
+use std::any::Any;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -185,6 +186,122 @@ pub enum TransportError {
     EventFd(#[source] std::io::Error),
 }
 
+/// Which ring of a queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ring {
+    /// The descriptor table.
+    Descriptors,
+    /// The available (driver) ring.
+    Available,
+    /// The used (device) ring.
+    Used,
+}
+
+impl std::fmt::Display for Ring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Ring::Descriptors => "descriptor table",
+            Ring::Available => "available ring",
+            Ring::Used => "used ring",
+        })
+    }
+}
+
+/// Why a queue the driver set up cannot be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum QueueSetupError {
+    /// The driver did not set QueueReady.
+    #[error("queue {index} is not ready")]
+    NotReady {
+        /// Queue index.
+        index: usize,
+    },
+    /// The size is zero, above the maximum or not a power of two.
+    #[error("queue {index}: size {size} is not a power of two between 1 and {max}")]
+    Size {
+        /// Queue index.
+        index: usize,
+        /// What the driver wrote.
+        size: u32,
+        /// The device's maximum.
+        max: u16,
+    },
+    /// A ring address is not aligned as the specification requires.
+    #[error("queue {index}: {ring} at {addr:#x} is misaligned")]
+    Misaligned {
+        /// Queue index.
+        index: usize,
+        /// Which ring.
+        ring: Ring,
+        /// Its address.
+        addr: u64,
+    },
+    /// A ring is not inside guest RAM.
+    #[error("queue {index}: its rings are not inside guest memory")]
+    OutsideMemory {
+        /// Queue index.
+        index: usize,
+    },
+}
+
+/// Why the transport did not activate its device at `DRIVER_OK`.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivationRefused {
+    /// A queue is unusable.
+    #[error(transparent)]
+    Queue(#[from] QueueSetupError),
+    /// The device refused its context.
+    #[error("the device refused activation")]
+    Device(#[from] super::ActivateError),
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+/// A queue built from what the driver wrote, checked as the specification
+/// requires: ready, a size within the maximum, aligned rings inside guest
+/// memory.
+fn build_queue<M: GuestMemoryBackend>(
+    index: usize,
+    cfg: &QueueConfig,
+    max: u16,
+    acked_features: u64,
+    mem: &M,
+) -> Result<Queue, QueueSetupError> {
+    if !cfg.ready {
+        return Err(QueueSetupError::NotReady { index });
+    }
+    let size_err = QueueSetupError::Size {
+        index,
+        size: cfg.size,
+        max,
+    };
+    let mut q = Queue::new(max).map_err(|_| size_err)?;
+    let size = u16::try_from(cfg.size).map_err(|_| size_err)?;
+    q.try_set_size(size).map_err(|_| size_err)?;
+    let misaligned = |ring, addr| QueueSetupError::Misaligned { index, ring, addr };
+    q.try_set_desc_table_address(GuestAddress(cfg.desc))
+        .map_err(|_| misaligned(Ring::Descriptors, cfg.desc))?;
+    q.try_set_avail_ring_address(GuestAddress(cfg.avail))
+        .map_err(|_| misaligned(Ring::Available, cfg.avail))?;
+    q.try_set_used_ring_address(GuestAddress(cfg.used))
+        .map_err(|_| misaligned(Ring::Used, cfg.used))?;
+    q.set_event_idx(acked_features & VIRTIO_RING_F_EVENT_IDX != 0);
+    q.set_ready(true);
+    if !q.is_valid(mem) {
+        return Err(QueueSetupError::OutsideMemory { index });
+    }
+    Ok(q)
+}
+
 /// A virtio device on the virtio-mmio transport.
 pub struct MmioTransport<M> {
     device: Box<dyn VirtioDevice<M>>,
@@ -303,6 +420,18 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> MmioTransport<M> {
     /// The device, mutably.
     pub fn device_mut(&mut self) -> &mut dyn VirtioDevice<M> {
         self.device.as_mut()
+    }
+
+    /// The device as its concrete type `D`, if it is one.
+    pub fn device_as<D: VirtioDevice<M>>(&self) -> Option<&D> {
+        let any: &dyn Any = self.device.as_ref();
+        any.downcast_ref()
+    }
+
+    /// The device as its concrete type `D`, mutably, if it is one.
+    pub fn device_as_mut<D: VirtioDevice<M>>(&mut self) -> Option<&mut D> {
+        let any: &mut dyn Any = self.device.as_mut();
+        any.downcast_mut()
     }
 
     /// Reads a register or the configuration space.
@@ -462,7 +591,7 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> MmioTransport<M> {
         if new & status::DRIVER_OK != 0 && next & status::FEATURES_OK != 0 {
             next |= status::DRIVER_OK;
             if let Err(reason) = self.activate() {
-                guest_warn!("virtio-mmio: activation refused: {reason}");
+                guest_warn!("virtio-mmio: activation refused: {}", error_chain(&reason));
                 self.interrupt.set_needs_reset();
             }
         }
@@ -472,30 +601,11 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> MmioTransport<M> {
         self.device_status = next;
     }
 
-    fn activate(&mut self) -> Result<(), String> {
+    fn activate(&mut self) -> Result<(), ActivationRefused> {
         let max_sizes = self.device.queue_max_sizes().to_vec();
         let mut queues = Vec::with_capacity(max_sizes.len());
-        for (i, (cfg, max)) in self.queue_cfg.iter().zip(max_sizes).enumerate() {
-            if !cfg.ready {
-                return Err(format!("queue {i} is not ready"));
-            }
-            let mut q = Queue::new(max).map_err(|e| format!("queue {i}: {e}"))?;
-            let size = u16::try_from(cfg.size)
-                .map_err(|_| format!("queue {i}: size {} is invalid", cfg.size))?;
-            q.try_set_size(size).map_err(|_| {
-                format!("queue {i}: size {size} is invalid (non-zero power of two up to {max})")
-            })?;
-            q.try_set_desc_table_address(GuestAddress(cfg.desc))
-                .map_err(|e| format!("queue {i}: descriptor table {:#x}: {e}", cfg.desc))?;
-            q.try_set_avail_ring_address(GuestAddress(cfg.avail))
-                .map_err(|e| format!("queue {i}: available ring {:#x}: {e}", cfg.avail))?;
-            q.try_set_used_ring_address(GuestAddress(cfg.used))
-                .map_err(|e| format!("queue {i}: used ring {:#x}: {e}", cfg.used))?;
-            q.set_event_idx(self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0);
-            q.set_ready(true);
-            if !q.is_valid(&self.mem) {
-                return Err(format!("queue {i}: rings are not inside guest memory"));
-            }
+        for (index, (cfg, max)) in self.queue_cfg.iter().zip(max_sizes).enumerate() {
+            let q = build_queue(index, cfg, max, self.acked_features, &self.mem)?;
             queues.push(q);
         }
         let ctx = ActivationContext {
@@ -504,7 +614,7 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> MmioTransport<M> {
             interrupt: self.interrupt.clone(),
             acked_features: self.acked_features,
         };
-        self.device.activate(ctx).map_err(|e| e.to_string())
+        Ok(self.device.activate(ctx)?)
     }
 
     fn reset(&mut self) {
@@ -845,40 +955,30 @@ mod tests {
 
     #[test]
     fn bad_maximum_queue_sizes_are_refused() {
-        struct Odd(Rng<GuestMemoryMmap>);
+        struct Odd(crate::virtio::VirtioCommon<GuestMemoryMmap>);
         impl VirtioDevice<GuestMemoryMmap> for Odd {
-            fn device_type(&self) -> u32 {
-                4
+            fn common(&self) -> &crate::virtio::VirtioCommon<GuestMemoryMmap> {
+                &self.0
             }
-            fn queue_max_sizes(&self) -> &[u16] {
-                &[100]
-            }
-            fn device_features(&self) -> u64 {
-                VIRTIO_F_VERSION_1
+            fn common_mut(&mut self) -> &mut crate::virtio::VirtioCommon<GuestMemoryMmap> {
+                &mut self.0
             }
             fn read_config(&self, _: u64, _: &mut [u8]) {}
-            fn activate(
-                &mut self,
-                c: ActivationContext<GuestMemoryMmap>,
-            ) -> Result<(), crate::virtio::ActivateError> {
-                self.0.activate(c)
-            }
-            fn reset(&mut self) -> Option<ActivationContext<GuestMemoryMmap>> {
-                None
-            }
-            fn is_active(&self) -> bool {
-                false
-            }
-            fn active_queues(&self) -> &[Queue] {
-                &[]
-            }
             fn process_queue(&mut self, _: usize) -> bool {
                 false
             }
         }
         let irq = EventFdTrigger::new().unwrap();
         assert!(matches!(
-            MmioTransport::new(Box::new(Odd(Rng::new())), memory(), irq),
+            MmioTransport::new(
+                Box::new(Odd(crate::virtio::VirtioCommon::new(
+                    4,
+                    VIRTIO_F_VERSION_1,
+                    &[100]
+                ))),
+                memory(),
+                irq
+            ),
             Err(TransportError::QueueMaxSize {
                 index: 0,
                 size: 100

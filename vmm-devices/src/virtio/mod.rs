@@ -15,6 +15,7 @@ pub mod mmio;
 mod queue;
 pub mod rng;
 
+use std::any::Any;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
@@ -102,19 +103,143 @@ pub enum ActivateError {
         got: usize,
     },
     /// The device-specific setup failed.
-    #[error("device setup failed: {0}")]
-    Setup(String),
+    #[error("device setup failed")]
+    Setup(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// What every virtio device has in common, whatever it does: its type, the
+/// features it offers, its queue maxima, and, while the driver has it
+/// running, what activation gave it. A device holds one and hands it out
+/// through [`VirtioDevice::common`]; the trait's provided methods do the
+/// rest (activation, reset, state capture).
+///
+/// ```
+/// use vmm_devices::virtio::{VirtioCommon, VIRTIO_F_VERSION_1};
+/// use vm_memory::GuestMemoryMmap;
+///
+/// let common: VirtioCommon<GuestMemoryMmap> = VirtioCommon::new(42, VIRTIO_F_VERSION_1, &[64, 64]);
+/// assert_eq!(common.queue_max_sizes(), &[64, 64]);
+/// assert!(!common.is_active());
+/// ```
+pub struct VirtioCommon<M> {
+    device_type: u32,
+    features: u64,
+    queue_sizes: Vec<u16>,
+    /// What activation gave the device; `None` while it is inactive.
+    pub active: Option<ActivationContext<M>>,
+}
+
+impl<M> VirtioCommon<M> {
+    /// An inactive device of `device_type` offering `features`, with one
+    /// queue per entry of `queue_sizes` (each entry its maximum size).
+    pub fn new(device_type: u32, features: u64, queue_sizes: &[u16]) -> Self {
+        Self {
+            device_type,
+            features,
+            queue_sizes: queue_sizes.to_vec(),
+            active: None,
+        }
+    }
+
+    /// The virtio device type.
+    pub fn device_type(&self) -> u32 {
+        self.device_type
+    }
+
+    /// The features offered.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// Each queue's maximum size.
+    pub fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    /// Takes the activation context if it has one queue per declared queue.
+    pub fn activate(&mut self, ctx: ActivationContext<M>) -> Result<(), ActivateError> {
+        self.active = Some(ctx.expect_queues(self.queue_sizes.len())?);
+        Ok(())
+    }
+
+    /// Gives back what activation gave.
+    pub fn reset(&mut self) -> Option<ActivationContext<M>> {
+        self.active.take()
+    }
+
+    /// Whether the device is active.
+    pub fn is_active(&self) -> bool {
+        self.active.is_some()
+    }
+
+    /// The queues being served (empty while inactive).
+    pub fn active_queues(&self) -> &[Queue] {
+        self.active.as_ref().map_or(&[], |c| &c.queues)
+    }
 }
 
 /// A virtio device, independent of its transport.
-pub trait VirtioDevice<M>: Send {
+///
+/// A device owns a [`VirtioCommon`] and implements what is its own: the
+/// configuration space and what a queue notification means. Activation,
+/// reset and state capture come with the trait. The transport downcasts a
+/// `dyn VirtioDevice` back to the concrete device (through [`Any`]) when the
+/// VMM asks for it.
+///
+/// ```
+/// use vm_memory::GuestMemoryMmap;
+/// use vmm_devices::virtio::{VirtioCommon, VirtioDevice, VIRTIO_F_VERSION_1};
+///
+/// /// A device with one queue that completes every buffer untouched.
+/// struct Null {
+///     common: VirtioCommon<GuestMemoryMmap>,
+///     seen: u64,
+/// }
+///
+/// impl VirtioDevice<GuestMemoryMmap> for Null {
+///     fn common(&self) -> &VirtioCommon<GuestMemoryMmap> {
+///         &self.common
+///     }
+///     fn common_mut(&mut self) -> &mut VirtioCommon<GuestMemoryMmap> {
+///         &mut self.common
+///     }
+///     fn read_config(&self, _offset: u64, data: &mut [u8]) {
+///         data.fill(0);
+///     }
+///     fn process_queue(&mut self, index: usize) -> bool {
+///         let Some(ctx) = self.common.active.as_mut() else { return false };
+///         let Some(queue) = ctx.queues.get_mut(index) else { return false };
+///         let budget = vmm_devices::virtio::QueueBudget::for_queue(queue);
+///         let seen = &mut self.seen;
+///         let result = vmm_devices::virtio::drain_queue(
+///             queue, &ctx.mem, ctx.interrupt.as_ref(), budget, |_chain| { *seen += 1; 0 });
+///         ctx.settle("null", 0, result)
+///     }
+/// }
+///
+/// let dev = Null { common: VirtioCommon::new(0x4242, VIRTIO_F_VERSION_1, &[16]), seen: 0 };
+/// assert_eq!(dev.queue_max_sizes(), &[16]);
+/// let any: &dyn VirtioDevice<GuestMemoryMmap> = &dev;
+/// assert!((any as &dyn std::any::Any).downcast_ref::<Null>().is_some());
+/// ```
+pub trait VirtioDevice<M: 'static>: Any + Send {
+    /// What the device has in common with every other.
+    fn common(&self) -> &VirtioCommon<M>;
+    /// See [`VirtioDevice::common`].
+    fn common_mut(&mut self) -> &mut VirtioCommon<M>;
     /// Virtio device type ([`TYPE_BLOCK`], ...).
-    fn device_type(&self) -> u32;
+    fn device_type(&self) -> u32 {
+        self.common().device_type()
+    }
     /// Maximum size of each queue; the length is the number of queues.
-    fn queue_max_sizes(&self) -> &[u16];
+    fn queue_max_sizes(&self) -> &[u16] {
+        self.common().queue_max_sizes()
+    }
     /// Features offered (the transport adds none; include
     /// [`VIRTIO_F_VERSION_1`]).
-    fn device_features(&self) -> u64;
+    fn device_features(&self) -> u64 {
+        self.common().features()
+    }
     /// Reads the configuration space at `offset`; bytes past its end read 0.
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the configuration space; ignored by default.
@@ -124,15 +249,24 @@ pub trait VirtioDevice<M>: Send {
             data.len()
         );
     }
-    /// Starts the device with validated queues.
-    fn activate(&mut self, ctx: ActivationContext<M>) -> Result<(), ActivateError>;
+    /// Starts the device with validated queues. The default takes the
+    /// context when it has one queue per declared queue.
+    fn activate(&mut self, ctx: ActivationContext<M>) -> Result<(), ActivateError> {
+        self.common_mut().activate(ctx)
+    }
     /// Stops the device and returns what activation gave it.
-    fn reset(&mut self) -> Option<ActivationContext<M>>;
+    fn reset(&mut self) -> Option<ActivationContext<M>> {
+        self.common_mut().reset()
+    }
     /// Whether the device is active.
-    fn is_active(&self) -> bool;
+    fn is_active(&self) -> bool {
+        self.common().is_active()
+    }
     /// The queues the device is serving (empty when inactive), for state
     /// capture.
-    fn active_queues(&self) -> &[Queue];
+    fn active_queues(&self) -> &[Queue] {
+        self.common().active_queues()
+    }
     /// Queue `index` was notified. Returns true when the device stopped at
     /// its work budget with buffers left, to be called again.
     fn process_queue(&mut self, index: usize) -> bool;

@@ -10,8 +10,8 @@ use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryBackend;
 
 use super::{
-    drain_queue, read_config_bytes, ActivateError, ActivationContext, QueueBudget, VirtioDevice,
-    TYPE_RNG, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    drain_queue, read_config_bytes, QueueBudget, VirtioCommon, VirtioDevice, TYPE_RNG,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// Size of the request queue.
@@ -41,8 +41,7 @@ fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
 
 /// An entropy device.
 pub struct Rng<M> {
-    queue_sizes: [u16; 1],
-    active: Option<ActivationContext<M>>,
+    common: VirtioCommon<M>,
     buf: Vec<u8>,
     broken_chains: u64,
 }
@@ -50,8 +49,11 @@ pub struct Rng<M> {
 impl<M> Default for Rng<M> {
     fn default() -> Self {
         Self {
-            queue_sizes: [RNG_QUEUE_SIZE],
-            active: None,
+            common: VirtioCommon::new(
+                TYPE_RNG,
+                VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX,
+                &[RNG_QUEUE_SIZE],
+            ),
             buf: vec![0; CHUNK],
             broken_chains: 0,
         }
@@ -92,42 +94,21 @@ fn answer<M: GuestMemoryBackend>(
     Some(done as u32)
 }
 
-impl<M: GuestMemoryBackend + Send> VirtioDevice<M> for Rng<M> {
-    fn device_type(&self) -> u32 {
-        TYPE_RNG
+impl<M: GuestMemoryBackend + Send + 'static> VirtioDevice<M> for Rng<M> {
+    fn common(&self) -> &VirtioCommon<M> {
+        &self.common
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
-    }
-
-    fn device_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
+    fn common_mut(&mut self) -> &mut VirtioCommon<M> {
+        &mut self.common
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&[], offset, data);
     }
 
-    fn activate(&mut self, ctx: ActivationContext<M>) -> Result<(), ActivateError> {
-        self.active = Some(ctx.expect_queues(1)?);
-        Ok(())
-    }
-
-    fn reset(&mut self) -> Option<ActivationContext<M>> {
-        self.active.take()
-    }
-
-    fn is_active(&self) -> bool {
-        self.active.is_some()
-    }
-
-    fn active_queues(&self) -> &[virtio_queue::Queue] {
-        self.active.as_ref().map_or(&[], |c| &c.queues)
-    }
-
     fn process_queue(&mut self, index: usize) -> bool {
-        let Some(ctx) = self.active.as_mut() else {
+        let Some(ctx) = self.common.active.as_mut() else {
             return false;
         };
         let Some(queue) = ctx.queues.get_mut(index) else {

@@ -9,34 +9,75 @@ use std::path::{Path, PathBuf};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR,
-    VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_S_OK,
 };
 use virtio_queue::{DescriptorChain, Reader, Writer};
 use vm_memory::bitmap::BitmapSlice;
-use vm_memory::{Bytes, GuestMemoryBackend};
+use vm_memory::{ByteValued, Bytes, GuestMemoryBackend, Le16, Le32, Le64};
 
-use super::request::{DiscardSegment, RequestHeader, RequestType};
+use super::request::{
+    DiskGeometry, Request, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE,
+};
 use crate::virtio::{
-    drain_queue, read_config_bytes, ActivateError, ActivationContext, QueueBudget, VirtioDevice,
-    TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    drain_queue, read_config_bytes, QueueBudget, VirtioCommon, VirtioDevice, TYPE_BLOCK,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
-/// Bytes in a sector.
-pub const SECTOR_SIZE: u64 = 512;
 /// Size of the request queue.
 pub const BLOCK_QUEUE_SIZE: u16 = 256;
 /// Most data segments in one request (advertised as `seg_max`).
 pub const SEG_MAX: u32 = BLOCK_QUEUE_SIZE as u32 - 2;
-/// Most sectors one DISCARD or WRITE_ZEROES segment may cover (2 GiB).
-pub const MAX_DISCARD_SECTORS: u32 = 1 << 22;
-/// Most segments in one DISCARD or WRITE_ZEROES request.
-pub const MAX_DISCARD_SEGMENTS: u32 = 1;
 /// Host bounce buffer: data moves between the file and guest memory in
 /// chunks of this size.
 const CHUNK: usize = 128 * 1024;
-/// Bytes of `struct virtio_blk_config` this device exposes.
-const CONFIG_SPACE_SIZE: usize = 60;
 const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
+
+/// `struct virtio_blk_config` (virtio 1.2, 5.2.4), up to
+/// `write_zeroes_may_unmap`: packed, as the specification and Linux declare
+/// it.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C, packed)]
+pub struct BlockConfigSpace {
+    /// Capacity in 512-byte sectors.
+    pub capacity: Le64,
+    /// Largest segment (unused: `VIRTIO_BLK_F_SIZE_MAX` is not offered).
+    pub size_max: Le32,
+    /// Most segments in a request.
+    pub seg_max: Le32,
+    /// Legacy geometry: cylinders, heads, sectors (unused).
+    pub geometry: [u8; 4],
+    /// Block size.
+    pub blk_size: Le32,
+    /// Topology: physical block exponent, alignment offset, minimum and
+    /// optimal I/O size (unused).
+    pub topology: [u8; 8],
+    /// Cache mode (unused).
+    pub writeback: u8,
+    /// Padding.
+    pub unused0: u8,
+    /// Number of request queues.
+    pub num_queues: Le16,
+    /// Most sectors in one DISCARD segment.
+    pub max_discard_sectors: Le32,
+    /// Most DISCARD segments in one request.
+    pub max_discard_seg: Le32,
+    /// DISCARD alignment in sectors.
+    pub discard_sector_alignment: Le32,
+    /// Most sectors in one WRITE_ZEROES segment.
+    pub max_write_zeroes_sectors: Le32,
+    /// Most WRITE_ZEROES segments in one request.
+    pub max_write_zeroes_seg: Le32,
+    /// Whether WRITE_ZEROES may deallocate.
+    pub write_zeroes_may_unmap: u8,
+    /// Padding.
+    pub unused1: [u8; 3],
+}
+
+// SAFETY: a packed struct of little-endian integers and byte arrays (60
+// bytes, no padding, checked below); every bit pattern is a valid value.
+unsafe impl ByteValued for BlockConfigSpace {}
+
+const _: () = assert!(std::mem::size_of::<BlockConfigSpace>() == 60);
 
 /// Why a disk could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -70,9 +111,8 @@ pub enum BlockError {
 /// The file side of the device.
 struct Backend {
     file: File,
-    read_only: bool,
+    disk: DiskGeometry,
     id: [u8; ID_BYTES],
-    capacity: u64,
     buf: Vec<u8>,
     broken_chains: u64,
 }
@@ -81,12 +121,19 @@ struct Backend {
 type Status = u8;
 const S_OK: Status = VIRTIO_BLK_S_OK as u8;
 const S_IOERR: Status = VIRTIO_BLK_S_IOERR as u8;
-const S_UNSUPP: Status = VIRTIO_BLK_S_UNSUPP as u8;
+
+fn status(ok: bool) -> Status {
+    if ok {
+        S_OK
+    } else {
+        S_IOERR
+    }
+}
 
 impl Backend {
-    /// Handles one chain; returns the bytes written into its device-writable
-    /// buffers (data and status), or `None` if it has no status byte to
-    /// write an answer to.
+    /// Handles one chain: parses the request, then executes it. Returns the
+    /// bytes written into its device-writable buffers (data and status), or
+    /// `None` if it has no status byte to write an answer to.
     fn handle<M: GuestMemoryBackend>(
         &mut self,
         mem: &M,
@@ -106,78 +153,57 @@ impl Backend {
             return None;
         }
         let mut status_writer = writer.split_at(writable - 1).ok()?;
-        let (status, data_written) = match reader.read_obj::<RequestHeader>() {
-            // Reads go straight from the file into guest memory: the Writer
-            // above has checked every writable buffer lies in guest RAM.
-            Ok(h) if RequestType::from(h.request_type.to_native()) == RequestType::In => {
-                let len = (writable - 1) as u64;
-                let status = self.read_direct(mem, data_chain, h.sector.to_native(), len);
-                (status, if status == S_OK { len as u32 } else { 0 })
-            }
-            Ok(h) => self.execute(&h, &mut reader, &mut writer),
-            Err(_) => (S_IOERR, 0),
+        let readable = reader.available_bytes();
+        let (status, written) = match Request::parse(&mut reader, readable, writable - 1, self.disk)
+        {
+            Ok(request) => self.execute(request, mem, data_chain, &mut reader, &mut writer),
+            Err(e) => (e.status(), 0),
         };
         status_writer.write_all(&[status]).ok()?;
-        Some(data_written + 1)
+        Some(written + 1)
     }
 
-    fn execute<B: BitmapSlice>(
+    /// Executes a checked request; returns its status and the data bytes
+    /// written for the driver.
+    fn execute<M: GuestMemoryBackend, B: BitmapSlice>(
         &mut self,
-        h: &RequestHeader,
+        request: Request,
+        mem: &M,
+        chain: DescriptorChain<&M>,
         reader: &mut Reader<'_, B>,
         writer: &mut Writer<'_, B>,
     ) -> (Status, u32) {
-        let sector = h.sector.to_native();
-        match RequestType::from(h.request_type.to_native()) {
-            RequestType::In => {
-                let status = self.read_sectors(sector, writer);
-                (status, writer.bytes_written() as u32)
+        match request {
+            Request::In { offset, len } => {
+                let ok = self.read_direct(mem, chain, offset, len);
+                (status(ok), if ok { len as u32 } else { 0 })
             }
-            RequestType::Out => (self.write_sectors(sector, reader), 0),
-            RequestType::Flush => (
-                if self.file.sync_data().is_ok() {
-                    S_OK
-                } else {
-                    S_IOERR
-                },
-                0,
-            ),
-            RequestType::GetId => {
+            Request::Out { offset, len } => (status(self.write_from(reader, offset, len)), 0),
+            Request::Flush => (status(self.file.sync_data().is_ok()), 0),
+            Request::GetId => {
                 let n = writer.available_bytes().min(ID_BYTES);
                 let ok = writer.write_all(&self.id[..n]).is_ok();
-                (if ok { S_OK } else { S_IOERR }, n as u32)
+                (status(ok), n as u32)
             }
-            RequestType::Discard => (self.discard(reader, false), 0),
-            RequestType::WriteZeroes => (self.discard(reader, true), 0),
-            RequestType::Unsupported(t) => {
-                log::debug!("virtio-blk: unsupported request type {t}");
-                (S_UNSUPP, 0)
-            }
+            Request::Discard {
+                offset,
+                len,
+                zeroes,
+            } => (status(self.punch(offset, len, zeroes)), 0),
         }
-    }
-
-    /// Byte offset of `sector` if `[sector, sector + len)` lies inside the
-    /// disk and `len` is whole sectors.
-    fn range(&self, sector: u64, len: u64) -> Option<u64> {
-        if len % SECTOR_SIZE != 0 {
-            return None;
-        }
-        let end = sector.checked_add(len / SECTOR_SIZE)?;
-        (end <= self.capacity).then(|| sector * SECTOR_SIZE)
     }
 
     /// IN without a bounce buffer: the file is read into each writable
     /// buffer of the chain in turn (the last byte, the status, excluded).
+    /// The chain's Writer has checked that every writable buffer lies in
+    /// guest RAM.
     fn read_direct<M: GuestMemoryBackend>(
         &mut self,
         mem: &M,
         chain: DescriptorChain<&M>,
-        sector: u64,
+        mut offset: u64,
         len: u64,
-    ) -> Status {
-        let Some(mut offset) = self.range(sector, len) else {
-            return S_IOERR;
-        };
+    ) -> bool {
         let mut left = len;
         for desc in chain.writable() {
             if left == 0 {
@@ -189,85 +215,26 @@ impl Backend {
                     .read_exact_volatile_from(desc.addr(), &mut self.file, n as usize)
                     .is_err()
             {
-                return S_IOERR;
+                return false;
             }
             offset += n;
             left -= n;
         }
-        if left == 0 {
-            S_OK
-        } else {
-            S_IOERR
-        }
+        left == 0
     }
 
-    fn read_sectors<B: BitmapSlice>(&mut self, sector: u64, w: &mut Writer<'_, B>) -> Status {
-        let len = w.available_bytes() as u64;
-        let Some(mut offset) = self.range(sector, len) else {
-            return S_IOERR;
-        };
-        let mut left = len as usize;
-        while left > 0 {
-            let n = left.min(CHUNK);
+    fn write_from<B: BitmapSlice>(&mut self, r: &mut Reader<'_, B>, offset: u64, len: u64) -> bool {
+        let mut at = offset;
+        let end = offset + len;
+        while at < end {
+            let n = (end - at).min(CHUNK as u64) as usize;
             let buf = &mut self.buf[..n];
-            if self.file.read_exact_at(buf, offset).is_err() || w.write_all(buf).is_err() {
-                return S_IOERR;
+            if r.read_exact(buf).is_err() || self.file.write_all_at(buf, at).is_err() {
+                return false;
             }
-            offset += n as u64;
-            left -= n;
+            at += n as u64;
         }
-        S_OK
-    }
-
-    fn write_sectors<B: BitmapSlice>(&mut self, sector: u64, r: &mut Reader<'_, B>) -> Status {
-        if self.read_only {
-            return S_IOERR;
-        }
-        let len = r.available_bytes() as u64;
-        let Some(mut offset) = self.range(sector, len) else {
-            return S_IOERR;
-        };
-        let mut left = len as usize;
-        while left > 0 {
-            let n = left.min(CHUNK);
-            let buf = &mut self.buf[..n];
-            if r.read_exact(buf).is_err() || self.file.write_all_at(buf, offset).is_err() {
-                return S_IOERR;
-            }
-            offset += n as u64;
-            left -= n;
-        }
-        S_OK
-    }
-
-    fn discard<B: BitmapSlice>(&mut self, r: &mut Reader<'_, B>, zeroes: bool) -> Status {
-        if self.read_only {
-            return S_IOERR;
-        }
-        let len = r.available_bytes();
-        let seg_size = std::mem::size_of::<DiscardSegment>();
-        if len == 0 || len % seg_size != 0 || len / seg_size > MAX_DISCARD_SEGMENTS as usize {
-            return S_UNSUPP;
-        }
-        for _ in 0..len / seg_size {
-            let Ok(seg) = r.read_obj::<DiscardSegment>() else {
-                return S_IOERR;
-            };
-            let num = seg.num_sectors.to_native();
-            let flags = seg.flags.to_native();
-            if num > MAX_DISCARD_SECTORS || flags & !1 != 0 || (!zeroes && flags != 0) {
-                return S_UNSUPP;
-            }
-            let Some(offset) = self.range(seg.sector.to_native(), u64::from(num) * SECTOR_SIZE)
-            else {
-                return S_IOERR;
-            };
-            let bytes = u64::from(num) * SECTOR_SIZE;
-            if !self.punch(offset, bytes, zeroes) {
-                return S_IOERR;
-            }
-        }
-        S_OK
+        true
     }
 
     /// Deallocates (discard) or zeroes (write zeroes) a byte range, keeping
@@ -329,10 +296,8 @@ impl Backend {
 /// ```
 pub struct Block<M> {
     backend: Backend,
-    features: u64,
-    config: [u8; CONFIG_SPACE_SIZE],
-    queue_sizes: [u16; 1],
-    active: Option<ActivationContext<M>>,
+    config: BlockConfigSpace,
+    common: VirtioCommon<M>,
 }
 
 impl<M> Block<M> {
@@ -388,42 +353,43 @@ impl<M> Block<M> {
         } else {
             features |= (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES);
         }
-        let mut config = [0u8; CONFIG_SPACE_SIZE];
-        let mut put = |at: usize, bytes: &[u8]| config[at..at + bytes.len()].copy_from_slice(bytes);
-        put(0, &capacity.to_le_bytes());
-        put(12, &SEG_MAX.to_le_bytes());
-        put(20, &(SECTOR_SIZE as u32).to_le_bytes());
-        put(34, &1u16.to_le_bytes()); // num_queues
-        put(36, &MAX_DISCARD_SECTORS.to_le_bytes());
-        put(40, &MAX_DISCARD_SEGMENTS.to_le_bytes());
-        put(44, &1u32.to_le_bytes()); // discard_sector_alignment
-        put(48, &MAX_DISCARD_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
-        put(52, &MAX_DISCARD_SEGMENTS.to_le_bytes()); // max_write_zeroes_seg
-        put(56, &[1]); // write_zeroes_may_unmap
+        let config = BlockConfigSpace {
+            capacity: Le64::from(capacity),
+            seg_max: Le32::from(SEG_MAX),
+            blk_size: Le32::from(SECTOR_SIZE as u32),
+            num_queues: Le16::from(1),
+            max_discard_sectors: Le32::from(MAX_DISCARD_SECTORS),
+            max_discard_seg: Le32::from(MAX_DISCARD_SEGMENTS),
+            discard_sector_alignment: Le32::from(1),
+            max_write_zeroes_sectors: Le32::from(MAX_DISCARD_SECTORS),
+            max_write_zeroes_seg: Le32::from(MAX_DISCARD_SEGMENTS),
+            write_zeroes_may_unmap: 1,
+            ..BlockConfigSpace::default()
+        };
         Ok(Self {
             backend: Backend {
                 file,
-                read_only,
+                disk: DiskGeometry {
+                    capacity,
+                    read_only,
+                },
                 id,
-                capacity,
                 buf: vec![0; CHUNK],
                 broken_chains: 0,
             },
-            features,
             config,
-            queue_sizes: [BLOCK_QUEUE_SIZE],
-            active: None,
+            common: VirtioCommon::new(TYPE_BLOCK, features, &[BLOCK_QUEUE_SIZE]),
         })
     }
 
     /// Capacity in 512-byte sectors.
     pub fn capacity_sectors(&self) -> u64 {
-        self.backend.capacity
+        self.backend.disk.capacity
     }
 
     /// Whether writes are refused.
     pub fn is_read_only(&self) -> bool {
-        self.backend.read_only
+        self.backend.disk.read_only
     }
 
     /// Chains the device could not answer (no status byte, or buffers outside
@@ -433,42 +399,21 @@ impl<M> Block<M> {
     }
 }
 
-impl<M: GuestMemoryBackend + Send> VirtioDevice<M> for Block<M> {
-    fn device_type(&self) -> u32 {
-        TYPE_BLOCK
+impl<M: GuestMemoryBackend + Send + 'static> VirtioDevice<M> for Block<M> {
+    fn common(&self) -> &VirtioCommon<M> {
+        &self.common
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
-    }
-
-    fn device_features(&self) -> u64 {
-        self.features
+    fn common_mut(&mut self) -> &mut VirtioCommon<M> {
+        &mut self.common
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
-    }
-
-    fn activate(&mut self, ctx: ActivationContext<M>) -> Result<(), ActivateError> {
-        self.active = Some(ctx.expect_queues(1)?);
-        Ok(())
-    }
-
-    fn reset(&mut self) -> Option<ActivationContext<M>> {
-        self.active.take()
-    }
-
-    fn is_active(&self) -> bool {
-        self.active.is_some()
-    }
-
-    fn active_queues(&self) -> &[virtio_queue::Queue] {
-        self.active.as_ref().map_or(&[], |c| &c.queues)
+        read_config_bytes(self.config.as_slice(), offset, data);
     }
 
     fn process_queue(&mut self, index: usize) -> bool {
-        let Some(ctx) = self.active.as_mut() else {
+        let Some(ctx) = self.common.active.as_mut() else {
             return false;
         };
         let Some(queue) = ctx.queues.get_mut(index) else {

@@ -9,5 +9,8 @@
 mod device;
 mod request;
 
-pub use device::{Block, BlockError, BLOCK_QUEUE_SIZE, MAX_DISCARD_SECTORS, SECTOR_SIZE};
-pub use request::{RequestHeader, RequestType};
+pub use device::{Block, BlockConfigSpace, BlockError, BLOCK_QUEUE_SIZE, SEG_MAX};
+pub use request::{
+    DiscardSegment, DiskGeometry, Request, RequestError, RequestHeader, RequestType,
+    MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE,
+};

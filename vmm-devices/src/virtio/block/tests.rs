@@ -9,6 +9,7 @@ use virtio_queue::desc::RawDescriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, Le32, Le64};
 
 use super::*;
+use crate::virtio::block::{DiscardSegment, RequestHeader};
 use crate::virtio::test_utils::{context, memory, Buf, Driver, TestInterrupt};
 
 const QUEUE: u64 = 0x1000;

@@ -1,0 +1,662 @@
+//! [`VmBuilder`]: a whole VM assembled from parts, through one public door
+//! for the built-in devices and a stranger's own alike.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Cursor, Read};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use libc::c_int;
+use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
+use vm_device::device_manager::{IoManager, MmioManager, PioManager};
+use vm_device::{DeviceMmio, DevicePio};
+use vmm_boot::{boot_guest, BootConfig, ProtocolChoice};
+use vmm_devices::legacy::{
+    DebugCon, DebugExit, Serial, COM1_IRQ, COM1_PORT, COM1_PORT_SIZE, DEBUGCON_PORT,
+    DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_SIZE, I8042, I8042_PORT, I8042_PORT_SIZE,
+};
+use vmm_devices::virtio::block::Block;
+use vmm_devices::virtio::console::Console;
+use vmm_devices::virtio::rng::Rng;
+use vmm_devices::virtio::VirtioDevice;
+use vmm_devices::EventFdTrigger;
+use vmm_memory::{
+    create_guest_ram, AddressMap, GuestRam, GuestRange, RamBacking, ResourceAllocator,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::{HostIo, KernelSource, VmConfig, DEFAULT_CMDLINE};
+use crate::devices::{ConsoleConfig, DeviceError, VirtioHandle, VirtioSlot};
+use crate::event_loop::Subscriber;
+use crate::events::{VmEvent, VmEventSender};
+use crate::seccomp::{SeccompPolicy, ThreadFilters, ThreadKind};
+use crate::vm::Vm;
+use crate::vmm::{HostThread, SerialDevice, Vmm, VmmError};
+
+/// How long a serial input pump waits for room in the UART's FIFO.
+const SERIAL_INPUT_RETRY: Duration = Duration::from_millis(2);
+
+/// Assembles a VM: guest RAM first (so devices can be placed at once), then
+/// devices, event sources and seccomp additions in any order, then
+/// [`build`](VmBuilder::build) loads the kernel and creates the KVM VM.
+/// Nothing runs and no thread starts until [`Vmm::start`] or [`Vmm::run`].
+///
+/// ```no_run
+/// use std::sync::{Arc, Mutex};
+/// use vmm_core::{HostIo, KernelSource, VmBuilder};
+/// use vmm_devices::virtio::rng::Rng;
+///
+/// let mut builder = VmBuilder::new(64, Default::default())?;
+/// builder
+///     .kernel(KernelSource::Bytes(vmm_testguest::IMAGE))
+///     .cmdline("testguest.run=rng,exit testguest.exit=0")
+///     .host_io(HostIo::serial(Box::new(std::io::stdout())));
+/// let rng = builder.add_virtio(Rng::new())?;
+/// let vmm = builder.build()?;
+/// let exit = vmm.run()?;
+/// println!("{exit:?}; rng answered {:?} broken chains", rng.with(|r| r.broken_chains()));
+/// # Ok::<(), vmm_core::VmmError>(())
+/// ```
+pub struct VmBuilder {
+    map: AddressMap,
+    memory: GuestRam,
+    resources: ResourceAllocator,
+    kernel: KernelSource,
+    initrd: Option<PathBuf>,
+    cmdline: String,
+    protocol: ProtocolChoice,
+    vcpus: u8,
+    seccomp: SeccompPolicy,
+    extra_syscalls: Vec<(ThreadKind, i64)>,
+    exit_port: u16,
+    io: HostIo,
+    debugcon: bool,
+    bus: IoManager,
+    irq_lines: Vec<(EventFd, u32)>,
+    virtio: Vec<VirtioSlot>,
+    subscribers: Vec<Subscriber>,
+    threads: Vec<HostThread>,
+    stop_signals: Vec<c_int>,
+    events: VmEventSender,
+    receiver: std::sync::mpsc::Receiver<VmEvent>,
+}
+
+fn open_file(what: &'static str, path: &Path) -> Result<File, VmmError> {
+    let file = File::open(path).map_err(|source| VmmError::Open {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let meta = file.metadata().map_err(|source| VmmError::Open {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(VmmError::NotAFile {
+            what,
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(file)
+}
+
+fn check_vcpus(n: u8) -> Result<(), VmmError> {
+    match n {
+        0 => Err(VmmError::NoVcpus),
+        1 => Ok(()),
+        n => Err(VmmError::SmpUnsupported { requested: n }),
+    }
+}
+
+impl VmBuilder {
+    /// Lays out and creates `mem_mib` MiB of guest RAM backed by `backing`,
+    /// and the allocator devices are placed from. Everything else starts at
+    /// its default: no kernel, [`DEFAULT_CMDLINE`], one vCPU, seccomp on
+    /// VMM threads, console output discarded.
+    pub fn new(mem_mib: u64, backing: RamBacking) -> Result<Self, VmmError> {
+        let size = mem_mib
+            .checked_mul(1 << 20)
+            .ok_or(VmmError::MemoryTooLarge(mem_mib))?;
+        let map = AddressMap::new(size)?;
+        let memory = create_guest_ram(&map, backing)?;
+        let resources = ResourceAllocator::new(&map).map_err(DeviceError::from)?;
+        let (events, receiver) = VmEventSender::channel();
+        Ok(Self {
+            map,
+            memory,
+            resources,
+            kernel: KernelSource::Bytes(&[]),
+            initrd: None,
+            cmdline: DEFAULT_CMDLINE.to_string(),
+            protocol: ProtocolChoice::Auto,
+            vcpus: 1,
+            seccomp: SeccompPolicy::default(),
+            extra_syscalls: Vec::new(),
+            exit_port: DEBUG_EXIT_PORT,
+            io: HostIo::default(),
+            debugcon: false,
+            bus: IoManager::new(),
+            irq_lines: Vec::new(),
+            virtio: Vec::new(),
+            subscribers: Vec::new(),
+            threads: Vec::new(),
+            stop_signals: Vec::new(),
+            events,
+            receiver,
+        })
+    }
+
+    /// A builder with everything `config` describes: the built-in devices
+    /// are added through the same methods a caller's own devices use.
+    pub fn from_config(config: &VmConfig, mut io: HostIo) -> Result<Self, VmmError> {
+        check_vcpus(config.vcpus)?;
+        let mut b = Self::new(config.mem_mib, config.ram_backing)?;
+        b.kernel(config.kernel.clone())
+            .cmdline(&config.cmdline)
+            .protocol(config.protocol)
+            .vcpus(config.vcpus)
+            .seccomp(config.seccomp)
+            .exit_port(config.exit_port)
+            .debugcon(config.debugcon);
+        if let Some(initrd) = &config.initrd {
+            b.initrd(initrd);
+        }
+        for d in &config.disks {
+            let disk =
+                Block::open(&d.path, d.read_only, d.serial.as_deref()).map_err(|source| {
+                    DeviceError::Disk {
+                        path: d.path.clone(),
+                        source,
+                    }
+                })?;
+            b.add_virtio(disk)?;
+        }
+        if config.rng {
+            b.add_virtio(Rng::new())?;
+        }
+        match &config.console {
+            None => {}
+            Some(ConsoleConfig::Host) => {
+                let out = io
+                    .console_out
+                    .take()
+                    .unwrap_or_else(|| Box::new(io::sink()));
+                match io.console_in.take() {
+                    Some(input) => {
+                        let (dev, feed) =
+                            Console::with_input(out).map_err(DeviceError::ConsoleInput)?;
+                        b.add_virtio(dev)?;
+                        b.spawn_on_start("console-in", ThreadKind::Input, move || feed.pump(input));
+                    }
+                    None => {
+                        b.add_virtio(Console::new(out))?;
+                    }
+                }
+            }
+            Some(ConsoleConfig::File(path)) => {
+                let f = OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(path)
+                    .map_err(|source| DeviceError::ConsoleFile {
+                        path: path.clone(),
+                        source,
+                    })?;
+                b.add_virtio(Console::new(Box::new(f)))?;
+            }
+        }
+        b.host_io(io);
+        Ok(b)
+    }
+
+    /// The kernel to boot.
+    pub fn kernel(&mut self, kernel: KernelSource) -> &mut Self {
+        self.kernel = kernel;
+        self
+    }
+
+    /// An initrd file.
+    pub fn initrd(&mut self, path: &Path) -> &mut Self {
+        self.initrd = Some(path.to_path_buf());
+        self
+    }
+
+    /// The kernel command line (the virtio devices' entries are appended).
+    pub fn cmdline(&mut self, cmdline: &str) -> &mut Self {
+        self.cmdline = cmdline.trim().to_string();
+        self
+    }
+
+    /// The boot protocol.
+    pub fn protocol(&mut self, protocol: ProtocolChoice) -> &mut Self {
+        self.protocol = protocol;
+        self
+    }
+
+    /// The number of vCPUs (checked by [`build`](VmBuilder::build)).
+    pub fn vcpus(&mut self, n: u8) -> &mut Self {
+        self.vcpus = n;
+        self
+    }
+
+    /// Which threads get seccomp filters.
+    pub fn seccomp(&mut self, policy: SeccompPolicy) -> &mut Self {
+        self.seccomp = policy;
+        self
+    }
+
+    /// The port of the debug-exit device.
+    pub fn exit_port(&mut self, port: u16) -> &mut Self {
+        self.exit_port = port;
+        self
+    }
+
+    /// Whether to put a debug console on port 0xE9, writing to
+    /// [`HostIo::debugcon_out`].
+    pub fn debugcon(&mut self, on: bool) -> &mut Self {
+        self.debugcon = on;
+        self
+    }
+
+    /// Where COM1 and the debug console go (what is left of `io` after a
+    /// console took its part).
+    pub fn host_io(&mut self, io: HostIo) -> &mut Self {
+        self.io = io;
+        self
+    }
+
+    /// Stop the VM ([`VmEvent::StopRequested`]) when the process receives
+    /// one of `signals`. The handlers are process-wide and installed when
+    /// the VM starts, pointing at the VM started last.
+    pub fn stop_on_signals(&mut self, signals: &[c_int]) -> &mut Self {
+        self.stop_signals = signals.to_vec();
+        self
+    }
+
+    /// Also allow `syscalls` (`libc::SYS_*` numbers) on threads of `kind`:
+    /// what a device's own code running there needs.
+    pub fn allow_syscalls(&mut self, kind: ThreadKind, syscalls: &[i64]) -> &mut Self {
+        self.extra_syscalls
+            .extend(syscalls.iter().map(|&s| (kind, s)));
+        self
+    }
+
+    /// Guest RAM, for devices that need it before the VM is built.
+    pub fn memory(&self) -> &GuestRam {
+        &self.memory
+    }
+
+    /// The guest address map.
+    pub fn address_map(&self) -> &AddressMap {
+        &self.map
+    }
+
+    /// The sending end of the VM's events, for a device that ends the run
+    /// or asks for a reset.
+    pub fn events(&self) -> VmEventSender {
+        self.events.clone()
+    }
+
+    /// Puts a virtio device on virtio-mmio: a 4 KiB window and an interrupt
+    /// line from the allocator, an ioeventfd per queue, an irqfd, its
+    /// `virtio_mmio.device=` command-line entry, and its queue and event
+    /// handling on the device event loop. Returns a typed handle on it.
+    pub fn add_virtio<D: VirtioDevice<GuestRam>>(
+        &mut self,
+        device: D,
+    ) -> Result<VirtioHandle<D>, VmmError> {
+        let slot = VirtioSlot::place(Box::new(device), &self.memory, &mut self.resources)?;
+        let handle = VirtioHandle::new(&slot);
+        self.virtio.push(slot);
+        Ok(handle)
+    }
+
+    /// Puts a port I/O device on `size` ports from `base`. `name` appears in
+    /// errors (a clash with another device, say).
+    pub fn add_pio_device(
+        &mut self,
+        name: &str,
+        base: u16,
+        size: u16,
+        device: Arc<dyn DevicePio + Send + Sync>,
+    ) -> Result<&mut Self, VmmError> {
+        let err = |source| DeviceError::Bus {
+            name: name.to_string(),
+            base: u64::from(base),
+            size: u64::from(size),
+            source,
+        };
+        let range = PioRange::new(PioAddress(base), size).map_err(err)?;
+        self.bus.register_pio(range, device).map_err(err)?;
+        Ok(self)
+    }
+
+    /// Puts an MMIO device on `range` (from
+    /// [`allocate_mmio`](VmBuilder::allocate_mmio), or a fixed address
+    /// outside guest RAM).
+    pub fn add_mmio_device(
+        &mut self,
+        name: &str,
+        range: GuestRange,
+        device: Arc<dyn DeviceMmio + Send + Sync>,
+    ) -> Result<&mut Self, VmmError> {
+        let err = |source| DeviceError::Bus {
+            name: name.to_string(),
+            base: range.start(),
+            size: range.len(),
+            source,
+        };
+        let r = MmioRange::new(MmioAddress(range.start()), range.len()).map_err(err)?;
+        self.bus.register_mmio(r, device).map_err(err)?;
+        Ok(self)
+    }
+
+    /// An MMIO window of `size` bytes in the device area of the MMIO gap.
+    pub fn allocate_mmio(&mut self, size: u64) -> Result<GuestRange, VmmError> {
+        Ok(self
+            .resources
+            .allocate_mmio(size)
+            .map_err(DeviceError::from)?)
+    }
+
+    /// An interrupt line for a device: `gsi` if given (an ISA line such as
+    /// 4 for COM1), else a free one from the allocator. Writing the trigger
+    /// raises the line in the guest (it becomes a KVM irqfd).
+    pub fn interrupt_line(&mut self, gsi: Option<u32>) -> Result<(u32, EventFdTrigger), VmmError> {
+        let gsi = match gsi {
+            Some(g) => g,
+            None => self.resources.allocate_irq().map_err(DeviceError::from)?,
+        };
+        let trigger = EventFdTrigger::new().map_err(VmmError::EventFd)?;
+        let evt = trigger.eventfd().try_clone().map_err(VmmError::EventFd)?;
+        self.irq_lines.push((evt, gsi));
+        Ok((gsi, trigger))
+    }
+
+    /// Adds an event source to the device event loop (an event-manager
+    /// subscriber: it registers its own fds in `init`).
+    pub fn add_event_source(&mut self, subscriber: Subscriber) -> &mut Self {
+        self.subscribers.push(subscriber);
+        self
+    }
+
+    /// Runs `body` on a thread of its own when the VM starts, under the
+    /// filter of `kind` (for a device's host side: an input pump, a backend
+    /// reader). The thread is not joined: it ends when `body` returns.
+    pub fn spawn_on_start(
+        &mut self,
+        name: &str,
+        kind: ThreadKind,
+        body: impl FnOnce() + Send + 'static,
+    ) -> &mut Self {
+        self.threads.push(HostThread {
+            name: name.to_string(),
+            kind,
+            body: Box::new(body),
+        });
+        self
+    }
+
+    /// The legacy PC devices every VM gets: COM1, the i8042 (for reset), the
+    /// debug-exit port and, if asked, the debug console.
+    fn add_legacy_devices(&mut self) -> Result<Arc<Mutex<SerialDevice>>, VmmError> {
+        let (_, irq) = self.interrupt_line(Some(COM1_IRQ))?;
+        let out = std::mem::replace(&mut self.io.serial_out, Box::new(io::sink()));
+        let serial = Arc::new(Mutex::new(Serial::new(irq, out)));
+        self.add_pio_device("COM1", COM1_PORT, COM1_PORT_SIZE, serial.clone())?;
+        let i8042 = I8042::new(self.events.trigger(|| VmEvent::ResetRequested));
+        self.add_pio_device(
+            "i8042",
+            I8042_PORT,
+            I8042_PORT_SIZE,
+            Arc::new(Mutex::new(i8042)),
+        )?;
+        let events = self.events.clone();
+        let exit = DebugExit::new(move |status| events.send(VmEvent::GuestStatus(status)));
+        self.add_pio_device(
+            "debug-exit",
+            self.exit_port,
+            DEBUG_EXIT_PORT_SIZE,
+            Arc::new(Mutex::new(exit)),
+        )?;
+        if self.debugcon {
+            let out = self
+                .io
+                .debugcon_out
+                .take()
+                .unwrap_or_else(|| Box::new(io::sink()));
+            self.add_pio_device(
+                "debug console",
+                DEBUGCON_PORT,
+                1,
+                Arc::new(Mutex::new(DebugCon::new(out))),
+            )?;
+        }
+        if let Some(mut input) = self.io.serial_in.take() {
+            let serial = serial.clone();
+            self.spawn_on_start("serial-in", ThreadKind::Input, move || {
+                pump_serial_input(&mut input, &serial)
+            });
+        }
+        Ok(serial)
+    }
+
+    /// Loads the kernel, creates the KVM VM and its vCPUs, and wires every
+    /// device to it.
+    pub fn build(mut self) -> Result<Vmm, VmmError> {
+        check_vcpus(self.vcpus)?;
+        let serial = self.add_legacy_devices()?;
+        let cmdline = self.full_cmdline();
+        let boot = self.load_kernel(&cmdline)?;
+        log::info!(
+            "kernel loaded: {} via {}, entry {:#x}, ends at {:#x}",
+            boot.kernel.format,
+            boot.protocol,
+            boot.cpu.rip,
+            boot.kernel_end
+        );
+        let vm = Vm::new(self.memory.clone())?;
+        for (evt, gsi) in &self.irq_lines {
+            vm.register_irqfd(evt, *gsi)?;
+        }
+        for slot in &self.virtio {
+            slot.attach(&vm, &mut self.bus)?;
+        }
+        let mut vcpus = Vec::with_capacity(usize::from(self.vcpus));
+        for id in 0..self.vcpus {
+            let vcpu = vm.create_vcpu(id)?;
+            vcpu.configure(vm.kvm(), &boot.cpu)?;
+            vcpus.push(vcpu);
+        }
+        let filters = if self.seccomp.confines_threads() {
+            let extra = &self.extra_syscalls;
+            ThreadFilters::build(|kind| {
+                extra
+                    .iter()
+                    .filter(|(k, _)| *k == kind)
+                    .map(|(_, s)| *s)
+                    .collect()
+            })?
+        } else {
+            ThreadFilters::none()
+        };
+        let mut subscribers: Vec<Subscriber> =
+            self.virtio.iter().map(VirtioSlot::subscriber).collect();
+        subscribers.append(&mut self.subscribers);
+        Ok(Vmm::assemble(crate::vmm::Parts {
+            vm,
+            vcpus,
+            bus: Arc::new(self.bus),
+            boot,
+            virtio: self.virtio,
+            cmdline,
+            subscribers,
+            threads: self.threads,
+            filters,
+            seccomp: self.seccomp,
+            stop_signals: self.stop_signals,
+            events: self.events,
+            receiver: self.receiver,
+            serial,
+        }))
+    }
+
+    fn full_cmdline(&self) -> String {
+        let mut cmdline = self.cmdline.clone();
+        for slot in &self.virtio {
+            if !cmdline.is_empty() {
+                cmdline.push(' ');
+            }
+            cmdline.push_str(&slot.cmdline_entry());
+        }
+        cmdline
+    }
+
+    fn load_kernel(&self, cmdline: &str) -> Result<vmm_boot::BootSetup, VmmError> {
+        let mut initrd = match &self.initrd {
+            Some(p) => Some(open_file("initrd", p)?),
+            None => None,
+        };
+        let config = BootConfig {
+            protocol: self.protocol,
+            cmdline,
+        };
+        let setup = match &self.kernel {
+            KernelSource::Path(p) => {
+                let mut file = open_file("kernel", p)?;
+                boot_guest(&self.memory, &self.map, &mut file, initrd.as_mut(), &config)?
+            }
+            KernelSource::Bytes(bytes) => boot_guest(
+                &self.memory,
+                &self.map,
+                &mut Cursor::new(*bytes),
+                initrd.as_mut(),
+                &config,
+            )?,
+        };
+        Ok(setup)
+    }
+}
+
+/// Forwards `input` to the guest's COM1, waiting whenever the UART's FIFO is
+/// full; ends at end of input.
+fn pump_serial_input(input: &mut dyn Read, serial: &Mutex<SerialDevice>) {
+    let mut buf = [0u8; 64];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => return,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+            Ok(n) => n,
+        };
+        let mut rest = &buf[..n];
+        while !rest.is_empty() {
+            let Ok(taken) = serial.lock().map(|mut s| s.enqueue_input(rest)) else {
+                return;
+            };
+            rest = &rest[taken..];
+            if taken == 0 {
+                std::thread::sleep(SERIAL_INPUT_RETRY);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> VmConfig {
+        VmConfig {
+            kernel: KernelSource::Bytes(vmm_testguest::IMAGE),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn smp_and_zero_vcpus_are_refused_before_anything_is_built() {
+        let c = VmConfig {
+            vcpus: 2,
+            ..config()
+        };
+        assert!(matches!(
+            VmBuilder::from_config(&c, HostIo::default()),
+            Err(VmmError::SmpUnsupported { requested: 2 })
+        ));
+        let c = VmConfig {
+            vcpus: 0,
+            ..config()
+        };
+        assert!(matches!(
+            VmBuilder::from_config(&c, HostIo::default()),
+            Err(VmmError::NoVcpus)
+        ));
+    }
+
+    #[test]
+    fn absurd_memory_sizes_are_refused() {
+        assert!(matches!(
+            VmBuilder::new(u64::MAX, RamBacking::Anonymous),
+            Err(VmmError::MemoryTooLarge(_))
+        ));
+        assert!(matches!(
+            VmBuilder::new(1, RamBacking::Anonymous),
+            Err(VmmError::Layout(_))
+        ));
+    }
+
+    #[test]
+    fn port_clashes_name_both_the_device_and_its_range() {
+        let mut b = VmBuilder::new(16, RamBacking::Anonymous).unwrap();
+        let dev = Arc::new(Mutex::new(DebugCon::new(io::sink())));
+        b.add_pio_device("mine", 0x3f8, 1, dev.clone()).unwrap();
+        let Err(err) = b.add_pio_device("theirs", 0x3f8, 8, dev) else {
+            panic!("a clash was accepted");
+        };
+        let msg = format!(
+            "{err}: {}",
+            std::error::Error::source(&err)
+                .map(|s| s.to_string())
+                .unwrap_or_default()
+        );
+        assert!(
+            msg.contains("theirs") && msg.contains("0x3f8"),
+            "unclear: {msg}"
+        );
+    }
+
+    #[test]
+    fn virtio_devices_get_distinct_windows_and_lines_and_a_cmdline_entry() {
+        let mut b = VmBuilder::new(16, RamBacking::Anonymous).unwrap();
+        let a = b.add_virtio(Rng::new()).unwrap();
+        let c = b.add_virtio(Rng::new()).unwrap();
+        assert_ne!(a.window(), c.window());
+        assert_ne!(a.irq(), c.irq());
+        b.cmdline("  console=ttyS0 ");
+        let line = b.full_cmdline();
+        assert!(
+            line.starts_with("console=ttyS0 virtio_mmio.device=4K@"),
+            "{line}"
+        );
+        assert_eq!(line.matches("virtio_mmio.device=").count(), 2);
+        assert_eq!(a.with(|rng| rng.broken_chains()), Some(0));
+    }
+
+    #[test]
+    fn missing_and_directory_kernels_are_clear_errors() {
+        let mut b = VmBuilder::new(16, RamBacking::Anonymous).unwrap();
+        b.kernel(KernelSource::Path("/nonexistent/vmlinux".into()));
+        assert!(matches!(
+            b.load_kernel(""),
+            Err(VmmError::Open { what: "kernel", .. })
+        ));
+        b.kernel(KernelSource::Path("/".into()));
+        assert!(matches!(
+            b.load_kernel(""),
+            Err(VmmError::NotAFile { what: "kernel", .. })
+        ));
+    }
+}
