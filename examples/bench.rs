@@ -23,12 +23,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use kvm_ioctls::{Kvm, VcpuExit};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_kit::boot::{boot_guest, BootConfig, ProtocolChoice};
 use vmm_kit::core::vcpu::{apply_sregs, boot_regs};
+use vmm_kit::kvm_ioctls::{Kvm, VcpuExit};
 use vmm_kit::memory::{create_guest_ram, AddressMap, RamBacking};
 use vmm_kit::testguest::parse_output;
+use vmm_kit::vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 #[derive(Debug, Parser)]
 struct Args {

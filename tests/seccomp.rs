@@ -5,7 +5,7 @@
 use std::process::Command;
 
 use vmm_kit::core::seccomp::{program, spawn_confined, ThreadKind};
-use vmm_sys_util::eventfd::EventFd;
+use vmm_kit::vmm_sys_util::eventfd::EventFd;
 
 const CHILD_ENV: &str = "VMM_KIT_SECCOMP_CHILD";
 

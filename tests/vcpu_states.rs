@@ -8,8 +8,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{require_kvm, SharedBuf};
-use vm_device::bus::{PioAddress, PioRange};
-use vm_device::device_manager::{IoManager, PioManager};
 use vmm_kit::boot::{boot_guest, BootConfig, ProtocolChoice};
 use vmm_kit::core::seccomp::{program, ThreadKind};
 use vmm_kit::core::vcpu::{VcpuCommand, VcpuHandle, VcpuState};
@@ -17,6 +15,8 @@ use vmm_kit::core::{StopReason, Vm, VmEvent, VmEventSender};
 use vmm_kit::devices::legacy::{Serial, COM1_PORT, COM1_PORT_SIZE};
 use vmm_kit::devices::EventFdTrigger;
 use vmm_kit::memory::{create_guest_ram, AddressMap, RamBacking};
+use vmm_kit::vm_device::bus::{PioAddress, PioRange};
+use vmm_kit::vm_device::device_manager::{IoManager, PioManager};
 
 #[test]
 fn vcpu_pauses_resumes_and_exits_on_command_and_returns_its_state() {

@@ -22,13 +22,18 @@ pub fn require_kvm() {
 
 /// The reference VMM binary, built by `cargo test` beside the test binaries.
 pub fn minimal_bin() -> PathBuf {
+    example_bin("minimal")
+}
+
+/// An example's binary, built by `cargo test` beside the test binaries.
+pub fn example_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     // target/<profile>/deps/<test> -> target/<profile>/examples/minimal
     let dir = exe
         .parent()
         .and_then(|d| d.parent())
         .expect("target profile directory");
-    let bin = dir.join("examples").join("minimal");
+    let bin = dir.join("examples").join(name);
     assert!(
         bin.is_file(),
         "{} is missing: run the tests with `cargo test` (which builds the examples)",

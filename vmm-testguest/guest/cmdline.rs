@@ -12,6 +12,14 @@ pub struct Args {
     pub exit_port: Option<u16>,
     /// `testguest.bench_iters=N`: iterations of the `bench-*` loops.
     pub bench_iters: Option<u64>,
+    /// `testguest.pio=ACCESS[,ACCESS...]`: the `pio` scenario's accesses.
+    pub pio: &'static [u8],
+    /// `testguest.mmio=ACCESS[,ACCESS...]`: the `mmio` scenario's accesses.
+    pub mmio: &'static [u8],
+    /// `testguest.virtio=TYPE:QUEUE:HEX:LEN`: the `virtio` scenario's request.
+    pub virtio: &'static [u8],
+    /// `testguest.probe_config=N`: configuration bytes `probe` shows.
+    pub probe_config: Option<u64>,
 }
 
 impl Args {
@@ -22,6 +30,10 @@ impl Args {
             exit_status: None,
             exit_port: None,
             bench_iters: None,
+            pio: b"",
+            mmio: b"",
+            virtio: b"",
+            probe_config: None,
         };
         for word in cmdline.split(|&b| b == b' ' || b == b'\t' || b == b'\n') {
             let Some(eq) = word.iter().position(|&b| b == b'=') else {
@@ -37,6 +49,10 @@ impl Args {
                     args.exit_port = parse_u64(value).and_then(|v| u16::try_from(v).ok())
                 }
                 b"testguest.bench_iters" => args.bench_iters = parse_u64(value).filter(|&n| n > 0),
+                b"testguest.pio" => args.pio = value,
+                b"testguest.mmio" => args.mmio = value,
+                b"testguest.virtio" => args.virtio = value,
+                b"testguest.probe_config" => args.probe_config = parse_u64(value),
                 _ => {}
             }
         }

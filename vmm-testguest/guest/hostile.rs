@@ -158,7 +158,7 @@ fn bad_chain(
 
 fn chain_longer_than_queue(e: &MmioEntry, b: &Bufs) -> Result<&'static str, DriverError> {
     let (mut dev, mut q) = up(e)?;
-    let n = crate::virtio::QUEUE_SIZE;
+    let n = q.size;
     header(b, T_IN, 0);
     Device::write_desc(&q, 0, b.hdr, 16, DESC_F_NEXT, 1);
     for slot in 1..n {
@@ -259,8 +259,8 @@ pub fn hostile(boot: &BootInfo) -> u8 {
         }),
     );
     case("chain-longer-than-queue", chain_longer_than_queue(&disk, &b));
-    case("avail-index-racing-ahead", bad_chain(&disk, |_, _| (0, crate::virtio::QUEUE_SIZE + 20)));
-    case("head-out-of-range", bad_chain(&disk, |_, _| (crate::virtio::QUEUE_SIZE + 72, 1)));
+    case("avail-index-racing-ahead", bad_chain(&disk, |_, _| (0, crate::virtio::MAX_QUEUE_SIZE + 20)));
+    case("head-out-of-range", bad_chain(&disk, |_, _| (crate::virtio::MAX_QUEUE_SIZE + 72, 1)));
     case(
         "buffer-outside-ram",
         bad_chain(&disk, |_, q| {

@@ -20,6 +20,7 @@ mod boot;
 mod bootinfo;
 mod cmdline;
 mod devices;
+mod harness;
 mod hostile;
 mod mem;
 mod scenarios;

@@ -4,7 +4,7 @@
 use crate::bootinfo::BootInfo;
 use crate::cmdline::Args;
 use crate::virtio::Mode;
-use crate::{devices, hostile, io, EXIT_OK, EXIT_UNKNOWN_SCENARIO};
+use crate::{devices, harness, hostile, io, EXIT_OK, EXIT_UNKNOWN_SCENARIO};
 
 /// Runs scenario `name`.
 pub fn run(name: &str, boot: &BootInfo, args: &Args) -> u8 {
@@ -30,6 +30,10 @@ pub fn run(name: &str, boot: &BootInfo, args: &Args) -> u8 {
         "console" => devices::console(boot, Mode::Poll),
         "console-irq" => devices::console(boot, Mode::Irq),
         "hostile" => hostile::hostile(boot),
+        "probe" => harness::probe(boot, args),
+        "pio" => harness::accesses("pio", args.pio, false),
+        "mmio" => harness::accesses("mmio", args.mmio, true),
+        "virtio" => harness::virtio(boot, args),
         "bench-virtio" => devices::bench_virtio(boot, Mode::Poll, args.bench_iters.unwrap_or(2_000)),
         "bench-virtio-irq" => devices::bench_virtio(boot, Mode::Irq, args.bench_iters.unwrap_or(2_000)),
         "bench-blk" => devices::bench_blk(boot, args.bench_iters.unwrap_or(2_000)),

@@ -9,8 +9,9 @@ use crate::cmdline::parse_u64;
 
 /// Most devices the guest looks at.
 pub const MAX_DEVICES: usize = 8;
-/// Entries in each queue the guest sets up.
-pub const QUEUE_SIZE: u16 = 128;
+/// Most entries in a queue the guest sets up: each queue gets the smaller of
+/// this and the device's maximum (rounded down to a power of two).
+pub const MAX_QUEUE_SIZE: u16 = 128;
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
@@ -144,6 +145,13 @@ pub fn device_type(entry: &MmioEntry) -> u32 {
     rd32(entry.base + DEVICE_ID)
 }
 
+/// The size the guest gives a queue whose device maximum is `max` (not 0):
+/// the largest power of two within both maxima.
+pub fn queue_size(max: u32) -> u16 {
+    let cap = max.min(u32::from(MAX_QUEUE_SIZE));
+    1 << (31 - cap.leading_zeros())
+}
+
 /// How the driver waits for completions.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -163,9 +171,11 @@ impl Mode {
     }
 }
 
-/// A split virtqueue of `QUEUE_SIZE` entries.
+/// A split virtqueue.
 pub struct Queue {
     index: u32,
+    /// Entries.
+    pub size: u16,
     /// Descriptor table address.
     pub desc: u64,
     /// Available ring address.
@@ -238,20 +248,21 @@ impl Device {
             return Err("queue already in use");
         }
         let max = rd32(b + QUEUE_NUM_MAX);
-        if max < u32::from(QUEUE_SIZE) {
-            return Err("queue too small");
+        if max == 0 {
+            return Err("queue not available");
         }
-        let n = u64::from(QUEUE_SIZE);
+        let size = queue_size(max);
+        let n = u64::from(size);
         let desc = dma_alloc(16 * n, 16).ok_or("out of DMA memory")?;
         let avail = dma_alloc(6 + 2 * n, 2).ok_or("out of DMA memory")?;
         let used = dma_alloc(6 + 8 * n, 4).ok_or("out of DMA memory")?;
-        wr32(b + QUEUE_NUM, u32::from(QUEUE_SIZE));
+        wr32(b + QUEUE_NUM, u32::from(size));
         for (reg, addr) in [(QUEUE_DESC, desc), (QUEUE_DRIVER, avail), (QUEUE_DEVICE, used)] {
             wr32(b + reg, addr as u32);
             wr32(b + reg + 4, (addr >> 32) as u32);
         }
         wr32(b + QUEUE_READY, 1);
-        Ok(Queue { index, desc, avail, used, next_avail: 0, last_used: 0 })
+        Ok(Queue { index, size, desc, avail, used, next_avail: 0, last_used: 0 })
     }
 
     /// Sets DRIVER_OK and checks the device took it.
@@ -283,7 +294,7 @@ impl Device {
 
     /// Writes descriptor `slot` of `q`.
     pub fn write_desc(q: &Queue, slot: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let d = q.desc + 16 * u64::from(slot % QUEUE_SIZE);
+        let d = q.desc + 16 * u64::from(slot % q.size);
         wr64(d, addr);
         wr32(d + 8, len);
         wr16(d + 12, flags);
@@ -293,14 +304,15 @@ impl Device {
     /// Writes `bufs` (address, length, device-writable) as a chain at the
     /// next free descriptors and returns its head.
     pub fn write_chain(q: &mut Queue, bufs: &[(u64, u32, bool)]) -> u16 {
-        let head = q.next_avail % QUEUE_SIZE;
+        let n = q.size;
+        let head = q.next_avail % n;
         for (i, &(addr, len, writable)) in bufs.iter().enumerate() {
-            let slot = (head + i as u16) % QUEUE_SIZE;
+            let slot = (head + i as u16) % n;
             let mut flags = if writable { DESC_F_WRITE } else { 0 };
             if i + 1 < bufs.len() {
                 flags |= DESC_F_NEXT;
             }
-            Self::write_desc(q, slot, addr, len, flags, (slot + 1) % QUEUE_SIZE);
+            Self::write_desc(q, slot, addr, len, flags, (slot + 1) % n);
         }
         q.next_avail = q.next_avail.wrapping_add(bufs.len() as u16);
         head
@@ -313,17 +325,17 @@ impl Device {
         let event_idx = self.features & VIRTIO_RING_F_EVENT_IDX != 0;
         let old_idx = rd16(q.avail + 2);
         let new_idx = old_idx.wrapping_add(advance);
-        wr16(q.avail + 4 + 2 * u64::from(old_idx % QUEUE_SIZE), head);
+        wr16(q.avail + 4 + 2 * u64::from(old_idx % q.size), head);
         if event_idx {
             // used_event: interrupt me when the device uses this entry.
-            wr16(q.avail + 4 + 2 * u64::from(QUEUE_SIZE), q.last_used);
+            wr16(q.avail + 4 + 2 * u64::from(q.size), q.last_used);
         }
         fence(Ordering::SeqCst);
         wr16(q.avail + 2, new_idx);
         fence(Ordering::SeqCst);
         let notify = if event_idx {
             // vring_need_event(avail_event, new, old)
-            let avail_event = rd16(q.used + 4 + 8 * u64::from(QUEUE_SIZE));
+            let avail_event = rd16(q.used + 4 + 8 * u64::from(q.size));
             new_idx.wrapping_sub(avail_event).wrapping_sub(1) < new_idx.wrapping_sub(old_idx)
         } else {
             true
@@ -374,7 +386,7 @@ impl Device {
             }
         }
         fence(Ordering::SeqCst);
-        let slot = q.last_used % QUEUE_SIZE;
+        let slot = q.last_used % q.size;
         let id = rd32(q.used + 4 + 8 * u64::from(slot));
         let len = rd32(q.used + 4 + 8 * u64::from(slot) + 4);
         q.last_used = q.last_used.wrapping_add(1);
@@ -385,7 +397,7 @@ impl Device {
     /// notifies the device, waits for its used entry and returns the used
     /// length.
     pub fn transact(&mut self, q: &mut Queue, bufs: &[(u64, u32, bool)]) -> Result<u32, DriverError> {
-        if bufs.is_empty() || bufs.len() > usize::from(QUEUE_SIZE) {
+        if bufs.is_empty() || bufs.len() > usize::from(q.size) {
             return Err("bad chain");
         }
         let head = Self::write_chain(q, bufs);
@@ -403,17 +415,17 @@ impl Device {
     pub fn transact_batch(&mut self, q: &mut Queue, chains: &[&[(u64, u32, bool)]]) -> Result<(), DriverError> {
         let n = chains.len() as u16;
         let descs: usize = chains.iter().map(|c| c.len()).sum();
-        if n == 0 || descs > usize::from(QUEUE_SIZE) {
+        if n == 0 || descs > usize::from(q.size) {
             return Err("bad batch");
         }
         let old_idx = rd16(q.avail + 2);
         for (i, bufs) in chains.iter().enumerate() {
             let head = Self::write_chain(q, bufs);
-            wr16(q.avail + 4 + 2 * u64::from(old_idx.wrapping_add(i as u16) % QUEUE_SIZE), head);
+            wr16(q.avail + 4 + 2 * u64::from(old_idx.wrapping_add(i as u16) % q.size), head);
         }
         let target = q.last_used.wrapping_add(n);
         if self.features & VIRTIO_RING_F_EVENT_IDX != 0 {
-            wr16(q.avail + 4 + 2 * u64::from(QUEUE_SIZE), target.wrapping_sub(1));
+            wr16(q.avail + 4 + 2 * u64::from(q.size), target.wrapping_sub(1));
         }
         fence(Ordering::SeqCst);
         wr16(q.avail + 2, old_idx.wrapping_add(n));

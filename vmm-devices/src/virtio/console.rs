@@ -289,22 +289,12 @@ impl<M: GuestMemoryBackend + Send + 'static> VirtioDevice<M> for Console<M> {
         match index {
             RX => self.receive(),
             TX => {
-                let Some(ctx) = self.common.active.as_mut() else {
-                    return false;
-                };
                 let (out, buf) = (&mut self.out, &mut self.buf);
-                let mut broken = 0;
-                let queue = &mut ctx.queues[TX];
-                let budget = QueueBudget::for_queue(queue);
-                let result =
-                    drain_queue(queue, &ctx.mem, ctx.interrupt.as_ref(), budget, |chain| {
-                        transmit(out.as_mut(), buf, &ctx.mem, chain).unwrap_or_else(|| {
-                            broken += 1;
-                            0
-                        })
-                    });
-                self.broken_chains += broken;
-                ctx.settle("virtio-console", broken, result)
+                let done = self.common.drain(TX, "virtio-console", |mem, chain| {
+                    transmit(out.as_mut(), buf, mem, chain)
+                });
+                self.broken_chains += done.broken_chains;
+                done.more
             }
             _ => false,
         }

@@ -19,7 +19,8 @@ use std::any::Any;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue};
+use vm_memory::GuestMemoryBackend;
 
 pub use queue::{drain_queue, QueueBudget};
 
@@ -178,6 +179,50 @@ impl<M> VirtioCommon<M> {
     }
 }
 
+/// What one [`VirtioCommon::drain`] pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Drained {
+    /// The work budget ran out with chains left: call again.
+    pub more: bool,
+    /// Chains the handler could not answer (the device then asks for a
+    /// reset).
+    pub broken_chains: u64,
+}
+
+impl<M: GuestMemoryBackend> VirtioCommon<M> {
+    /// Serves queue `index` of an active device: pops every available chain
+    /// (within a [`QueueBudget`]), lets `handle` answer it and publishes the
+    /// used entry with the bytes `handle` wrote, signals the driver as
+    /// `EVENT_IDX` says, and asks for a reset when `handle` returns `None`
+    /// (a chain it cannot answer) or the driver broke the ring. `device`
+    /// names the device in rate-limited warnings.
+    pub fn drain<F>(&mut self, index: usize, device: &str, mut handle: F) -> Drained
+    where
+        F: FnMut(&M, DescriptorChain<&M>) -> Option<u32>,
+    {
+        let Some(ctx) = self.active.as_mut() else {
+            return Drained::default();
+        };
+        let Some(queue) = ctx.queues.get_mut(index) else {
+            return Drained::default();
+        };
+        let mem = &ctx.mem;
+        let mut broken_chains = 0;
+        let budget = QueueBudget::for_queue(queue);
+        let result = drain_queue(queue, mem, ctx.interrupt.as_ref(), budget, |chain| {
+            handle(mem, chain).unwrap_or_else(|| {
+                broken_chains += 1;
+                0
+            })
+        });
+        let more = ctx.settle(device, broken_chains, result);
+        Drained {
+            more,
+            broken_chains,
+        }
+    }
+}
+
 /// A virtio device, independent of its transport.
 ///
 /// A device owns a [`VirtioCommon`] and implements what is its own: the
@@ -207,13 +252,11 @@ impl<M> VirtioCommon<M> {
 ///         data.fill(0);
 ///     }
 ///     fn process_queue(&mut self, index: usize) -> bool {
-///         let Some(ctx) = self.common.active.as_mut() else { return false };
-///         let Some(queue) = ctx.queues.get_mut(index) else { return false };
-///         let budget = vmm_devices::virtio::QueueBudget::for_queue(queue);
 ///         let seen = &mut self.seen;
-///         let result = vmm_devices::virtio::drain_queue(
-///             queue, &ctx.mem, ctx.interrupt.as_ref(), budget, |_chain| { *seen += 1; 0 });
-///         ctx.settle("null", 0, result)
+///         self.common.drain(index, "null", |_mem, _chain| {
+///             *seen += 1;
+///             Some(0) // bytes written into the chain's buffers
+///         }).more
 ///     }
 /// }
 ///

@@ -10,8 +10,8 @@ use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryBackend;
 
 use super::{
-    drain_queue, read_config_bytes, QueueBudget, VirtioCommon, VirtioDevice, TYPE_RNG,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    read_config_bytes, VirtioCommon, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// Size of the request queue.
@@ -108,23 +108,12 @@ impl<M: GuestMemoryBackend + Send + 'static> VirtioDevice<M> for Rng<M> {
     }
 
     fn process_queue(&mut self, index: usize) -> bool {
-        let Some(ctx) = self.common.active.as_mut() else {
-            return false;
-        };
-        let Some(queue) = ctx.queues.get_mut(index) else {
-            return false;
-        };
         let buf = &mut self.buf;
-        let mut broken = 0;
-        let budget = QueueBudget::for_queue(queue);
-        let result = drain_queue(queue, &ctx.mem, ctx.interrupt.as_ref(), budget, |chain| {
-            answer(buf, &ctx.mem, chain).unwrap_or_else(|| {
-                broken += 1;
-                0
-            })
-        });
-        self.broken_chains += broken;
-        ctx.settle("virtio-rng", broken, result)
+        let done = self
+            .common
+            .drain(index, "virtio-rng", |mem, chain| answer(buf, mem, chain));
+        self.broken_chains += done.broken_chains;
+        done.more
     }
 }
 

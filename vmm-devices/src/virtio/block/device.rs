@@ -19,8 +19,8 @@ use super::request::{
     DiskGeometry, Request, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE,
 };
 use crate::virtio::{
-    drain_queue, read_config_bytes, QueueBudget, VirtioCommon, VirtioDevice, TYPE_BLOCK,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    read_config_bytes, VirtioCommon, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// Size of the request queue.
@@ -413,23 +413,12 @@ impl<M: GuestMemoryBackend + Send + 'static> VirtioDevice<M> for Block<M> {
     }
 
     fn process_queue(&mut self, index: usize) -> bool {
-        let Some(ctx) = self.common.active.as_mut() else {
-            return false;
-        };
-        let Some(queue) = ctx.queues.get_mut(index) else {
-            return false;
-        };
         let backend = &mut self.backend;
-        let mut broken = false;
-        let budget = QueueBudget::for_queue(queue);
-        let result = drain_queue(queue, &ctx.mem, ctx.interrupt.as_ref(), budget, |chain| {
-            backend.handle(&ctx.mem, chain).unwrap_or_else(|| {
-                broken = true;
-                0
-            })
-        });
-        backend.broken_chains += u64::from(broken);
-        ctx.settle("virtio-blk", u64::from(broken), result)
+        let done = self
+            .common
+            .drain(index, "virtio-blk", |mem, chain| backend.handle(mem, chain));
+        backend.broken_chains += done.broken_chains;
+        done.more
     }
 }
 
