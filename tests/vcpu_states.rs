@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::{require_kvm, SharedBuf};
 use vmm_kit::boot::{boot_guest, BootConfig, ProtocolChoice};
 use vmm_kit::core::seccomp::{program, ThreadKind};
-use vmm_kit::core::vcpu::{VcpuCommand, VcpuHandle, VcpuState};
+use vmm_kit::core::vcpu::{VcpuCommand, VcpuHandle, VcpuRunState};
 use vmm_kit::core::{StopReason, Vm, VmEvent, VmEventSender};
 use vmm_kit::devices::legacy::{Serial, COM1_PORT, COM1_PORT_SIZE};
 use vmm_kit::devices::EventFdTrigger;
@@ -65,18 +65,18 @@ fn vcpu_pauses_resumes_and_exits_on_command_and_returns_its_state() {
     let timeout = Duration::from_secs(10);
     handle.send(VcpuCommand::Pause);
     assert_eq!(
-        handle.wait_for(|s| s != VcpuState::Running, timeout),
-        Some(VcpuState::Paused)
+        handle.wait_for(|s| s != VcpuRunState::Running, timeout),
+        Some(VcpuRunState::Paused)
     );
     handle.send(VcpuCommand::Resume);
     assert_eq!(
-        handle.wait_for(|s| s != VcpuState::Paused, timeout),
-        Some(VcpuState::Running)
+        handle.wait_for(|s| s != VcpuRunState::Paused, timeout),
+        Some(VcpuRunState::Running)
     );
     assert!(rx.try_recv().is_err(), "pausing is not an end");
 
     let vcpu = handle.join(timeout).expect("vCPU handed back");
-    assert_eq!(handle.state(), VcpuState::Exited);
+    assert_eq!(handle.state(), VcpuRunState::Exited);
     assert!(matches!(
         rx.recv_timeout(timeout),
         Ok(VmEvent::VcpuStopped {

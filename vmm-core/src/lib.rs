@@ -37,6 +37,6 @@ pub use devices::{ConsoleConfig, DeviceError, DiskConfig, Transport, VirtioHandl
 pub use event_loop::{EventLoop, EventLoopError, Subscriber};
 pub use events::{EventTrigger, StopCause, VmEvent, VmEventSender, VmExit};
 pub use seccomp::{SeccompPolicy, ThreadKind};
-pub use vcpu::{handle_exit, StopReason, Vcpu, VcpuEmulation, VcpuError};
-pub use vm::{Vm, VmError};
+pub use vcpu::{handle_exit, StopReason, Vcpu, VcpuEmulation, VcpuError, VcpuState};
+pub use vm::{Vm, VmError, VmState};
 pub use vmm::{ControlError, RunningVm, StoppedVm, VmHandle, Vmm, VmmError};

@@ -1,9 +1,12 @@
 //! The KVM virtual machine: memslots, the in-kernel irqchip and PIT, irqfds.
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_API_VERSION, KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    KVM_API_VERSION, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_memory::GuestRam;
 use vmm_sys_util::errno;
@@ -39,6 +42,50 @@ pub enum VmError {
     /// A region's host address could not be found.
     #[error("guest RAM region at {0:#x} has no host mapping")]
     HostAddress(u64),
+    /// A saved VM state cannot be restored.
+    #[error("saved VM state: {what} is invalid: {why}")]
+    BadState {
+        /// Which part.
+        what: &'static str,
+        /// Why.
+        why: String,
+    },
+}
+
+/// The in-kernel devices' state of a VM: both PICs, the IOAPIC, the PIT
+/// and the KVM clock.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmState {
+    /// The master 8259 PIC.
+    pub pic_master: kvm_irqchip,
+    /// The slave 8259 PIC.
+    pub pic_slave: kvm_irqchip,
+    /// The IOAPIC.
+    pub ioapic: kvm_irqchip,
+    /// The PIT's three channels.
+    pub pit: kvm_pit_state2,
+    /// The KVM clock (guest time).
+    pub clock: kvm_clock_data,
+}
+
+impl VmState {
+    /// Checks each chip is the one its field names.
+    pub fn validate(&self) -> Result<(), VmError> {
+        for (chip, id) in [
+            (&self.pic_master, KVM_IRQCHIP_PIC_MASTER),
+            (&self.pic_slave, KVM_IRQCHIP_PIC_SLAVE),
+            (&self.ioapic, KVM_IRQCHIP_IOAPIC),
+        ] {
+            if chip.chip_id != id {
+                return Err(VmError::BadState {
+                    what: "irqchip",
+                    why: format!("chip {} where chip {id} belongs", chip.chip_id),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(errno::Error) -> VmError {
@@ -144,6 +191,49 @@ impl Vm {
         self.fd
             .register_ioevent(evt, addr, datamatch)
             .map_err(kvm_err("ioeventfd registration"))
+    }
+
+    /// Captures the in-kernel irqchip, PIT and clock. The vCPUs should not be
+    /// running.
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        let chip = |id| -> Result<kvm_irqchip, VmError> {
+            let mut c = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut c)
+                .map_err(kvm_err("KVM_GET_IRQCHIP"))?;
+            Ok(c)
+        };
+        Ok(VmState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self.fd.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?,
+            clock: self.fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?,
+        })
+    }
+
+    /// Puts a saved state back, after [`VmState::validate`]. The clock
+    /// carries on from the saved guest time.
+    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+        state.validate()?;
+        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
+            self.fd
+                .set_irqchip(chip)
+                .map_err(kvm_err("KVM_SET_IRQCHIP"))?;
+        }
+        self.fd
+            .set_pit2(&state.pit)
+            .map_err(kvm_err("KVM_SET_PIT2"))?;
+        // KVM_SET_CLOCK takes only the time (and KVM_CLOCK_REALTIME with its
+        // field); the flags KVM_GET_CLOCK reports describe this host.
+        let clock = kvm_clock_data {
+            clock: state.clock.clock,
+            ..Default::default()
+        };
+        self.fd.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))
     }
 
     /// Creates vCPU `id`.

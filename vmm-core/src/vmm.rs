@@ -22,7 +22,7 @@ use crate::event_loop::{EventLoop, EventLoopError, Subscriber};
 use crate::events::{StopCause, VmEvent, VmEventSender, VmExit};
 use crate::seccomp::{self, spawn_confined, SeccompError, SeccompPolicy, SpawnError};
 use crate::seccomp::{ThreadFilters, ThreadKind};
-use crate::vcpu::{StopReason, Vcpu, VcpuCommand, VcpuError, VcpuHandle, VcpuState};
+use crate::vcpu::{StopReason, Vcpu, VcpuCommand, VcpuError, VcpuHandle, VcpuRunState};
 use crate::vm::{Vm, VmError};
 
 /// How long stopping, pausing or resuming waits for each vCPU thread.
@@ -163,7 +163,7 @@ impl Control {
             v.send(VcpuCommand::Pause);
         }
         for v in &r.vcpus {
-            v.wait_for(|s| s != VcpuState::Running, VCPU_TIMEOUT)
+            v.wait_for(|s| s != VcpuRunState::Running, VCPU_TIMEOUT)
                 .ok_or(ControlError::VcpuTimeout(v.id()))?;
         }
         r.event_loop.pause(VCPU_TIMEOUT)?;
@@ -183,7 +183,7 @@ impl Control {
             v.send(VcpuCommand::Resume);
         }
         for v in &r.vcpus {
-            v.wait_for(|s| s != VcpuState::Paused, VCPU_TIMEOUT)
+            v.wait_for(|s| s != VcpuRunState::Paused, VCPU_TIMEOUT)
                 .ok_or(ControlError::VcpuTimeout(v.id()))?;
         }
         r.paused = false;

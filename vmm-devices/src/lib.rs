@@ -29,6 +29,7 @@
 
 mod interrupt;
 pub mod legacy;
+pub mod persist;
 #[macro_use]
 pub mod ratelimit;
 pub mod virtio;

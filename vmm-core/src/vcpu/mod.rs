@@ -1,6 +1,7 @@
 //! vCPUs: setup from a [`BootCpuState`], the run loop and its thread.
 
 mod exit;
+mod state;
 mod thread;
 
 use std::fmt;
@@ -15,7 +16,8 @@ use vmm_boot::{BootCpuState, Segment};
 use vmm_sys_util::errno;
 
 pub use exit::{handle_exit, StopReason, VcpuEmulation};
-pub use thread::{kick_signal, VcpuCommand, VcpuHandle, VcpuState};
+pub use state::{VcpuState, MAX_SAVED_MSRS, XSAVE_WORDS};
+pub use thread::{kick_signal, VcpuCommand, VcpuHandle, VcpuRunState};
 
 /// What KVM said about an internal error (`KVM_EXIT_INTERNAL_ERROR`), with
 /// where the guest was.
@@ -90,6 +92,14 @@ pub enum VcpuError {
     /// The vCPU thread could not be started.
     #[error("cannot start the vCPU thread")]
     Spawn(#[from] crate::seccomp::SpawnError),
+    /// A saved state cannot be restored.
+    #[error("saved vCPU state: {what} is invalid: {why}")]
+    BadState {
+        /// Which part.
+        what: &'static str,
+        /// Why.
+        why: String,
+    },
 }
 
 fn setup_err(what: &'static str) -> impl FnOnce(errno::Error) -> VcpuError {

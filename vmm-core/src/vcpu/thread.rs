@@ -32,7 +32,7 @@ pub enum VcpuCommand {
 
 /// Where a vCPU thread is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum VcpuState {
+pub enum VcpuRunState {
     /// Running guest code.
     Running,
     /// Waiting for `Resume` or `Exit`.
@@ -75,12 +75,12 @@ fn install_kick_handler() {
 /// A vCPU thread's state, shared with its handle.
 #[derive(Debug)]
 struct Shared {
-    state: Mutex<VcpuState>,
+    state: Mutex<VcpuRunState>,
     changed: Condvar,
 }
 
 impl Shared {
-    fn set(&self, state: VcpuState) {
+    fn set(&self, state: VcpuRunState) {
         if let Ok(mut s) = self.state.lock() {
             *s = state;
         }
@@ -113,7 +113,7 @@ impl VcpuHandle {
         let id = vcpu.id();
         let (tx, rx) = std::sync::mpsc::channel();
         let shared = Arc::new(Shared {
-            state: Mutex::new(VcpuState::Running),
+            state: Mutex::new(VcpuRunState::Running),
             changed: Condvar::new(),
         });
         let thread_shared = shared.clone();
@@ -134,8 +134,11 @@ impl VcpuHandle {
     }
 
     /// Where the thread is now.
-    pub fn state(&self) -> VcpuState {
-        self.shared.state.lock().map_or(VcpuState::Exited, |s| *s)
+    pub fn state(&self) -> VcpuRunState {
+        self.shared
+            .state
+            .lock()
+            .map_or(VcpuRunState::Exited, |s| *s)
     }
 
     /// Sends `cmd` and kicks the thread out of the guest to read it.
@@ -158,7 +161,11 @@ impl VcpuHandle {
     /// now and then (a kick that raced with its entry into the guest is
     /// caught by `immediate_exit`, this is belt and braces). Returns the
     /// state reached, or `None` after `timeout`.
-    pub fn wait_for(&self, done: fn(VcpuState) -> bool, timeout: Duration) -> Option<VcpuState> {
+    pub fn wait_for(
+        &self,
+        done: fn(VcpuRunState) -> bool,
+        timeout: Duration,
+    ) -> Option<VcpuRunState> {
         let deadline = Instant::now() + timeout;
         let mut state = self.shared.state.lock().ok()?;
         while !done(*state) {
@@ -182,7 +189,10 @@ impl VcpuHandle {
     /// returns the vCPU for inspection.
     pub fn join(&self, timeout: Duration) -> Option<Vcpu> {
         self.send(VcpuCommand::Exit);
-        if self.wait_for(|s| s == VcpuState::Exited, timeout).is_none() {
+        if self
+            .wait_for(|s| s == VcpuRunState::Exited, timeout)
+            .is_none()
+        {
             log::error!("vCPU {} did not stop within {timeout:?}", self.id);
             return None;
         }
@@ -201,42 +211,42 @@ fn run_thread(
 ) -> Vcpu {
     let id = vcpu.id();
     KVM_RUN.with(|c| c.set(vcpu.fd.get_kvm_run() as *mut kvm_run));
-    let mut state = VcpuState::Running;
+    let mut state = VcpuRunState::Running;
     let mut end: Result<StopReason, VcpuError> = Ok(StopReason::Requested);
-    while state != VcpuState::Exited {
+    while state != VcpuRunState::Exited {
         let next = match state {
-            VcpuState::Running => match commands.try_recv() {
-                Ok(VcpuCommand::Pause) => VcpuState::Paused,
-                Ok(VcpuCommand::Exit) | Err(TryRecvError::Disconnected) => VcpuState::Exited,
+            VcpuRunState::Running => match commands.try_recv() {
+                Ok(VcpuCommand::Pause) => VcpuRunState::Paused,
+                Ok(VcpuCommand::Exit) | Err(TryRecvError::Disconnected) => VcpuRunState::Exited,
                 Ok(VcpuCommand::Resume) | Err(TryRecvError::Empty) => {
                     match vcpu.run_once(bus, memory) {
-                        Ok(VcpuEmulation::Handled) => VcpuState::Running,
+                        Ok(VcpuEmulation::Handled) => VcpuRunState::Running,
                         Ok(VcpuEmulation::Interrupted) => {
                             vcpu.set_immediate_exit(0);
-                            VcpuState::Running
+                            VcpuRunState::Running
                         }
                         Ok(VcpuEmulation::Stop(reason)) => {
                             end = Ok(reason);
-                            VcpuState::Exited
+                            VcpuRunState::Exited
                         }
                         Err(e) => {
                             end = Err(e);
-                            VcpuState::Exited
+                            VcpuRunState::Exited
                         }
                     }
                 }
             },
-            VcpuState::Paused => match commands.recv() {
+            VcpuRunState::Paused => match commands.recv() {
                 Ok(VcpuCommand::Resume) => {
                     vcpu.set_immediate_exit(0);
-                    VcpuState::Running
+                    VcpuRunState::Running
                 }
-                Ok(VcpuCommand::Pause) => VcpuState::Paused,
-                Ok(VcpuCommand::Exit) | Err(_) => VcpuState::Exited,
+                Ok(VcpuCommand::Pause) => VcpuRunState::Paused,
+                Ok(VcpuCommand::Exit) | Err(_) => VcpuRunState::Exited,
             },
-            VcpuState::Exited => VcpuState::Exited,
+            VcpuRunState::Exited => VcpuRunState::Exited,
         };
-        if next != state && next != VcpuState::Exited {
+        if next != state && next != VcpuRunState::Exited {
             shared.set(next);
         }
         state = next;
@@ -245,6 +255,6 @@ fn run_thread(
     // Say why before the state flips, so that whoever waits for the exit
     // finds the reason already sent.
     events.send(VmEvent::VcpuStopped { id, result: end });
-    shared.set(VcpuState::Exited);
+    shared.set(VcpuRunState::Exited);
     vcpu
 }

@@ -1,7 +1,10 @@
 //! A debug-exit port: the guest writes a status byte and the VM ends with it.
 
+use serde::{Deserialize, Serialize};
 use vm_device::bus::{PioAddress, PioAddressOffset};
 use vm_device::MutDevicePio;
+
+use crate::persist::{Persist, RestoreError};
 
 /// Default port (the one the test guest uses unless told otherwise).
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
@@ -52,6 +55,35 @@ impl<S: GuestExitSink> DebugExit<S> {
     /// The status the guest wrote first, if it wrote one.
     pub fn status(&self) -> Option<u8> {
         self.status
+    }
+}
+
+/// The saved state of a [`DebugExit`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DebugExitState {
+    /// The status the guest wrote first, if it wrote one.
+    pub status: Option<u8>,
+}
+
+impl<S: GuestExitSink> Persist for DebugExit<S> {
+    type State = DebugExitState;
+    type Args = S;
+    type Error = RestoreError;
+
+    fn save(&self) -> DebugExitState {
+        DebugExitState {
+            status: self.status,
+        }
+    }
+
+    /// Any saved status is valid; the sink is not told again (the VM that
+    /// heard it has ended).
+    fn restore(sink: S, state: &DebugExitState) -> Result<Self, RestoreError> {
+        Ok(Self {
+            sink,
+            status: state.status,
+        })
     }
 }
 

@@ -1,9 +1,12 @@
 //! The i8042 keyboard controller, present for the guest's reset request
 //! (command 0xFE on port 0x64), on vm-superio.
 
+use serde::{Deserialize, Serialize};
 use vm_device::bus::{PioAddress, PioAddressOffset};
 use vm_device::MutDevicePio;
 use vm_superio::{I8042Device, Trigger};
+
+use crate::persist::{Persist, RestoreError};
 
 /// First port of the controller (data port 0x60; command/status port 0x64).
 pub const I8042_PORT: u16 = 0x60;
@@ -43,6 +46,35 @@ impl<T: Trigger> I8042<T> {
         if let Err(e) = self.inner.write(offset, value) {
             log::warn!("i8042: cannot signal the reset request: {e:?}");
         }
+    }
+}
+
+/// The saved state of an [`I8042`]: the controller itself keeps nothing
+/// (vm-superio emulates only the reset command); the count of reset
+/// requests is kept for inspection.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct I8042State {
+    /// Reset requests the guest made.
+    pub resets: u64,
+}
+
+impl<T: Trigger> Persist for I8042<T> {
+    type State = I8042State;
+    type Args = T;
+    type Error = RestoreError;
+
+    fn save(&self) -> I8042State {
+        I8042State {
+            resets: self.resets,
+        }
+    }
+
+    fn restore(reset: T, state: &I8042State) -> Result<Self, RestoreError> {
+        Ok(Self {
+            inner: I8042Device::new(reset),
+            resets: state.resets,
+        })
     }
 }
 

@@ -2,10 +2,13 @@
 
 use std::io::Write;
 
+use serde::{Deserialize, Serialize};
 use vm_device::bus::{PioAddress, PioAddressOffset};
 use vm_device::MutDevicePio;
 use vm_superio::serial::NoEvents;
 use vm_superio::Trigger;
+
+use crate::persist::{Persist, RestoreError};
 
 pub use vm_superio::serial::SerialState;
 
@@ -32,23 +35,6 @@ impl<T: Trigger, W: Write> Serial<T, W> {
             inner: vm_superio::Serial::new(interrupt, out),
             lost_output: 0,
         }
-    }
-
-    /// A UART restored from `state` (for snapshot restore).
-    pub fn from_state(
-        state: &SerialState,
-        interrupt: T,
-        out: W,
-    ) -> Result<Self, vm_superio::serial::Error<T::E>> {
-        Ok(Self {
-            inner: vm_superio::Serial::from_state(state, interrupt, NoEvents, out)?,
-            lost_output: 0,
-        })
-    }
-
-    /// The register state (for snapshot).
-    pub fn state(&self) -> SerialState {
-        self.inner.state()
     }
 
     /// Reads register `offset` (0-7).
@@ -94,6 +80,84 @@ impl<T: Trigger, W: Write> Serial<T, W> {
     /// The output writer.
     pub fn output(&self) -> &W {
         self.inner.writer()
+    }
+}
+
+/// The saved registers and receive FIFO of a [`Serial`] (vm-superio's
+/// `SerialState`, as serde data).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialSnapshot {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// Interrupt Enable Register.
+    pub interrupt_enable: u8,
+    /// Interrupt Identification Register.
+    pub interrupt_identification: u8,
+    /// Line Control Register.
+    pub line_control: u8,
+    /// Line Status Register.
+    pub line_status: u8,
+    /// Modem Control Register.
+    pub modem_control: u8,
+    /// Modem Status Register.
+    pub modem_status: u8,
+    /// Scratch Register.
+    pub scratch: u8,
+    /// Received bytes the guest has not read (at most the FIFO's size).
+    pub in_buffer: Vec<u8>,
+}
+
+impl<T: Trigger, W: Write> Persist for Serial<T, W> {
+    type State = SerialSnapshot;
+    type Args = (T, W);
+    type Error = RestoreError;
+
+    fn save(&self) -> SerialSnapshot {
+        let s = self.inner.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Refuses a FIFO longer than [`SERIAL_FIFO_SIZE`]; raises the
+    /// interrupt again if the restored registers say one is pending.
+    fn restore((interrupt, out): (T, W), s: &SerialSnapshot) -> Result<Self, RestoreError> {
+        if s.in_buffer.len() > SERIAL_FIFO_SIZE {
+            return Err(RestoreError::invalid(
+                "serial receive FIFO",
+                format!("{} bytes, at most {SERIAL_FIFO_SIZE}", s.in_buffer.len()),
+            ));
+        }
+        let state = SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        };
+        let inner = vm_superio::Serial::from_state(&state, interrupt, NoEvents, out)
+            .map_err(|e| RestoreError::invalid("serial state", format!("{e:?}")))?;
+        Ok(Self {
+            inner,
+            lost_output: 0,
+        })
     }
 }
 
@@ -186,7 +250,7 @@ mod tests {
         s.write(0, 0x0c);
         s.write(1, 0x00);
         assert_eq!(s.read(0), 0x0c);
-        assert_eq!(s.state().baud_divisor_low, 0x0c);
+        assert_eq!(s.save().baud_divisor_low, 0x0c);
         s.write(LCR, 0x03);
         assert_eq!(s.read(LCR), 0x03);
     }
@@ -215,12 +279,31 @@ mod tests {
     }
 
     #[test]
-    fn state_round_trips() {
+    fn state_round_trips_through_serde_with_pending_input() {
         let mut s = serial();
         s.write(SCR, 0x42);
         s.write(IER, 0x03);
-        let restored =
-            Serial::from_state(&s.state(), EventFdTrigger::new().unwrap(), Vec::new()).unwrap();
-        assert_eq!(restored.state(), s.state());
+        assert_eq!(s.enqueue_input(b"abc"), 3);
+        let json = serde_json::to_string(&s.save()).unwrap();
+        let state: SerialSnapshot = serde_json::from_str(&json).unwrap();
+        let irq = EventFdTrigger::new().unwrap();
+        let mut restored = Serial::restore((irq.try_clone().unwrap(), Vec::new()), &state).unwrap();
+        assert_eq!(restored.save(), s.save());
+        assert_eq!(restored.read(0), b'a', "the FIFO came back in order");
+        assert!(
+            irq.eventfd().read().is_ok(),
+            "pending data raises the interrupt"
+        );
+    }
+
+    #[test]
+    fn an_overlong_fifo_or_unknown_field_is_refused() {
+        let mut state = serial().save();
+        state.in_buffer = vec![0; SERIAL_FIFO_SIZE + 1];
+        let err = Serial::restore((EventFdTrigger::new().unwrap(), Vec::new()), &state);
+        assert!(matches!(err, Err(RestoreError::Invalid { .. })));
+        let mut json: serde_json::Value = serde_json::to_value(serial().save()).unwrap();
+        json["extra"] = 1.into();
+        assert!(serde_json::from_value::<SerialSnapshot>(json).is_err());
     }
 }

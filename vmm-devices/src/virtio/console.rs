@@ -18,6 +18,10 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{ByteValued, GuestMemoryBackend, Le16, Le32};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use serde::{Deserialize, Serialize};
+
+use crate::persist::{Persist, RestoreError};
+
 use super::{
     drain_queue, read_config_bytes, QueueBudget, VirtioCommon, VirtioDevice, TYPE_CONSOLE,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
@@ -172,6 +176,16 @@ impl<M> Console<M> {
         Ok((c, handle))
     }
 
+    /// Another feed for this console's input, if it has one (after a
+    /// restore, say).
+    pub fn input_handle(&self) -> Option<ConsoleInput> {
+        let input = self.input.as_ref()?;
+        Some(ConsoleInput {
+            shared: input.shared.clone(),
+            evt: input.evt.try_clone().ok()?,
+        })
+    }
+
     /// Host input waiting for guest buffers.
     pub fn pending_input(&self) -> usize {
         self.input
@@ -261,6 +275,76 @@ impl<M: GuestMemoryBackend + Send + 'static> Console<M> {
         drop(st);
         self.broken_chains += broken;
         ctx.settle("virtio-console", broken, result)
+    }
+}
+
+/// The saved state of a [`Console`]: host input the guest has not taken
+/// yet.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleState {
+    /// Whether the console had an input.
+    pub has_input: bool,
+    /// Input waiting for receive buffers (at most [`INPUT_BUFFER_SIZE`]).
+    pub pending_input: Vec<u8>,
+}
+
+impl<M> Persist for Console<M> {
+    type State = ConsoleState;
+    /// Where guest output goes.
+    type Args = Box<dyn Write + Send>;
+    type Error = RestoreError;
+
+    fn save(&self) -> ConsoleState {
+        let pending = self
+            .input
+            .as_ref()
+            .and_then(|i| {
+                i.shared
+                    .0
+                    .lock()
+                    .ok()
+                    .map(|s| s.data.iter().copied().collect())
+            })
+            .unwrap_or_default();
+        ConsoleState {
+            has_input: self.input.is_some(),
+            pending_input: pending,
+        }
+    }
+
+    /// A console with an input, if it had one, holding the pending bytes
+    /// (reach its feed with [`Console::input_handle`]).
+    fn restore(out: Box<dyn Write + Send>, state: &ConsoleState) -> Result<Self, RestoreError> {
+        if state.pending_input.len() > INPUT_BUFFER_SIZE {
+            return Err(RestoreError::invalid(
+                "console pending input",
+                format!(
+                    "{} bytes, at most {INPUT_BUFFER_SIZE}",
+                    state.pending_input.len()
+                ),
+            ));
+        }
+        if !state.has_input {
+            if !state.pending_input.is_empty() {
+                return Err(RestoreError::invalid(
+                    "console pending input",
+                    "input without an input side",
+                ));
+            }
+            return Ok(Self::new(out));
+        }
+        let (console, _feed) =
+            Self::with_input(out).map_err(|e| RestoreError::Setup(Box::new(e)))?;
+        if let Some(input) = &console.input {
+            if let Ok(mut st) = input.shared.0.lock() {
+                st.data.extend(&state.pending_input);
+            }
+            if !state.pending_input.is_empty() {
+                let _ = input.evt.write(1);
+            }
+        }
+        Ok(console)
     }
 }
 
@@ -443,5 +527,35 @@ mod tests {
         rx.add(&[Buf(0x20_0000, 16, false)]);
         c.process_queue(RX);
         assert_eq!(rx.used(0).1, 0, "no writable room: nothing delivered");
+    }
+
+    #[test]
+    fn pending_input_survives_save_and_restore() {
+        let (c, feed) = Console::<GuestMemoryMmap>::with_input(Box::new(Sink::default())).unwrap();
+        assert!(feed.push(b"typed ahead"));
+        let saved = c.save();
+        assert_eq!(saved.pending_input, b"typed ahead");
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: ConsoleState = serde_json::from_str(&json).unwrap();
+        let restored =
+            Console::<GuestMemoryMmap>::restore(Box::new(Sink::default()), &back).unwrap();
+        assert_eq!(restored.pending_input(), 11);
+        let more = restored.input_handle().expect("an input");
+        assert!(more.push(b"!"));
+        assert_eq!(restored.save().pending_input, b"typed ahead!");
+    }
+
+    #[test]
+    fn overlong_or_orphan_pending_input_is_refused() {
+        let state = ConsoleState {
+            has_input: true,
+            pending_input: vec![0; INPUT_BUFFER_SIZE + 1],
+        };
+        assert!(Console::<GuestMemoryMmap>::restore(Box::new(Sink::default()), &state).is_err());
+        let state = ConsoleState {
+            has_input: false,
+            pending_input: vec![1],
+        };
+        assert!(Console::<GuestMemoryMmap>::restore(Box::new(Sink::default()), &state).is_err());
     }
 }

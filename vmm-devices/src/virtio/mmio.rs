@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
 use vm_device::bus::MmioAddress;
 use vm_device::MutDeviceMmio;
@@ -23,6 +24,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::{
     ActivationContext, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
+use crate::persist::{Persist, RestoreError};
 use crate::EventFdTrigger;
 
 /// Size of a device's MMIO window.
@@ -148,8 +150,51 @@ fn set_high(v: &mut u64, high: u32) {
     *v = (*v & 0xffff_ffff) | (u64::from(high) << 32);
 }
 
+/// One queue as the driver configured it and, for an active device, the
+/// ring positions the device has reached (virtio-queue's `QueueState`, as
+/// serde data).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSnapshot {
+    /// The device's maximum size.
+    pub max_size: u16,
+    /// The size the driver chose.
+    pub size: u16,
+    /// QueueReady.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc_table: u64,
+    /// Available ring address.
+    pub avail_ring: u64,
+    /// Used ring address.
+    pub used_ring: u64,
+    /// Next available entry the device will read.
+    pub next_avail: u16,
+    /// Next used entry the device will write.
+    pub next_used: u16,
+    /// Whether `VIRTIO_RING_F_EVENT_IDX` is in use.
+    pub event_idx_enabled: bool,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(q: QueueState) -> Self {
+        Self {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+        }
+    }
+}
+
 /// The transport's state, as plain data (for snapshots and inspection).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MmioTransportState {
     /// The device status register (with `DEVICE_NEEDS_RESET` if set).
     pub device_status: u32,
@@ -167,7 +212,7 @@ pub struct MmioTransportState {
     pub config_generation: u32,
     /// Each queue as the driver configured it; for an active device, with
     /// the ring positions the device has reached.
-    pub queues: Vec<QueueState>,
+    pub queues: Vec<QueueSnapshot>,
 }
 
 /// Why a transport could not be built.
@@ -393,15 +438,15 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> MmioTransport<M> {
             .zip(self.device.queue_max_sizes())
             .enumerate()
             .map(|(i, (cfg, &max_size))| match active.get(i) {
-                Some(q) => q.state(),
-                None => QueueState {
+                Some(q) => q.state().into(),
+                None => QueueSnapshot {
                     max_size,
                     size: u16::try_from(cfg.size).unwrap_or(0),
                     ready: cfg.ready,
                     desc_table: cfg.desc,
                     avail_ring: cfg.avail,
                     used_ring: cfg.used,
-                    ..QueueState::default()
+                    ..QueueSnapshot::default()
                 },
             })
             .collect();
@@ -634,6 +679,134 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> MmioTransport<M> {
             // Drop notifications that came before the reset.
             let _ = evt.read();
         }
+    }
+}
+
+/// Every status bit the transport knows.
+const KNOWN_STATUS: u32 = status::ACKNOWLEDGE
+    | status::DRIVER
+    | status::DRIVER_OK
+    | status::FEATURES_OK
+    | status::DEVICE_NEEDS_RESET
+    | status::FAILED;
+
+/// Checks that a saved status could have been reached through the state
+/// machine with `acked` features.
+fn check_status(st: u32, acked: u64) -> Result<(), RestoreError> {
+    let bad = |why: &str| {
+        Err(RestoreError::invalid(
+            "device status",
+            format!("{st:#x}: {why}"),
+        ))
+    };
+    if st & !KNOWN_STATUS != 0 {
+        return bad("unknown bits");
+    }
+    if st & status::DRIVER != 0 && st & status::ACKNOWLEDGE == 0 {
+        return bad("DRIVER without ACKNOWLEDGE");
+    }
+    if st & status::FEATURES_OK != 0
+        && (st & status::DRIVER == 0 || acked & VIRTIO_F_VERSION_1 == 0)
+    {
+        return bad("FEATURES_OK without DRIVER or VIRTIO_F_VERSION_1");
+    }
+    if st & status::DRIVER_OK != 0 && st & status::FEATURES_OK == 0 {
+        return bad("DRIVER_OK without FEATURES_OK");
+    }
+    Ok(())
+}
+
+impl<M: GuestMemoryBackend + Clone + Send + 'static> Persist for MmioTransport<M> {
+    type State = MmioTransportState;
+    /// The device (restored on its own first, inactive), guest memory and
+    /// the interrupt line.
+    type Args = (Box<dyn VirtioDevice<M>>, M, EventFdTrigger);
+    type Error = RestoreError;
+
+    fn save(&self) -> MmioTransportState {
+        self.state()
+    }
+
+    /// Checks the state against the device (queue count and maxima, offered
+    /// features) and the status state machine; for a device the driver had
+    /// started, validates every queue against guest memory as at
+    /// `DRIVER_OK`, puts the ring positions back and activates the device.
+    fn restore(
+        (device, mem, irq): Self::Args,
+        st: &MmioTransportState,
+    ) -> Result<Self, RestoreError> {
+        let mut t = Self::new(device, mem, irq).map_err(|e| RestoreError::Setup(Box::new(e)))?;
+        let maxima = t.device.queue_max_sizes().to_vec();
+        if st.queues.len() != maxima.len() {
+            return Err(RestoreError::mismatch(
+                "queue count",
+                st.queues.len(),
+                maxima.len(),
+            ));
+        }
+        for (i, (q, &max)) in st.queues.iter().zip(&maxima).enumerate() {
+            if q.max_size != max {
+                return Err(RestoreError::mismatch(
+                    format!("queue {i} maximum size"),
+                    q.max_size,
+                    max,
+                ));
+            }
+        }
+        let offered = t.device.device_features();
+        if st.acked_features & !offered != 0 {
+            return Err(RestoreError::mismatch(
+                "accepted features",
+                format!("{:#x}", st.acked_features),
+                format!("{offered:#x} offered"),
+            ));
+        }
+        check_status(st.device_status, st.acked_features)?;
+        if st.interrupt_status & !(INT_VRING | INT_CONFIG) != 0 {
+            return Err(RestoreError::invalid(
+                "interrupt status",
+                format!("{:#x}: unknown bits", st.interrupt_status),
+            ));
+        }
+        t.device_status = st.device_status & !status::DEVICE_NEEDS_RESET;
+        t.acked_features = st.acked_features;
+        t.device_features_sel = st.device_features_sel;
+        t.driver_features_sel = st.driver_features_sel;
+        t.queue_sel = st.queue_sel;
+        t.config_generation = st.config_generation;
+        for (cfg, q) in t.queue_cfg.iter_mut().zip(&st.queues) {
+            *cfg = QueueConfig {
+                size: u32::from(q.size),
+                ready: q.ready,
+                desc: q.desc_table,
+                avail: q.avail_ring,
+                used: q.used_ring,
+            };
+        }
+        let needs_reset = st.device_status & status::DEVICE_NEEDS_RESET != 0;
+        if t.device_status & status::DRIVER_OK != 0 && !needs_reset {
+            let mut queues = Vec::with_capacity(maxima.len());
+            for (index, ((cfg, q), &max)) in
+                t.queue_cfg.iter().zip(&st.queues).zip(&maxima).enumerate()
+            {
+                let mut queue = build_queue(index, cfg, max, t.acked_features, &t.mem)?;
+                queue.set_next_avail(q.next_avail);
+                queue.set_next_used(q.next_used);
+                queues.push(queue);
+            }
+            let ctx = ActivationContext {
+                mem: t.mem.clone(),
+                queues,
+                interrupt: t.interrupt.clone(),
+                acked_features: t.acked_features,
+            };
+            t.device.activate(ctx)?;
+        }
+        t.interrupt
+            .status
+            .store(st.interrupt_status, Ordering::SeqCst);
+        t.interrupt.needs_reset.store(needs_reset, Ordering::SeqCst);
+        Ok(t)
     }
 }
 
@@ -984,5 +1157,120 @@ mod tests {
                 size: 100
             })
         ));
+    }
+
+    /// A started rng transport whose device has answered one request.
+    fn started_with_one_request() -> MmioTransport<GuestMemoryMmap> {
+        let (mut t, _) = transport();
+        negotiate(&mut t, VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX);
+        setup_queue(&mut t, 16, QUEUE_BASE);
+        w(&mut t, reg::STATUS, ALL);
+        let mem = t.mem.clone();
+        // One 8-byte writable buffer at 0x2_0000, made available.
+        let desc = virtio_queue::desc::split::Descriptor::new(0x2_0000, 8, 2, 0);
+        let raw = virtio_queue::desc::RawDescriptor::from(desc);
+        vm_memory::Bytes::write_obj(&mem, raw, GuestAddress(QUEUE_BASE)).unwrap();
+        vm_memory::Bytes::write_obj(&mem, 0u16, GuestAddress(QUEUE_BASE + 0x1004)).unwrap();
+        vm_memory::Bytes::write_obj(&mem, 1u16, GuestAddress(QUEUE_BASE + 0x1002)).unwrap();
+        t.device_mut().process_queue(0);
+        t
+    }
+
+    fn restore_rng(
+        state: &MmioTransportState,
+    ) -> Result<MmioTransport<GuestMemoryMmap>, RestoreError> {
+        let args = (
+            Box::new(Rng::new()) as Box<dyn VirtioDevice<GuestMemoryMmap>>,
+            memory(),
+            EventFdTrigger::new().unwrap(),
+        );
+        MmioTransport::restore(args, state)
+    }
+
+    #[test]
+    fn a_started_transport_restores_active_with_its_ring_positions() {
+        let t = started_with_one_request();
+        let saved = t.save();
+        assert_eq!(saved.queues[0].next_avail, 1);
+        assert_eq!(saved.queues[0].next_used, 1);
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: MmioTransportState = serde_json::from_str(&json).unwrap();
+        let restored = restore_rng(&back).unwrap();
+        assert!(restored.device().is_active());
+        assert_eq!(restored.save(), saved);
+        assert_eq!(restored.device_status(), ALL);
+    }
+
+    #[test]
+    fn an_idle_or_half_negotiated_transport_restores_inactive() {
+        let (mut t, _) = transport();
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut t, 16, QUEUE_BASE);
+        let saved = t.save();
+        let restored = restore_rng(&saved).unwrap();
+        assert!(!restored.device().is_active());
+        assert_eq!(restored.save(), saved);
+    }
+
+    #[test]
+    fn restored_states_that_do_not_fit_are_refused() {
+        let good = started_with_one_request().save();
+        let refused = |f: &dyn Fn(&mut MmioTransportState)| {
+            let mut s = good.clone();
+            f(&mut s);
+            match restore_rng(&s) {
+                Ok(_) => panic!("accepted {s:?}"),
+                Err(e) => e,
+            }
+        };
+        assert!(matches!(
+            refused(&|s| s.queues.push(s.queues[0])),
+            RestoreError::Mismatch { .. }
+        ));
+        assert!(matches!(
+            refused(&|s| s.queues[0].max_size = 128),
+            RestoreError::Mismatch { .. }
+        ));
+        assert!(matches!(
+            refused(&|s| s.acked_features |= 1 << 5),
+            RestoreError::Mismatch { .. }
+        ));
+        assert!(matches!(
+            refused(&|s| s.device_status = status::ACKNOWLEDGE | status::DRIVER_OK),
+            RestoreError::Invalid { .. }
+        ));
+        assert!(matches!(
+            refused(&|s| s.device_status |= 1 << 4),
+            RestoreError::Invalid { .. }
+        ));
+        assert!(matches!(
+            refused(&|s| s.interrupt_status = 4),
+            RestoreError::Invalid { .. }
+        ));
+        assert!(matches!(
+            refused(&|s| s.queues[0].desc_table = 1 << 40),
+            RestoreError::Queue(QueueSetupError::OutsideMemory { index: 0 })
+        ));
+        assert!(matches!(
+            refused(&|s| s.queues[0].size = 3),
+            RestoreError::Queue(QueueSetupError::Size { .. })
+        ));
+        assert!(matches!(
+            refused(&|s| s.queues[0].used_ring = QUEUE_BASE + 0x2001),
+            RestoreError::Queue(QueueSetupError::Misaligned {
+                ring: Ring::Used,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_device_that_needed_a_reset_still_does_and_is_not_activated() {
+        let mut saved = started_with_one_request().save();
+        saved.device_status |= status::DEVICE_NEEDS_RESET;
+        saved.queues[0].desc_table = 1 << 40;
+        let t = restore_rng(&saved).unwrap();
+        assert!(!t.device().is_active());
+        assert_ne!(t.device_status() & status::DEVICE_NEEDS_RESET, 0);
     }
 }

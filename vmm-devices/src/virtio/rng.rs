@@ -9,6 +9,10 @@ use std::io::Write;
 use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryBackend;
 
+use serde::{Deserialize, Serialize};
+
+use crate::persist::{Persist, RestoreError};
+
 use super::{
     read_config_bytes, VirtioCommon, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
@@ -92,6 +96,25 @@ fn answer<M: GuestMemoryBackend>(
         done += n;
     }
     Some(done as u32)
+}
+
+/// The saved state of an [`Rng`]: it keeps nothing between requests.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RngState {}
+
+impl<M> Persist for Rng<M> {
+    type State = RngState;
+    type Args = ();
+    type Error = RestoreError;
+
+    fn save(&self) -> RngState {
+        RngState {}
+    }
+
+    fn restore((): (), _state: &RngState) -> Result<Self, RestoreError> {
+        Ok(Self::new())
+    }
 }
 
 impl<M: GuestMemoryBackend + Send + 'static> VirtioDevice<M> for Rng<M> {

@@ -18,6 +18,9 @@ use vm_memory::{ByteValued, Bytes, GuestMemoryBackend, Le16, Le32, Le64};
 use super::request::{
     DiskGeometry, Request, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE,
 };
+use serde::{Deserialize, Serialize};
+
+use crate::persist::{Persist, RestoreError};
 use crate::virtio::{
     read_config_bytes, VirtioCommon, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
@@ -396,6 +399,66 @@ impl<M> Block<M> {
     /// guest memory).
     pub fn broken_chains(&self) -> u64 {
         self.backend.broken_chains
+    }
+}
+
+/// The saved state of a [`Block`] device: what the driver may have seen of
+/// the disk. The image itself is the disk's content.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockState {
+    /// Capacity in 512-byte sectors.
+    pub capacity_sectors: u64,
+    /// Whether writes are refused.
+    pub read_only: bool,
+    /// The GET_ID string (at most 20 bytes).
+    pub serial: String,
+    /// Features offered.
+    pub features: u64,
+}
+
+impl<M> Persist for Block<M> {
+    type State = BlockState;
+    /// The image, opened as the state says (read-only or not).
+    type Args = File;
+    type Error = RestoreError;
+
+    fn save(&self) -> BlockState {
+        let id_len = self
+            .backend
+            .id
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(ID_BYTES);
+        BlockState {
+            capacity_sectors: self.backend.disk.capacity,
+            read_only: self.backend.disk.read_only,
+            serial: String::from_utf8_lossy(&self.backend.id[..id_len]).into_owned(),
+            features: self.common.features(),
+        }
+    }
+
+    /// Refuses an image whose size is not the saved capacity (the guest
+    /// would find its disk changed under it) and features this build would
+    /// not offer.
+    fn restore(file: File, state: &BlockState) -> Result<Self, RestoreError> {
+        let disk = Self::from_file(file, state.read_only, Some(&state.serial))
+            .map_err(|e| RestoreError::Setup(Box::new(e)))?;
+        if disk.capacity_sectors() != state.capacity_sectors {
+            return Err(RestoreError::mismatch(
+                "disk capacity in sectors",
+                state.capacity_sectors,
+                disk.capacity_sectors(),
+            ));
+        }
+        if disk.common.features() != state.features {
+            return Err(RestoreError::mismatch(
+                "disk features",
+                format!("{:#x}", state.features),
+                format!("{:#x}", disk.common.features()),
+            ));
+        }
+        Ok(disk)
     }
 }
 

@@ -9,7 +9,7 @@
 mod device;
 mod request;
 
-pub use device::{Block, BlockConfigSpace, BlockError, BLOCK_QUEUE_SIZE, SEG_MAX};
+pub use device::{Block, BlockConfigSpace, BlockError, BlockState, BLOCK_QUEUE_SIZE, SEG_MAX};
 pub use request::{
     DiscardSegment, DiskGeometry, Request, RequestError, RequestHeader, RequestType,
     MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE,

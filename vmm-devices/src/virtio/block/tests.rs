@@ -9,7 +9,7 @@ use virtio_queue::desc::RawDescriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, Le32, Le64};
 
 use super::*;
-use crate::virtio::block::{DiscardSegment, RequestHeader};
+use crate::virtio::block::{BlockState, DiscardSegment, RequestHeader};
 use crate::virtio::test_utils::{context, memory, Buf, Driver, TestInterrupt};
 
 const QUEUE: u64 = 0x1000;
@@ -403,5 +403,27 @@ fn directories_are_not_disks() {
     assert!(matches!(
         Block::<GuestMemoryMmap>::open(&std::env::temp_dir(), false, None),
         Err(BlockError::NotAFile { .. })
+    ));
+}
+
+#[test]
+fn state_restores_onto_the_same_image_and_refuses_a_resized_one() {
+    let file = image(DISK_SECTORS * SECTOR_SIZE);
+    let dev: Block<GuestMemoryMmap> =
+        Block::from_file(file.try_clone().unwrap(), true, Some("disk-7")).unwrap();
+    let saved = crate::persist::Persist::save(&dev);
+    assert_eq!(saved.serial, "disk-7");
+    let json = serde_json::to_string(&saved).unwrap();
+    let back: BlockState = serde_json::from_str(&json).unwrap();
+    let restored: Block<GuestMemoryMmap> =
+        crate::persist::Persist::restore(file.try_clone().unwrap(), &back).unwrap();
+    assert_eq!(crate::persist::Persist::save(&restored), saved);
+    assert!(restored.is_read_only());
+
+    file.set_len((DISK_SECTORS + 1) * SECTOR_SIZE).unwrap();
+    let grown: Result<Block<GuestMemoryMmap>, _> = crate::persist::Persist::restore(file, &back);
+    assert!(matches!(
+        grown,
+        Err(crate::persist::RestoreError::Mismatch { .. })
     ));
 }
