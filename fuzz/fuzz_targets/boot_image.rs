@@ -1,6 +1,6 @@
 //! Kernel inspection and loading, and the boot structures, fed arbitrary
 //! images, command lines and protocol choices. No panic; a kernel that loads
-//! lies inside guest RAM above 1 MiB.
+//! lies inside guest RAM above 1 MiB, and the initrd above it.
 #![no_main]
 
 use std::io::Cursor;
@@ -42,14 +42,20 @@ fuzz_target!(|data: &[u8]| {
         &config,
     );
     if let Ok(setup) = result {
-        if let Some((lo, hi)) = setup.kernel.load_range {
+        let k = setup.kernel_loaded;
+        assert!(
+            k.start() >= 0x10_0000 && map.is_ram(k.start(), k.len()),
+            "kernel at {k:x?} outside RAM"
+        );
+        if let Some(r) = setup.kernel.load_range {
             assert!(
-                lo >= 0x10_0000 && map.is_ram(lo, hi - lo),
-                "kernel at {lo:#x}..{hi:#x} outside RAM"
+                map.is_ram(r.start(), r.len()),
+                "kernel needs {r:x?} outside RAM"
             );
         }
-        if let Some((addr, size)) = setup.initrd {
-            assert!(map.is_ram(addr, size.max(1)), "initrd outside RAM");
+        if let Some(r) = setup.initrd {
+            assert!(map.is_ram(r.start(), r.len()), "initrd outside RAM");
+            assert!(r.start() >= k.end(), "initrd over the kernel");
         }
     }
 });

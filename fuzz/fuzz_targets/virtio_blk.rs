@@ -62,7 +62,7 @@ fuzz_target!(|data: &[u8]| {
         } else {
             0
         };
-    let intr = Arc::new(CountingInterrupt::default());
+    let intr = Arc::new(TestInterrupt::default());
     let ctx = ActivationContext {
         mem: mem.clone(),
         queues: vec![s.queue(0, event_idx)],

@@ -44,7 +44,7 @@ fuzz_target!(|data: &[u8]| {
     let ctx = ActivationContext {
         mem: mem.clone(),
         queues: vec![rx.queue(0, false), tx.queue(1, false)],
-        interrupt: Arc::new(CountingInterrupt::default()),
+        interrupt: Arc::new(TestInterrupt::default()),
         acked_features: VIRTIO_F_VERSION_1,
     };
     dev.activate(ctx).expect("activate");

@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
     let allowed = writable_ranges(&mem, 0, s.size());
     let before = snapshot(&mem);
     let mut q = s.queue(0, event_idx);
-    let intr = CountingInterrupt::default();
+    let intr = TestInterrupt::default();
     let mut chains = 0u32;
     let budget = QueueBudget::for_queue(&q);
     let _ = drain_queue(&mut q, &mem, &intr, budget, |chain| {

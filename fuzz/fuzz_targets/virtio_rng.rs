@@ -23,7 +23,7 @@ fuzz_target!(|data: &[u8]| {
     let ctx = ActivationContext {
         mem: mem.clone(),
         queues: vec![s.queue(0, event_idx)],
-        interrupt: Arc::new(CountingInterrupt::default()),
+        interrupt: Arc::new(TestInterrupt::default()),
         acked_features: VIRTIO_F_VERSION_1,
     };
     dev.activate(ctx).expect("activate");

@@ -6,11 +6,8 @@
 //! byte strings, in a layout that [`QueueScenario::encode`] can write back,
 //! so the seed corpus is generated from code (`make_corpus`).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use arbitrary::Unstructured;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_devices::virtio::VirtioInterrupt;
 
 /// Guest memory size of every target.
 pub const MEM_SIZE: usize = 0x2_0000;
@@ -25,24 +22,8 @@ const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 const F_INDIRECT: u16 = 4;
 
-/// Counts what a device signals.
-#[derive(Default)]
-pub struct CountingInterrupt {
-    /// Used-buffer notifications.
-    pub used: AtomicUsize,
-    /// Needs-reset requests.
-    pub resets: AtomicUsize,
-}
-
-impl VirtioInterrupt for CountingInterrupt {
-    fn signal_used_queue(&self) {
-        self.used.fetch_add(1, Ordering::Relaxed);
-    }
-    fn signal_config_change(&self) {}
-    fn set_needs_reset(&self) {
-        self.resets.fetch_add(1, Ordering::Relaxed);
-    }
-}
+/// The interrupt double of every target (vmm-devices' `test-utils`).
+pub use vmm_devices::test_utils::TestInterrupt;
 
 /// Reads one byte (0 when the input is exhausted).
 pub fn byte(u: &mut Unstructured) -> u8 {

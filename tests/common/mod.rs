@@ -87,34 +87,7 @@ pub fn assert_clean_failure(o: &Output, needle: &str) {
 
 /// A minimal x86_64 ELF executable with one PT_LOAD of `code` at `paddr`.
 pub fn tiny_elf(paddr: u64, code: &[u8]) -> Vec<u8> {
-    let mut f = Vec::new();
-    f.extend_from_slice(b"\x7fELF\x02\x01\x01\x00");
-    f.extend_from_slice(&[0; 8]);
-    f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    f.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
-    f.extend_from_slice(&1u32.to_le_bytes());
-    f.extend_from_slice(&paddr.to_le_bytes()); // e_entry
-    f.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
-    f.extend_from_slice(&0u64.to_le_bytes());
-    f.extend_from_slice(&0u32.to_le_bytes());
-    f.extend_from_slice(&64u16.to_le_bytes());
-    f.extend_from_slice(&56u16.to_le_bytes());
-    f.extend_from_slice(&1u16.to_le_bytes());
-    f.extend_from_slice(&[0; 6]);
-    f.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    f.extend_from_slice(&7u32.to_le_bytes());
-    for v in [
-        120u64,
-        paddr,
-        paddr,
-        code.len() as u64,
-        code.len() as u64,
-        0x1000,
-    ] {
-        f.extend_from_slice(&v.to_le_bytes());
-    }
-    f.extend_from_slice(code);
-    f
+    vmm_kit::boot::test_utils::tiny_elf(paddr, code, code.len() as u64, None)
 }
 
 /// A file in a fresh temporary directory, removed with the directory.

@@ -4,6 +4,10 @@
 use std::fmt;
 use std::io::{self, Read, Seek, SeekFrom};
 
+use linux_loader::loader::bootparam::setup_header;
+use vm_memory::ByteValued;
+use vmm_memory::GuestRange;
+
 /// How a guest is entered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum BootProtocol {
@@ -53,10 +57,10 @@ pub struct KernelInfo {
     pub entry64: Option<u64>,
     /// The PVH 32-bit entry point, from the Xen ELF note.
     pub pvh_entry: Option<u64>,
-    /// Lowest and highest-plus-one guest physical address the image loads
-    /// at (ELF: over all PT_LOAD segments; bzImage: preferred address and
-    /// `init_size`).
-    pub load_range: Option<(u64, u64)>,
+    /// The guest physical addresses the image occupies (ELF: from the
+    /// lowest to the end of the highest PT_LOAD segment; bzImage: its
+    /// preferred address and `init_size`).
+    pub load_range: Option<GuestRange>,
     /// Linux boot protocol version of a bzImage (`0x020f` is 2.15).
     pub boot_protocol_version: Option<u16>,
     /// The kernel version string embedded in a bzImage.
@@ -87,8 +91,8 @@ impl fmt::Display for KernelInfo {
         if let Some(e) = self.pvh_entry {
             write!(f, "\nPVH entry: {e:#x}")?;
         }
-        if let Some((lo, hi)) = self.load_range {
-            write!(f, "\nloads at: {lo:#x}..{hi:#x}")?;
+        if let Some(r) = self.load_range {
+            write!(f, "\nloads at: {:#x}..{:#x}", r.start(), r.end())?;
         }
         Ok(())
     }
@@ -112,23 +116,33 @@ pub enum ImageError {
     /// A bzImage this VMM cannot boot.
     #[error("unsupported bzImage: {0}")]
     UnsupportedBzImage(&'static str),
+    /// A bzImage shorter than its header says.
+    #[error(
+        "truncated bzImage: its header says the kernel is {expected} bytes, the file holds {found}"
+    )]
+    TruncatedBzImage {
+        /// Bytes the header announces (`syssize`).
+        expected: u64,
+        /// Bytes after the setup sectors.
+        found: u64,
+    },
 }
 
-const ELF_MAGIC: [u8; 4] = [0x7f, b'E', b'L', b'F'];
-const ELFCLASS64: u8 = 2;
-const ELFDATA2LSB: u8 = 1;
-const EM_X86_64: u16 = 62;
-const ET_EXEC: u16 = 2;
-const PT_LOAD: u32 = 1;
-const PT_NOTE: u32 = 4;
-const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+pub(crate) const ELF_MAGIC: [u8; 4] = [0x7f, b'E', b'L', b'F'];
+pub(crate) const ELFCLASS64: u8 = 2;
+pub(crate) const ELFDATA2LSB: u8 = 1;
+pub(crate) const EM_X86_64: u16 = 62;
+pub(crate) const ET_EXEC: u16 = 2;
+pub(crate) const PT_LOAD: u32 = 1;
+pub(crate) const PT_NOTE: u32 = 4;
+pub(crate) const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 /// Most program headers read from an ELF.
 const MAX_PHDRS: u16 = 256;
 /// Largest note segment read from an ELF.
 const MAX_NOTE_SEGMENT: u64 = 64 * 1024;
 
-const BZ_HEADER_MAGIC: u32 = 0x5372_6448; // "HdrS"
-const BZ_LOADED_HIGH: u8 = 0x01;
+pub(crate) const BZ_HEADER_MAGIC: u32 = 0x5372_6448; // "HdrS"
+pub(crate) const BZ_LOADED_HIGH: u8 = 0x01;
 const BZ_XLF_KERNEL_64: u16 = 0x01;
 
 fn le16(b: &[u8], at: usize) -> u16 {
@@ -146,9 +160,31 @@ fn le64(b: &[u8], at: usize) -> u64 {
 /// One PT_LOAD segment of an ELF image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ElfSegment {
+    /// Where its bytes start in the file.
+    pub offset: u64,
+    /// Guest physical address.
     pub paddr: u64,
+    /// Bytes in the file.
     pub filesz: u64,
+    /// Bytes in memory (the rest is zero).
     pub memsz: u64,
+}
+
+/// What there is to load, as the headers say: the one description the
+/// loader works from.
+#[derive(Clone, Debug)]
+pub(crate) enum Payload {
+    /// The PT_LOAD segments of an ELF.
+    Elf(Vec<ElfSegment>),
+    /// The protected-mode kernel of a bzImage, after its setup sectors.
+    BzImage {
+        /// The setup header, as read from offset 0x1f1.
+        header: setup_header,
+        /// Where the kernel starts in the file.
+        offset: u64,
+        /// Its length.
+        len: u64,
+    },
 }
 
 /// Reads the image's headers and says what it is.
@@ -163,12 +199,14 @@ pub(crate) struct ElfSegment {
 /// # Ok::<(), vmm_boot::ImageError>(())
 /// ```
 pub fn inspect_kernel<R: Read + Seek>(image: &mut R) -> Result<KernelInfo, ImageError> {
-    Ok(inspect_segments(image)?.0)
+    Ok(inspect_image(image)?.0)
 }
 
-pub(crate) fn inspect_segments<R: Read + Seek>(
+/// Reads the image's headers (the only parser of them in this crate) and
+/// says what it is and what to load.
+pub(crate) fn inspect_image<R: Read + Seek>(
     image: &mut R,
-) -> Result<(KernelInfo, Vec<ElfSegment>), ImageError> {
+) -> Result<(KernelInfo, Payload), ImageError> {
     let len = image.seek(SeekFrom::End(0))?;
     image.rewind()?;
     let mut head = vec![0u8; len.min(1024) as usize];
@@ -177,7 +215,7 @@ pub(crate) fn inspect_segments<R: Read + Seek>(
         return inspect_elf(image, &head, len);
     }
     if head.len() >= 0x240 && le32(&head, 0x202) == BZ_HEADER_MAGIC {
-        return Ok((inspect_bzimage(image, &head, len)?, Vec::new()));
+        return inspect_bzimage(image, &head, len);
     }
     let found = if head.is_empty() {
         "an empty file".to_string()
@@ -192,7 +230,7 @@ fn inspect_elf<R: Read + Seek>(
     image: &mut R,
     head: &[u8],
     len: u64,
-) -> Result<(KernelInfo, Vec<ElfSegment>), ImageError> {
+) -> Result<(KernelInfo, Payload), ImageError> {
     if head.len() < 64 {
         return Err(ImageError::UnsupportedElf("truncated ELF header"));
     }
@@ -249,6 +287,7 @@ fn inspect_elf<R: Read + Seek>(
                     return Err(ImageError::UnsupportedElf("segment sizes are inconsistent"));
                 }
                 segments.push(ElfSegment {
+                    offset,
                     paddr,
                     filesz,
                     memsz,
@@ -271,6 +310,21 @@ fn inspect_elf<R: Read + Seek>(
             break;
         }
     }
+    let loaded = |addr: u64| {
+        segments
+            .iter()
+            .any(|s| addr >= s.paddr && addr - s.paddr < s.memsz)
+    };
+    if !loaded(entry) {
+        return Err(ImageError::UnsupportedElf(
+            "the entry point is outside every loaded segment",
+        ));
+    }
+    if pvh_entry.is_some_and(|e| !loaded(e)) {
+        return Err(ImageError::UnsupportedElf(
+            "the PVH entry point is outside every loaded segment",
+        ));
+    }
     let lo = segments.iter().map(|s| s.paddr).min().unwrap_or(0);
     let hi = segments
         .iter()
@@ -287,11 +341,11 @@ fn inspect_elf<R: Read + Seek>(
         protocols,
         entry64: Some(entry),
         pvh_entry,
-        load_range: Some((lo, hi)),
+        load_range: GuestRange::new(lo, hi - lo),
         boot_protocol_version: None,
         kernel_version: None,
     };
-    Ok((info, segments))
+    Ok((info, Payload::Elf(segments)))
 }
 
 /// Walks an ELF note segment for `Xen` / `XEN_ELFNOTE_PHYS32_ENTRY`.
@@ -323,7 +377,7 @@ fn inspect_bzimage<R: Read + Seek>(
     image: &mut R,
     head: &[u8],
     len: u64,
-) -> Result<KernelInfo, ImageError> {
+) -> Result<(KernelInfo, Payload), ImageError> {
     let version = le16(head, 0x206);
     if version < 0x0206 {
         return Err(ImageError::UnsupportedBzImage(
@@ -348,6 +402,19 @@ fn inspect_bzimage<R: Read + Seek>(
             "setup sectors past the end of the file",
         ));
     }
+    let offset = (setup_sects + 1) * 512;
+    let payload_len = len - offset;
+    // syssize: the protected-mode kernel in 16-byte paragraphs.
+    let expected = u64::from(le32(head, 0x1f4)) * 16;
+    if payload_len < expected {
+        return Err(ImageError::TruncatedBzImage {
+            expected,
+            found: payload_len,
+        });
+    }
+    let mut header = setup_header::default();
+    let header_bytes = header.as_mut_slice();
+    header_bytes.copy_from_slice(&head[0x1f1..0x1f1 + header_bytes.len()]);
     // `head` holds the first 1024 bytes: the file is longer than the setup.
     let pref = le64(head, 0x258);
     let init_size = u64::from(le32(head, 0x260));
@@ -355,16 +422,25 @@ fn inspect_bzimage<R: Read + Seek>(
         0 => None,
         off => read_cstr(image, u64::from(off) + 0x200, 128)?,
     };
-    Ok(KernelInfo {
+    let info = KernelInfo {
         format: KernelFormat::BzImage,
         protocols: vec![BootProtocol::Linux64],
         entry64: Some(0x200),
         pvh_entry: None,
-        load_range: (version >= 0x020a && pref != 0 && init_size != 0)
-            .then(|| (pref, pref.saturating_add(init_size))),
+        load_range: if version >= 0x020a && init_size != 0 {
+            GuestRange::new(pref, init_size)
+        } else {
+            None
+        },
         boot_protocol_version: Some(version),
         kernel_version,
-    })
+    };
+    let payload = Payload::BzImage {
+        header,
+        offset,
+        len: payload_len,
+    };
+    Ok((info, payload))
 }
 
 fn read_cstr<R: Read + Seek>(
@@ -381,78 +457,10 @@ fn read_cstr<R: Read + Seek>(
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
+    use crate::test_utils::{tiny_bzimage, tiny_elf};
     use std::io::Cursor;
-
-    /// A minimal x86_64 ELF executable: one PT_LOAD of `code` at `paddr`, and
-    /// a PVH note when `pvh` is given.
-    pub(crate) fn tiny_elf(paddr: u64, code: &[u8], memsz: u64, pvh: Option<u32>) -> Vec<u8> {
-        let phnum: u16 = if pvh.is_some() { 2 } else { 1 };
-        let note: Vec<u8> = match pvh {
-            Some(entry) => {
-                let mut n = Vec::new();
-                n.extend_from_slice(&4u32.to_le_bytes());
-                n.extend_from_slice(&4u32.to_le_bytes());
-                n.extend_from_slice(&XEN_ELFNOTE_PHYS32_ENTRY.to_le_bytes());
-                n.extend_from_slice(b"Xen\0");
-                n.extend_from_slice(&entry.to_le_bytes());
-                n
-            }
-            None => Vec::new(),
-        };
-        let code_off = 64 + 56 * u64::from(phnum);
-        let note_off = code_off + code.len() as u64;
-        let mut f = Vec::new();
-        f.extend_from_slice(&ELF_MAGIC);
-        f.extend_from_slice(&[ELFCLASS64, ELFDATA2LSB, 1, 0]);
-        f.extend_from_slice(&[0; 8]);
-        f.extend_from_slice(&ET_EXEC.to_le_bytes());
-        f.extend_from_slice(&EM_X86_64.to_le_bytes());
-        f.extend_from_slice(&1u32.to_le_bytes());
-        f.extend_from_slice(&paddr.to_le_bytes()); // e_entry
-        f.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
-        f.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
-        f.extend_from_slice(&0u32.to_le_bytes()); // e_flags
-        f.extend_from_slice(&64u16.to_le_bytes()); // e_ehsize
-        f.extend_from_slice(&56u16.to_le_bytes());
-        f.extend_from_slice(&phnum.to_le_bytes());
-        f.extend_from_slice(&[0; 6]);
-        let mut phdr = |kind: u32, off: u64, addr: u64, filesz: u64, memsz: u64| {
-            f.extend_from_slice(&kind.to_le_bytes());
-            f.extend_from_slice(&7u32.to_le_bytes());
-            for v in [off, addr, addr, filesz, memsz, 0x1000] {
-                f.extend_from_slice(&v.to_le_bytes());
-            }
-        };
-        phdr(PT_LOAD, code_off, paddr, code.len() as u64, memsz);
-        if pvh.is_some() {
-            phdr(PT_NOTE, note_off, 0, note.len() as u64, note.len() as u64);
-        }
-        f.extend_from_slice(code);
-        f.extend_from_slice(&note);
-        f
-    }
-
-    /// A minimal bzImage: a setup header (boot protocol `version`) and a payload.
-    pub(crate) fn tiny_bzimage(version: u16, xloadflags: u16, payload: &[u8]) -> Vec<u8> {
-        let setup_sects = 4u8;
-        let mut f = vec![0u8; (usize::from(setup_sects) + 1) * 512];
-        f[0x1f1] = setup_sects;
-        f[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
-        f[0x202..0x206].copy_from_slice(&BZ_HEADER_MAGIC.to_le_bytes());
-        f[0x206..0x208].copy_from_slice(&version.to_le_bytes());
-        f[0x20e..0x210].copy_from_slice(&0x300u16.to_le_bytes());
-        f[0x211] = BZ_LOADED_HIGH;
-        f[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
-        f[0x230..0x234].copy_from_slice(&0x20_0000u32.to_le_bytes());
-        f[0x236..0x238].copy_from_slice(&xloadflags.to_le_bytes());
-        f[0x258..0x260].copy_from_slice(&0x100_0000u64.to_le_bytes());
-        f[0x260..0x264].copy_from_slice(&0x40_0000u32.to_le_bytes());
-        f[0x500..0x510].copy_from_slice(b"6.1.0-test (ci)\0");
-        f.extend_from_slice(payload);
-        f
-    }
 
     #[test]
     fn elf_with_pvh_note_supports_both_protocols_pvh_first() {
@@ -465,7 +473,7 @@ pub(crate) mod tests {
         );
         assert_eq!(info.pvh_entry, Some(0x10_0004));
         assert_eq!(info.entry64, Some(0x10_0000));
-        assert_eq!(info.load_range, Some((0x10_0000, 0x10_2000)));
+        assert_eq!(info.load_range, GuestRange::new(0x10_0000, 0x2000));
     }
 
     #[test]
@@ -483,7 +491,7 @@ pub(crate) mod tests {
             info.protocols,
             vec![BootProtocol::Pvh, BootProtocol::Linux64]
         );
-        assert_eq!(info.load_range.unwrap().0, 0x10_0000);
+        assert_eq!(info.load_range.unwrap().start(), 0x10_0000);
     }
 
     #[test]
@@ -494,8 +502,35 @@ pub(crate) mod tests {
         assert_eq!(info.protocols, vec![BootProtocol::Linux64]);
         assert_eq!(info.boot_protocol_version, Some(0x020f));
         assert_eq!(info.kernel_version.as_deref(), Some("6.1.0-test (ci)"));
-        assert_eq!(info.load_range, Some((0x100_0000, 0x140_0000)));
+        assert_eq!(info.load_range, GuestRange::new(0x100_0000, 0x40_0000));
         assert!(info.to_string().contains("boot protocol version: 2.15"));
+    }
+
+    #[test]
+    fn a_bzimage_shorter_than_its_syssize_is_refused() {
+        let mut bz = tiny_bzimage(0x020f, BZ_XLF_KERNEL_64, &[0x90; 1024]);
+        bz.truncate(bz.len() - 17);
+        match inspect_kernel(&mut Cursor::new(bz)) {
+            Err(ImageError::TruncatedBzImage { expected, found }) => {
+                assert_eq!((expected, found), (1024, 1007));
+            }
+            other => panic!("accepted a truncated bzImage: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_entry_point_outside_the_loaded_segments_is_refused() {
+        let mut elf = tiny_elf(0x10_0000, &[0xf4; 16], 16, None);
+        elf[24..32].copy_from_slice(&0x50_0000u64.to_le_bytes());
+        assert!(matches!(
+            inspect_kernel(&mut Cursor::new(elf)),
+            Err(ImageError::UnsupportedElf(msg)) if msg.contains("entry point")
+        ));
+        let elf = tiny_elf(0x10_0000, &[0xf4; 16], 16, Some(0x9_0000));
+        assert!(matches!(
+            inspect_kernel(&mut Cursor::new(elf)),
+            Err(ImageError::UnsupportedElf(msg)) if msg.contains("PVH entry")
+        ));
     }
 
     #[test]

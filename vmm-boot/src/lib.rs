@@ -1,7 +1,8 @@
 //! Boot loading for x86_64 guests: kernel images (ELF `vmlinux`, PVH ELF,
-//! bzImage) through linux-loader, the command line, the initrd, the Linux zero
-//! page or PVH start info with an e820 map, and the boot CPU state returned as
-//! plain data.
+//! bzImage), whose headers this crate parses once, bounded, and loads from;
+//! the command line, the initrd, the Linux zero page or PVH start info with
+//! an e820 map (linux-loader's structures); and the boot CPU state returned
+//! as plain data.
 //!
 //! Nothing here touches KVM: the caller applies [`BootCpuState`] to its vCPU.
 //!
@@ -25,92 +26,26 @@
 #![deny(missing_docs)]
 
 pub mod cpu;
+mod error;
 mod image;
 pub mod layout;
 mod load;
 pub mod params;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 
-use std::io::{self, Read, Seek};
+use std::io::{Read, Seek};
 
 use linux_loader::cmdline::Cmdline;
-use linux_loader::loader::elf::PvhBootCapability;
-use vm_memory::{GuestAddress, GuestMemoryBackend, ReadVolatile};
-use vmm_memory::AddressMap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, ReadVolatile};
+use vmm_memory::{AddressMap, GuestRange};
 
 pub use cpu::{BootCpuState, DescriptorTable, Segment};
+pub use error::BootError;
 pub use image::{inspect_kernel, BootProtocol, ImageError, KernelFormat, KernelInfo};
 pub use load::{load_initrd, load_kernel, LoadedKernel};
 
 use layout::{CMDLINE_MAX_SIZE, CMDLINE_START};
-
-/// Why a guest could not be set up for boot.
-#[derive(Debug, thiserror::Error)]
-pub enum BootError {
-    /// The kernel image is not one this crate can boot.
-    #[error("bad kernel image")]
-    Image(#[from] ImageError),
-    /// Reading the kernel image failed.
-    #[error("cannot read the kernel image")]
-    KernelRead(#[source] io::Error),
-    /// The image does not support the protocol asked for.
-    #[error("the {format} kernel image does not support the {protocol} boot protocol")]
-    ProtocolUnsupported {
-        /// Protocol asked for.
-        protocol: BootProtocol,
-        /// Format of the image.
-        format: KernelFormat,
-    },
-    /// The kernel would load outside RAM (or below 1 MiB).
-    #[error(
-        "the kernel loads at {start:#x}..{end:#x}, which is not inside guest RAM \
-         (low RAM ends at {ram_end:#x}; give the guest more memory)"
-    )]
-    KernelDoesNotFit {
-        /// First address of the kernel.
-        start: u64,
-        /// End of the kernel.
-        end: u64,
-        /// End of low RAM.
-        ram_end: u64,
-    },
-    /// linux-loader refused the image.
-    #[error("cannot load the kernel")]
-    Load(#[source] linux_loader::loader::Error),
-    /// The command line has a character the kernel would not accept.
-    #[error("invalid kernel command line")]
-    Cmdline(#[source] linux_loader::cmdline::Error),
-    /// The command line is longer than the kernel accepts.
-    #[error("the kernel command line is {len} bytes; at most {max} are accepted")]
-    CmdlineTooLong {
-        /// Its length with the NUL.
-        len: usize,
-        /// The limit with the NUL.
-        max: usize,
-    },
-    /// Reading the initrd failed.
-    #[error("cannot read the initrd")]
-    InitrdRead(#[source] io::Error),
-    /// The initrd has no room in low RAM above the kernel.
-    #[error("the initrd of {size} bytes does not fit: {room} bytes of low RAM are free above the kernel")]
-    InitrdDoesNotFit {
-        /// Initrd size.
-        size: u64,
-        /// Room available.
-        room: u64,
-    },
-    /// Low memory is too small for the boot tables.
-    #[error("guest memory is too small for the boot structures")]
-    BootStructuresDoNotFit,
-    /// The memory map is too long for the zero page.
-    #[error("the memory map has {0} entries; the zero page holds 128")]
-    TooManyE820Entries(usize),
-    /// linux-loader could not write the boot parameters.
-    #[error("cannot write the boot parameters")]
-    Configure(#[source] linux_loader::configurator::Error),
-    /// A guest memory access failed.
-    #[error("guest memory access failed")]
-    Memory(#[source] vm_memory::GuestMemoryError),
-}
 
 /// Which protocol to boot by.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -139,10 +74,10 @@ pub struct BootSetup {
     pub protocol: BootProtocol,
     /// What the kernel image is.
     pub kernel: KernelInfo,
-    /// End of the loaded kernel.
-    pub kernel_end: u64,
-    /// Where the initrd went (address, size).
-    pub initrd: Option<(u64, u64)>,
+    /// Where the kernel's bytes went.
+    pub kernel_loaded: GuestRange,
+    /// Where the initrd went.
+    pub initrd: Option<GuestRange>,
     /// The boot vCPU's state.
     pub cpu: BootCpuState,
 }
@@ -173,7 +108,7 @@ where
             })
         }
     };
-    let hdr = loaded.result.setup_header;
+    let hdr = loaded.setup_header;
     if let Some(h) = hdr.filter(|h| h.version >= 0x0206 && h.cmdline_size > 0) {
         let len = cmdline
             .as_cstring()
@@ -187,11 +122,12 @@ where
             });
         }
     }
-    linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline)
-        .map_err(BootError::Load)?;
-    let cmdline_len = config.cmdline.len() + 1;
+    let bytes = cmdline.as_cstring().map_err(BootError::Cmdline)?;
+    mem.write_slice(bytes.as_bytes_with_nul(), GuestAddress(CMDLINE_START))
+        .map_err(BootError::Memory)?;
+    let cmdline_len = bytes.as_bytes_with_nul().len();
 
-    let kernel_end = loaded.result.kernel_end;
+    let kernel_end = loaded.loaded.end();
     let initrd = match initrd {
         Some(f) => Some(load_initrd(
             mem,
@@ -212,28 +148,23 @@ where
                 initrd,
             };
             let zero_page = params::write_zero_page(mem, map, &params)?;
-            let entry = match loaded.info.format {
-                KernelFormat::Elf => loaded.result.kernel_load.0,
-                // The 64-bit entry of a bzImage is 0x200 past its start.
-                KernelFormat::BzImage => loaded.result.kernel_load.0 + 0x200,
-            };
-            cpu::linux64_cpu_state(mem, entry, zero_page)?
+            cpu::linux64_cpu_state(mem, loaded.entry64, zero_page)?
         }
         BootProtocol::Pvh => {
-            let PvhBootCapability::PvhEntryPresent(entry) = loaded.result.pvh_boot_cap else {
+            let Some(entry) = loaded.pvh_entry else {
                 return Err(BootError::ProtocolUnsupported {
                     protocol,
                     format: loaded.info.format,
                 });
             };
             let start_info = params::write_pvh_start_info(mem, map, CMDLINE_START, initrd)?;
-            cpu::pvh_cpu_state(mem, entry.0, start_info)?
+            cpu::pvh_cpu_state(mem, entry, start_info)?
         }
     };
     Ok(BootSetup {
         protocol,
         kernel: loaded.info,
-        kernel_end,
+        kernel_loaded: loaded.loaded,
         initrd,
         cpu,
     })
@@ -302,7 +233,7 @@ mod tests {
     #[test]
     fn pvh_on_an_image_without_the_note_is_refused() {
         let (map, mem) = setup();
-        let elf = image::tests::tiny_elf(0x20_0000, &[0xf4; 8], 8, None);
+        let elf = test_utils::tiny_elf(0x20_0000, &[0xf4; 8], 8, None);
         let config = BootConfig {
             protocol: ProtocolChoice::Force(BootProtocol::Pvh),
             cmdline: "",
@@ -338,7 +269,7 @@ mod tests {
     #[test]
     fn bzimage_boots_by_linux64_at_load_address_plus_0x200_with_its_header() {
         let (map, mem) = setup();
-        let bz = image::tests::tiny_bzimage(0x020f, 1, &[0x90; 4096]);
+        let bz = test_utils::tiny_bzimage(0x020f, 1, &[0x90; 4096]);
         let mut initrd = Cursor::new(vec![7u8; 100]);
         let config = BootConfig {
             protocol: ProtocolChoice::Auto,
@@ -354,7 +285,7 @@ mod tests {
             0x020f
         );
         assert_eq!(mem.read_obj::<u8>(GuestAddress(zp + 0x210)).unwrap(), 0xff);
-        let (addr, size) = s.initrd.unwrap();
+        let (addr, size) = s.initrd.map(|r| (r.start(), r.len())).unwrap();
         assert_eq!(
             mem.read_obj::<u32>(GuestAddress(zp + 0x218)).unwrap() as u64,
             addr

@@ -1,16 +1,15 @@
-//! Loading a kernel and an initrd into guest memory.
+//! Loading a kernel and an initrd into guest memory, from what
+//! [`inspect_kernel`](crate::inspect_kernel)'s parser found in the headers.
 
-use std::io::{Read, Seek};
+use std::io::{Read, Seek, SeekFrom};
 
-use linux_loader::loader::bzimage::BzImage;
-use linux_loader::loader::elf::Elf;
-use linux_loader::loader::{KernelLoader, KernelLoaderResult};
+use linux_loader::loader::bootparam::setup_header;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, ReadVolatile};
-use vmm_memory::AddressMap;
+use vmm_memory::{AddressMap, GuestRange};
 
-use crate::image::{inspect_segments, ElfSegment, KernelFormat, KernelInfo};
+use crate::error::BootError;
+use crate::image::{inspect_image, ElfSegment, KernelInfo, Payload};
 use crate::layout::{HIMEM_START, INITRD_ADDR_MAX_DEFAULT};
-use crate::BootError;
 
 const PAGE_SIZE: u64 = 4096;
 
@@ -19,11 +18,19 @@ const PAGE_SIZE: u64 = 4096;
 pub struct LoadedKernel {
     /// What the image is.
     pub info: KernelInfo,
-    /// linux-loader's result: load address, end, setup header, PVH capability.
-    pub result: KernelLoaderResult,
+    /// Guest physical addresses the loaded bytes occupy.
+    pub loaded: GuestRange,
+    /// The 64-bit entry point (Linux boot protocol).
+    pub entry64: u64,
+    /// The PVH entry point, if the image has one.
+    pub pvh_entry: Option<u64>,
+    /// A bzImage's setup header, with `code32_start` set to where its kernel
+    /// went.
+    pub setup_header: Option<setup_header>,
 }
 
-/// Loads `image` into `mem` after checking that every byte it occupies is RAM.
+/// Loads `image` into `mem` after checking that every byte it occupies is
+/// RAM above 1 MiB.
 pub fn load_kernel<M, F>(
     mem: &M,
     map: &AddressMap,
@@ -33,35 +40,88 @@ where
     M: GuestMemoryBackend,
     F: Read + ReadVolatile + Seek,
 {
-    let (info, segments) = inspect_segments(image)?;
-    let result = match info.format {
-        KernelFormat::Elf => {
+    let (info, payload) = inspect_image(image)?;
+    match payload {
+        Payload::Elf(segments) => {
             for s in &segments {
                 check_fits(map, s.paddr, s.memsz)?;
             }
-            let r = Elf::load(mem, None, image, Some(GuestAddress(HIMEM_START)))
-                .map_err(BootError::Load)?;
-            zero_bss(mem, &segments)?;
-            r
-        }
-        KernelFormat::BzImage => {
-            let len = image
-                .seek(std::io::SeekFrom::End(0))
-                .map_err(BootError::KernelRead)?;
-            let r = BzImage::load(mem, None, image, Some(GuestAddress(HIMEM_START)))
-                .map_err(BootError::Load)?;
-            check_fits(
-                map,
-                r.kernel_load.0,
-                len.min(r.kernel_end - r.kernel_load.0),
-            )?;
-            if let Some((lo, hi)) = info.load_range {
-                check_fits(map, lo, hi - lo)?;
+            for s in &segments {
+                load_segment(mem, image, s)?;
             }
-            r
+            let range = info.load_range.ok_or(BootError::KernelDoesNotFit {
+                start: 0,
+                end: 0,
+                ram_end: map.ram()[0].end(),
+            })?;
+            Ok(LoadedKernel {
+                loaded: range,
+                entry64: info.entry64.unwrap_or(range.start()),
+                pvh_entry: info.pvh_entry,
+                setup_header: None,
+                info,
+            })
         }
-    };
-    Ok(LoadedKernel { info, result })
+        Payload::BzImage {
+            mut header,
+            offset,
+            len,
+        } => {
+            // The protected-mode kernel goes at 1 MiB, where the boot
+            // protocol's loaders put it; its decompressor needs `init_size`
+            // from its preferred address too.
+            check_fits(map, HIMEM_START, len)?;
+            if let Some(r) = info.load_range {
+                check_fits(map, r.start(), r.len())?;
+            }
+            image
+                .seek(SeekFrom::Start(offset))
+                .map_err(BootError::KernelRead)?;
+            let n = usize::try_from(len).map_err(|_| BootError::KernelDoesNotFit {
+                start: HIMEM_START,
+                end: u64::MAX,
+                ram_end: map.ram()[0].end(),
+            })?;
+            mem.read_exact_volatile_from(GuestAddress(HIMEM_START), image, n)
+                .map_err(BootError::Memory)?;
+            header.code32_start = HIMEM_START as u32;
+            let loaded = GuestRange::new(HIMEM_START, len.max(1))
+                .ok_or(BootError::BootStructuresDoNotFit)?;
+            Ok(LoadedKernel {
+                loaded,
+                // The 64-bit entry of a bzImage is 0x200 past its start.
+                entry64: HIMEM_START + 0x200,
+                pvh_entry: None,
+                setup_header: Some(header),
+                info,
+            })
+        }
+    }
+}
+
+/// Copies a segment's file bytes and zeroes the rest of it (`.bss`), which
+/// must read as zero even where memory was used before.
+fn load_segment<M, F>(mem: &M, image: &mut F, s: &ElfSegment) -> Result<(), BootError>
+where
+    M: GuestMemoryBackend,
+    F: Read + ReadVolatile + Seek,
+{
+    image
+        .seek(SeekFrom::Start(s.offset))
+        .map_err(BootError::KernelRead)?;
+    let n = usize::try_from(s.filesz).map_err(|_| BootError::BootStructuresDoNotFit)?;
+    mem.read_exact_volatile_from(GuestAddress(s.paddr), image, n)
+        .map_err(BootError::Memory)?;
+    let zeros = [0u8; 4096];
+    let mut addr = s.paddr + s.filesz;
+    let end = s.paddr + s.memsz;
+    while addr < end {
+        let n = (end - addr).min(zeros.len() as u64) as usize;
+        mem.write_slice(&zeros[..n], GuestAddress(addr))
+            .map_err(BootError::Memory)?;
+        addr += n as u64;
+    }
+    Ok(())
 }
 
 fn check_fits(map: &AddressMap, start: u64, len: u64) -> Result<(), BootError> {
@@ -78,32 +138,15 @@ fn check_fits(map: &AddressMap, start: u64, len: u64) -> Result<(), BootError> {
     Ok(())
 }
 
-/// linux-loader copies `p_filesz` bytes; the rest of each segment (`.bss`)
-/// must read as zero even when the memory was used before.
-fn zero_bss<M: GuestMemoryBackend>(mem: &M, segments: &[ElfSegment]) -> Result<(), BootError> {
-    let zeros = [0u8; 4096];
-    for s in segments {
-        let mut addr = s.paddr + s.filesz;
-        let end = s.paddr + s.memsz;
-        while addr < end {
-            let n = (end - addr).min(zeros.len() as u64) as usize;
-            mem.write_slice(&zeros[..n], GuestAddress(addr))
-                .map_err(BootError::Memory)?;
-            addr += n as u64;
-        }
-    }
-    Ok(())
-}
-
 /// Places the initrd in the highest page-aligned spot of low RAM that ends
-/// below `addr_max` and starts after `kernel_end`; returns (address, size).
+/// below `addr_max` and starts after `kernel_end`; returns where it went.
 pub fn load_initrd<M, F>(
     mem: &M,
     map: &AddressMap,
     initrd: &mut F,
     kernel_end: u64,
     addr_max: Option<u64>,
-) -> Result<(u64, u64), BootError>
+) -> Result<GuestRange, BootError>
 where
     M: GuestMemoryBackend,
     F: Read + ReadVolatile + Seek,
@@ -130,13 +173,13 @@ where
     let len = usize::try_from(size).map_err(|_| BootError::InitrdDoesNotFit { size, room: 0 })?;
     mem.read_exact_volatile_from(GuestAddress(addr), initrd, len)
         .map_err(BootError::Memory)?;
-    Ok((addr, size))
+    GuestRange::new(addr, size).ok_or(BootError::InitrdDoesNotFit { size, room: 0 })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::tests::{tiny_bzimage, tiny_elf};
+    use crate::test_utils::{tiny_bzimage, tiny_elf};
     use std::io::Cursor;
     use vm_memory::GuestMemoryMmap;
 
@@ -159,8 +202,8 @@ mod tests {
             None,
         );
         let k = load_kernel(&mem, &map, &mut Cursor::new(elf)).unwrap();
-        assert_eq!(k.result.kernel_load, GuestAddress(0x20_0000));
-        assert_eq!(k.result.kernel_end, 0x20_0100);
+        assert_eq!(k.loaded, GuestRange::new(0x20_0000, 0x100).unwrap());
+        assert_eq!(k.entry64, 0x20_0000);
         let mut buf = [0u8; 80];
         mem.read_slice(&mut buf, GuestAddress(0x20_0000)).unwrap();
         assert_eq!(
@@ -197,8 +240,11 @@ mod tests {
         let (map, mem) = setup(32);
         let bz = tiny_bzimage(0x020f, 1, &[0x90; 1024]);
         let k = load_kernel(&mem, &map, &mut Cursor::new(bz)).unwrap();
-        assert_eq!(k.result.kernel_load, GuestAddress(0x10_0000));
-        let magic = { k.result.setup_header.unwrap().header };
+        assert_eq!(k.loaded.start(), 0x10_0000);
+        assert_eq!(k.entry64, 0x10_0200);
+        let hdr = k.setup_header.unwrap();
+        assert_eq!({ hdr.code32_start }, 0x10_0000);
+        let magic = { hdr.header };
         assert_eq!(magic, 0x5372_6448);
         assert_eq!(
             mem.read_obj::<u8>(GuestAddress(0x10_0000 + 1023)).unwrap(),
@@ -221,8 +267,8 @@ mod tests {
     fn initrd_goes_to_the_top_of_low_ram_page_aligned() {
         let (map, mem) = setup(16);
         let data = vec![0x5a; 5000];
-        let (addr, size) =
-            load_initrd(&mem, &map, &mut Cursor::new(&data), 0x20_0000, None).unwrap();
+        let r = load_initrd(&mem, &map, &mut Cursor::new(&data), 0x20_0000, None).unwrap();
+        let (addr, size) = (r.start(), r.len());
         assert_eq!(size, 5000);
         assert_eq!(addr % PAGE_SIZE, 0);
         assert!(addr + size <= 16 << 20 && addr + size + PAGE_SIZE > 16 << 20);

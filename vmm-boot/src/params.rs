@@ -8,7 +8,7 @@ use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
 use vm_memory::{GuestAddress, GuestMemoryBackend};
-use vmm_memory::AddressMap;
+use vmm_memory::{AddressMap, GuestRange};
 
 use crate::layout::{
     CMDLINE_MAX_SIZE, EBDA_START, HIMEM_START, PVH_INFO_START, PVH_MEMMAP_START, PVH_MODLIST_START,
@@ -82,8 +82,8 @@ pub struct LinuxParams {
     pub setup_header: Option<setup_header>,
     /// Address and length (with its NUL) of the command line.
     pub cmdline: (u64, usize),
-    /// Address and size of the initrd.
-    pub initrd: Option<(u64, u64)>,
+    /// Where the initrd is.
+    pub initrd: Option<GuestRange>,
 }
 
 /// Writes the Linux zero page at [`ZERO_PAGE_START`] and returns its address.
@@ -106,7 +106,8 @@ pub fn write_zero_page<M: GuestMemoryBackend>(
     params.hdr.cmd_line_ptr = cmd_addr as u32;
     params.ext_cmd_line_ptr = (cmd_addr >> 32) as u32;
     params.hdr.cmdline_size = cmd_len.min(CMDLINE_MAX_SIZE) as u32;
-    if let Some((addr, size)) = p.initrd {
+    if let Some(r) = p.initrd {
+        let (addr, size) = (r.start(), r.len());
         params.hdr.ramdisk_image = addr as u32;
         params.ext_ramdisk_image = (addr >> 32) as u32;
         params.hdr.ramdisk_size = size as u32;
@@ -135,7 +136,7 @@ pub fn write_pvh_start_info<M: GuestMemoryBackend>(
     mem: &M,
     map: &AddressMap,
     cmdline_addr: u64,
-    initrd: Option<(u64, u64)>,
+    initrd: Option<GuestRange>,
 ) -> Result<u64, BootError> {
     let memmap: Vec<hvm_memmap_table_entry> = e820_map(map)
         .iter()
@@ -155,7 +156,8 @@ pub fn write_pvh_start_info<M: GuestMemoryBackend>(
         ..Default::default()
     };
     let mut modules = Vec::new();
-    if let Some((paddr, size)) = initrd {
+    if let Some(r) = initrd {
+        let (paddr, size) = (r.start(), r.len());
         modules.push(hvm_modlist_entry {
             paddr,
             size,
@@ -236,7 +238,7 @@ mod tests {
         let p = LinuxParams {
             setup_header: None,
             cmdline: (0x20000, 12),
-            initrd: Some((0x80_0000, 0x1234)),
+            initrd: GuestRange::new(0x80_0000, 0x1234),
         };
         let zp = write_zero_page(&m, &map, &p).unwrap();
         let at = |off: u64| GuestAddress(zp + off);
@@ -260,7 +262,8 @@ mod tests {
     fn pvh_start_info_has_magic_cmdline_memmap_and_module() {
         let m = mem();
         let map = AddressMap::new(16 << 20).unwrap();
-        let si = write_pvh_start_info(&m, &map, 0x20000, Some((0x80_0000, 0x1000))).unwrap();
+        let si =
+            write_pvh_start_info(&m, &map, 0x20000, GuestRange::new(0x80_0000, 0x1000)).unwrap();
         let at = |off: u64| GuestAddress(si + off);
         assert_eq!(m.read_obj::<u32>(at(0)).unwrap(), 0x336e_c578);
         assert_eq!(m.read_obj::<u32>(at(4)).unwrap(), 1);

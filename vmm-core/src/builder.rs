@@ -456,7 +456,7 @@ impl VmBuilder {
             boot.kernel.format,
             boot.protocol,
             boot.cpu.rip,
-            boot.kernel_end
+            boot.kernel_loaded.end()
         );
         let vm = Vm::new(self.memory.clone())?;
         for (evt, gsi) in &self.irq_lines {

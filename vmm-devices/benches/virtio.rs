@@ -5,80 +5,41 @@
 //! `cargo bench -p vmm-devices`
 
 use std::hint::black_box;
-use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_devices::test_utils::{context, memory, Buf, Driver};
 use vmm_devices::virtio::block::Block;
-use vmm_devices::virtio::{ActivationContext, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use vmm_devices::virtio::{VirtioDevice, VIRTIO_F_VERSION_1};
 
-const DESC: u64 = 0x1000;
-const AVAIL: u64 = 0x2000;
-const USED: u64 = 0x3000;
+const QUEUE: u64 = 0x1000;
 const SIZE: u16 = 256;
+const HEADER: u64 = 0x8_0000;
 
-struct NoInterrupt;
-
-impl VirtioInterrupt for NoInterrupt {
-    fn signal_used_queue(&self) {}
-    fn signal_config_change(&self) {}
-    fn set_needs_reset(&self) {}
-}
-
-fn memory() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory")
-}
-
-/// A three-descriptor blk-style chain at descriptors 0-2: header, data,
-/// status.
-fn write_chain(mem: &GuestMemoryMmap, request_type: u32) {
-    let descs: [(u64, u32, u16, u16); 3] = [
-        (0x8_0000, 16, 1, 1),
-        (0x9_0000, 512, 3, 2),
-        (0xa_0000, 1, 2, 0),
-    ];
-    for (i, (addr, len, flags, next)) in descs.iter().enumerate() {
-        let at = DESC + 16 * i as u64;
-        mem.write_obj(*addr, GuestAddress(at)).expect("desc");
-        mem.write_obj(*len, GuestAddress(at + 8)).expect("desc");
-        mem.write_obj(*flags, GuestAddress(at + 12)).expect("desc");
-        mem.write_obj(*next, GuestAddress(at + 14)).expect("desc");
-    }
-    mem.write_obj(request_type, GuestAddress(0x8_0000))
+/// A driver with one three-descriptor blk-style chain at descriptors 0-2
+/// (header, data, status) of request type `request_type`, published once.
+fn driver_with_chain(mem: &GuestMemoryMmap, request_type: u32) -> Driver<'_> {
+    let mut driver = Driver::new(mem, QUEUE, SIZE);
+    mem.write_obj(request_type, GuestAddress(HEADER))
         .expect("header");
-}
-
-/// Makes head 0 available once more.
-fn publish(mem: &GuestMemoryMmap) {
-    let idx: u16 = mem.read_obj(GuestAddress(AVAIL + 2)).expect("avail idx");
-    mem.write_obj(0u16, GuestAddress(AVAIL + 4 + 2 * u64::from(idx % SIZE)))
-        .expect("ring");
-    mem.write_obj(idx.wrapping_add(1), GuestAddress(AVAIL + 2))
-        .expect("avail idx");
-}
-
-fn queue() -> Queue {
-    let mut q = Queue::new(SIZE).expect("queue");
-    q.try_set_desc_table_address(GuestAddress(DESC))
-        .expect("desc table");
-    q.try_set_avail_ring_address(GuestAddress(AVAIL))
-        .expect("avail ring");
-    q.try_set_used_ring_address(GuestAddress(USED))
-        .expect("used ring");
-    q.set_ready(true);
-    q
+    driver.add(&[
+        Buf(HEADER, 16, false),
+        Buf(0x9_0000, 512, true),
+        Buf(0xa_0000, 1, true),
+    ]);
+    driver
 }
 
 fn chain_parsing(c: &mut Criterion) {
     let mem = memory();
-    write_chain(&mem, 0);
-    let mut q = queue();
+    let mut driver = driver_with_chain(&mem, 0);
+    let mut q = driver.queue();
     c.bench_function(
         "pop a 3-descriptor chain and walk its readable and writable buffers",
         |b| {
             b.iter(|| {
-                publish(&mem);
+                driver.push_avail(0);
                 let chain = q.iter(&mem).expect("iter").next().expect("chain");
                 let reader = chain.clone().reader(&mem).expect("reader");
                 let writer = chain.writer(&mem).expect("writer");
@@ -90,7 +51,7 @@ fn chain_parsing(c: &mut Criterion) {
 
 fn used_ring(c: &mut Criterion) {
     let mem = memory();
-    let mut q = queue();
+    let mut q = Driver::new(&mem, QUEUE, SIZE).queue();
     c.bench_function("publish a used entry and decide on the notification", |b| {
         b.iter(|| {
             q.add_used(&mem, black_box(0), black_box(513))
@@ -102,7 +63,7 @@ fn used_ring(c: &mut Criterion) {
 
 fn blk_request(c: &mut Criterion) {
     let mem = memory();
-    write_chain(&mem, virtio_bindings::virtio_blk::VIRTIO_BLK_T_GET_ID);
+    let mut driver = driver_with_chain(&mem, virtio_bindings::virtio_blk::VIRTIO_BLK_T_GET_ID);
     let path = std::env::temp_dir().join(format!("vmm-devices-bench-{}", std::process::id()));
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -115,18 +76,13 @@ fn blk_request(c: &mut Criterion) {
     file.set_len(1 << 20).expect("size");
     let mut dev: Block<GuestMemoryMmap> =
         Block::from_file(file, false, Some("bench")).expect("disk");
-    let ctx = ActivationContext {
-        mem: mem.clone(),
-        queues: vec![queue()],
-        interrupt: Arc::new(NoInterrupt),
-        acked_features: VIRTIO_F_VERSION_1,
-    };
+    let (ctx, _interrupt) = context(&mem, vec![driver.queue()], VIRTIO_F_VERSION_1);
     dev.activate(ctx).expect("activate");
     c.bench_function(
         "virtio-blk GET_ID request through the device (parse, answer, publish)",
         |b| {
             b.iter(|| {
-                publish(&mem);
+                driver.push_avail(0);
                 black_box(dev.process_queue(0))
             })
         },

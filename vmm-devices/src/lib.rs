@@ -30,6 +30,8 @@
 mod interrupt;
 pub mod legacy;
 pub mod persist;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 #[macro_use]
 pub mod ratelimit;
 pub mod virtio;

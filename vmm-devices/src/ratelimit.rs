@@ -62,18 +62,32 @@ impl Default for RateLimit {
 }
 
 /// `log::warn!` for something a guest caused, at most [`BURST`] times every
-/// [`WINDOW_SECS`] seconds per call site (the rest go to `debug`).
+/// [`WINDOW_SECS`] seconds per call site (the rest go to `debug`). Usable
+/// from a crate that does not depend on `log` itself.
+///
+/// ```
+/// use vmm_devices::guest_warn;
+///
+/// fn on_bad_descriptor(index: u16) {
+///     guest_warn!("my-device: descriptor {index} points outside guest memory");
+/// }
+/// on_bad_descriptor(3);
+/// ```
 #[macro_export]
 macro_rules! guest_warn {
     ($($arg:tt)*) => {{
         static LIMIT: $crate::ratelimit::RateLimit = $crate::ratelimit::RateLimit::new();
         if LIMIT.allow() {
-            log::warn!($($arg)*);
+            $crate::ratelimit::__log::warn!($($arg)*);
         } else {
-            log::debug!($($arg)*);
+            $crate::ratelimit::__log::debug!($($arg)*);
         }
     }};
 }
+
+/// The `log` crate, for [`guest_warn!`] in crates that do not name it.
+#[doc(hidden)]
+pub use log as __log;
 
 #[cfg(test)]
 mod tests {

@@ -399,7 +399,7 @@ impl<M: GuestMemoryBackend + Send + 'static> VirtioDevice<M> for Console<M> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::test_utils::{context, memory, Buf, Driver, TestInterrupt};
+    use crate::test_utils::{context, memory, Buf, Driver, TestInterrupt};
     use std::time::{Duration, Instant};
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 

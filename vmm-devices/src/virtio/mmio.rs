@@ -348,6 +348,34 @@ fn build_queue<M: GuestMemoryBackend>(
 }
 
 /// A virtio device on the virtio-mmio transport.
+///
+/// The driver's register accesses arrive through [`MmioTransport::read`]
+/// and [`MmioTransport::write`] (or the vm-device bus, through
+/// `MutDeviceMmio`); the device is activated at `DRIVER_OK` with validated
+/// queues.
+///
+/// ```
+/// use vm_memory::{GuestAddress, GuestMemoryMmap};
+/// use vmm_devices::virtio::mmio::{status, MmioTransport, MMIO_MAGIC};
+/// use vmm_devices::virtio::rng::Rng;
+/// use vmm_devices::EventFdTrigger;
+///
+/// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+/// let mut t = MmioTransport::new(Box::new(Rng::new()), mem, EventFdTrigger::new()?)?;
+/// let reg = |t: &mut MmioTransport<_>, offset| {
+///     let mut v = [0u8; 4];
+///     t.read(offset, &mut v);
+///     u32::from_le_bytes(v)
+/// };
+/// assert_eq!(reg(&mut t, 0x000), MMIO_MAGIC);
+/// assert_eq!(reg(&mut t, 0x008), 4, "virtio-rng");
+/// t.write(0x070, &status::ACKNOWLEDGE.to_le_bytes());
+/// assert_eq!(t.device_status(), status::ACKNOWLEDGE);
+/// // Clearing bits without a reset is not a transition the driver may make.
+/// t.write(0x070, &status::DRIVER.to_le_bytes());
+/// assert_eq!(t.device_status(), status::ACKNOWLEDGE);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct MmioTransport<M> {
     device: Box<dyn VirtioDevice<M>>,
     mem: M,
@@ -883,8 +911,8 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> MutEventSubscriber for Mmio
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_utils::memory;
     use crate::virtio::rng::Rng;
-    use crate::virtio::test_utils::memory;
     use vm_memory::GuestMemoryMmap;
 
     const QUEUE_BASE: u64 = 0x1_0000;

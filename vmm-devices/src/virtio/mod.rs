@@ -339,13 +339,10 @@ pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
 }
 
 #[cfg(test)]
-pub(crate) mod test_utils;
-
-#[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_utils::{context, memory};
     use crate::virtio::rng::Rng;
-    use crate::virtio::test_utils::{context, memory};
     use vm_memory::GuestMemoryMmap;
 
     #[test]

@@ -90,7 +90,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::test_utils::{memory, Buf, Driver, TestInterrupt};
+    use crate::test_utils::{memory, Buf, Driver, TestInterrupt};
     use vm_memory::{Bytes, GuestAddress};
 
     #[test]

@@ -143,7 +143,7 @@ impl<M: GuestMemoryBackend + Send + 'static> VirtioDevice<M> for Rng<M> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::test_utils::{context, memory, Buf, Driver};
+    use crate::test_utils::{context, memory, Buf, Driver};
     use vm_memory::{Bytes, GuestAddress};
 
     #[test]

@@ -9,8 +9,8 @@ use virtio_queue::desc::RawDescriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, Le32, Le64};
 
 use super::*;
+use crate::test_utils::{context, memory, Buf, Driver, TestInterrupt};
 use crate::virtio::block::{BlockState, DiscardSegment, RequestHeader};
-use crate::virtio::test_utils::{context, memory, Buf, Driver, TestInterrupt};
 
 const QUEUE: u64 = 0x1000;
 const HDR: u64 = 0x10_0000;

@@ -1,5 +1,26 @@
-//! Driver-side helpers for device tests: guest memory, a queue built with
-//! virtio-queue's mock, chains, the used ring, and an interrupt double.
+//! Test doubles for device tests, fuzz targets and benchmarks (the
+//! `test-utils` feature): a small guest memory, a driver that lays out a
+//! split queue and publishes chains ([`Driver`]), and an interrupt that
+//! counts what the device signalled ([`TestInterrupt`]).
+//!
+//! They panic on misuse (a buffer outside their memory, say): they are
+//! for tests.
+//!
+//! ```
+//! use vmm_devices::test_utils::{context, memory, Buf, Driver};
+//! use vmm_devices::virtio::rng::Rng;
+//! use vmm_devices::virtio::{VirtioDevice, VIRTIO_F_VERSION_1};
+//!
+//! let mem = memory();
+//! let mut driver = Driver::new(&mem, 0x1000, 16);
+//! let (ctx, interrupt) = context(&mem, vec![driver.queue()], VIRTIO_F_VERSION_1);
+//! let mut rng = Rng::new();
+//! rng.activate(ctx).expect("test memory");
+//! driver.add(&[Buf(0x10_0000, 32, true)]);
+//! rng.process_queue(0);
+//! assert_eq!(driver.used(0), (0, 32));
+//! assert_eq!(interrupt.used_count(), 1);
+//! ```
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -10,18 +31,21 @@ use virtio_queue::desc::RawDescriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::{ActivationContext, VirtioInterrupt};
+use crate::virtio::{ActivationContext, VirtioInterrupt};
 
 /// Guest memory of the tests: 16 MiB at 0.
 pub fn memory() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).expect("test memory")
 }
 
 /// Counts what the device signalled.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct TestInterrupt {
+    /// Used-buffer notifications.
     pub used: AtomicUsize,
+    /// Configuration-change notifications.
     pub config: AtomicUsize,
+    /// Whether the device asked for a reset.
     pub needs_reset: AtomicBool,
 }
 
@@ -38,9 +62,11 @@ impl VirtioInterrupt for TestInterrupt {
 }
 
 impl TestInterrupt {
+    /// Whether the device asked for a reset.
     pub fn needs_reset(&self) -> bool {
         self.needs_reset.load(Ordering::SeqCst)
     }
+    /// Used-buffer notifications so far.
     pub fn used_count(&self) -> usize {
         self.used.load(Ordering::SeqCst)
     }
@@ -66,12 +92,14 @@ pub struct Driver<'a> {
 }
 
 impl<'a> Driver<'a> {
+    /// A driver of a `size`-entry queue whose structures start at `base`.
     pub fn new(mem: &'a GuestMemoryMmap, base: u64, size: u16) -> Self {
         let desc = base;
         let avail = desc + 16 * u64::from(size);
         let used = (avail + 6 + 2 * u64::from(size)).next_multiple_of(4);
         for addr in [avail, avail + 2, used, used + 2] {
-            mem.write_obj(0u16, GuestAddress(addr)).unwrap();
+            mem.write_obj(0u16, GuestAddress(addr))
+                .expect("test memory");
         }
         Self {
             mem,
@@ -85,13 +113,13 @@ impl<'a> Driver<'a> {
 
     /// A ready queue over these rings.
     pub fn queue(&self) -> Queue {
-        let mut q = Queue::new(self.size).unwrap();
+        let mut q = Queue::new(self.size).expect("test memory");
         q.try_set_desc_table_address(GuestAddress(self.desc))
-            .unwrap();
+            .expect("test memory");
         q.try_set_avail_ring_address(GuestAddress(self.avail))
-            .unwrap();
+            .expect("test memory");
         q.try_set_used_ring_address(GuestAddress(self.used))
-            .unwrap();
+            .expect("test memory");
         q.set_ready(true);
         q
     }
@@ -108,7 +136,7 @@ impl<'a> Driver<'a> {
                 d,
                 GuestAddress(self.desc + 16 * u64::from(index % self.size)),
             )
-            .unwrap();
+            .expect("test memory");
     }
 
     /// Publishes a chain of `bufs` (linked with NEXT) and returns its head.
@@ -146,32 +174,41 @@ impl<'a> Driver<'a> {
 
     /// Makes `head` available without touching descriptors.
     pub fn push_avail(&mut self, head: u16) {
-        let idx: u16 = self.mem.read_obj(GuestAddress(self.avail + 2)).unwrap();
+        let idx: u16 = self
+            .mem
+            .read_obj(GuestAddress(self.avail + 2))
+            .expect("test memory");
         let slot = self.avail + 4 + 2 * u64::from(idx % self.size);
-        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
+        self.mem
+            .write_obj(head, GuestAddress(slot))
+            .expect("test memory");
         self.mem
             .write_obj(idx.wrapping_add(1), GuestAddress(self.avail + 2))
-            .unwrap();
+            .expect("test memory");
     }
 
     /// Sets the available index directly (for hostile tests).
     pub fn set_avail_idx(&self, idx: u16) {
         self.mem
             .write_obj(idx, GuestAddress(self.avail + 2))
-            .unwrap();
+            .expect("test memory");
     }
 
     /// The used index.
     pub fn used_idx(&self) -> u16 {
-        self.mem.read_obj(GuestAddress(self.used + 2)).unwrap()
+        self.mem
+            .read_obj(GuestAddress(self.used + 2))
+            .expect("test memory")
     }
 
     /// Used ring entry `i`: (head, length).
     pub fn used(&self, i: u16) -> (u32, u32) {
         let at = self.used + 4 + 8 * u64::from(i % self.size);
         (
-            self.mem.read_obj(GuestAddress(at)).unwrap(),
-            self.mem.read_obj(GuestAddress(at + 4)).unwrap(),
+            self.mem.read_obj(GuestAddress(at)).expect("test memory"),
+            self.mem
+                .read_obj(GuestAddress(at + 4))
+                .expect("test memory"),
         )
     }
 }
