@@ -10,7 +10,8 @@
 //!   TSC cycles per exit, under the reference VMM and under the floor: a raw
 //!   kvm-ioctls loop on the same guest that handles each exit inline;
 //! - VMM process start to the guest's first instruction (its boot marker on
-//!   the debug console, port 0xE9) and to its first serial line, against the
+//!   the debug console, port 0xE9), to its first serial line and to the
+//!   process's exit after a whole run (boot, hello, exit), against the
 //!   floor's process start to the end of a VM that runs one instruction;
 //! - peak resident memory of the whole VMM process booting the test guest
 //!   (which touches about 1 MiB of its 128 MiB), against the floor's;
@@ -349,6 +350,20 @@ fn first_marker_ms(cmd: &mut Command) -> f64 {
     t.as_secs_f64() * 1e3
 }
 
+/// Process start to process exit of `cmd` (a whole run of the guest), in ms.
+fn whole_run_ms(cmd: &mut Command) -> f64 {
+    let start = Instant::now();
+    let status = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run the VMM");
+    let t = start.elapsed();
+    assert!(status.code().is_some(), "{cmd:?} was killed: {status:?}");
+    t.as_secs_f64() * 1e3
+}
+
 /// Process start to the first `testguest:` line of `cmd`, in ms.
 fn first_line_ms(cmd: &mut Command) -> f64 {
     let start = Instant::now();
@@ -574,6 +589,18 @@ fn main() {
     let floor = measure(r, floor_first_instruction);
     row(
         "process start to first serial line, ms (floor: to a 1-instruction VM's end)",
+        ours,
+        q,
+        Some(floor),
+    );
+    let whole = "testguest.run=hello,exit testguest.exit=0";
+    let ours = measure(r, || {
+        whole_run_ms(Command::new(minimal_bin()).args(["--cmdline", whole]))
+    });
+    let q = qemu_stat(&mut || whole_run_ms(&mut qemu_command(&image, whole, &[])));
+    let floor = measure(r, floor_first_instruction);
+    row(
+        "whole run: process start to exit (boot, hello, exit), ms (floor: a 1-instruction VM)",
         ours,
         q,
         Some(floor),

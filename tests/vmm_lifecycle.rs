@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{minimal_bin, require_kvm, SharedBuf};
-use vmm_kit::core::{HostIo, KernelSource, VmConfig, VmEvent, VmExit, Vmm};
+use vmm_kit::core::{HostIo, KernelSource, RunningVm, VmConfig, VmEvent, VmExit, VmHandle, Vmm};
 use vmm_kit::testguest::parse_output;
 
 fn config(cmdline: &str) -> VmConfig {
@@ -44,8 +44,9 @@ fn library_vmm_runs_the_guest_and_returns_its_status() {
     );
 }
 
-#[test]
-fn a_handle_pauses_resumes_and_stops_a_spinning_guest_from_another_thread() {
+/// A VM of the spinning guest, started and seen spinning, with its handle;
+/// `before_start` looks at the handle while the VM is built but not started.
+fn spinning(before_start: impl FnOnce(&VmHandle)) -> (VmHandle, RunningVm) {
     require_kvm();
     let out = SharedBuf::default();
     let vmm = Vmm::new(
@@ -54,12 +55,17 @@ fn a_handle_pauses_resumes_and_stops_a_spinning_guest_from_another_thread() {
     )
     .expect("build");
     let handle = vmm.handle();
-    assert!(
-        handle.pause().is_err(),
-        "a VM that has not started cannot pause"
-    );
+    before_start(&handle);
     let running = vmm.start().expect("start");
     out.wait_for("testguest: spin", Duration::from_secs(30));
+    (handle, running)
+}
+
+#[test]
+fn a_handle_pauses_resumes_and_stops_a_spinning_guest_from_another_thread() {
+    let (handle, running) = spinning(|h| {
+        assert!(h.pause().is_err(), "a VM that has not started cannot pause");
+    });
     let controller = std::thread::spawn(move || {
         handle.pause().expect("pause");
         assert!(handle.is_paused());
@@ -75,17 +81,8 @@ fn a_handle_pauses_resumes_and_stops_a_spinning_guest_from_another_thread() {
 }
 
 #[test]
-fn a_paused_guest_makes_no_progress_and_stops_while_paused() {
-    require_kvm();
-    let out = SharedBuf::default();
-    let vmm = Vmm::new(
-        &config("testguest.run=spin"),
-        HostIo::serial(Box::new(out.clone())),
-    )
-    .expect("build");
-    let handle = vmm.handle();
-    let running = vmm.start().expect("start");
-    out.wait_for("testguest: spin", Duration::from_secs(30));
+fn an_event_ends_a_paused_vm_which_hands_back_its_vcpus() {
+    let (handle, running) = spinning(|_| {});
     handle.pause().expect("pause");
     let events = handle.events();
     std::thread::spawn(move || {
@@ -94,6 +91,7 @@ fn a_paused_guest_makes_no_progress_and_stops_while_paused() {
     });
     let (exit, stopped) = running.wait_and_keep().expect("run");
     assert_eq!(exit, VmExit::GuestStatus(5), "an event ends a paused VM");
+    assert!(handle.pause().is_err(), "an ended VM cannot pause");
     let regs = stopped.vcpus[0].fd().get_regs().expect("regs");
     let sregs = stopped.vcpus[0].fd().get_sregs().expect("sregs");
     assert_eq!(sregs.cs.selector & 3, 3, "stopped in the CPL3 spin loop");

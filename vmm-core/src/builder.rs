@@ -11,7 +11,7 @@ use libc::c_int;
 use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vm_device::{DeviceMmio, DevicePio};
-use vmm_boot::{boot_guest, BootConfig, ProtocolChoice};
+use vmm_boot::{boot_guest, BootConfig, BootSetup, ProtocolChoice};
 use vmm_devices::legacy::{
     DebugCon, DebugExit, Serial, COM1_IRQ, COM1_PORT, COM1_PORT_SIZE, DEBUGCON_PORT,
     DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_SIZE, I8042, I8042_PORT, I8042_PORT_SIZE,
@@ -31,6 +31,7 @@ use crate::devices::{ConsoleConfig, DeviceError, VirtioHandle, VirtioSlot};
 use crate::event_loop::Subscriber;
 use crate::events::{VmEvent, VmEventSender};
 use crate::seccomp::{SeccompPolicy, ThreadFilters, ThreadKind};
+use crate::vcpu::Vcpu;
 use crate::vm::Vm;
 use crate::vmm::{HostThread, SerialDevice, Vmm, VmmError};
 
@@ -451,38 +452,10 @@ impl VmBuilder {
         let serial = self.add_legacy_devices()?;
         let cmdline = self.full_cmdline();
         let boot = self.load_kernel(&cmdline)?;
-        log::info!(
-            "kernel loaded: {} via {}, entry {:#x}, ends at {:#x}",
-            boot.kernel.format,
-            boot.protocol,
-            boot.cpu.rip,
-            boot.kernel_loaded.end()
-        );
         let vm = Vm::new(self.memory.clone())?;
-        for (evt, gsi) in &self.irq_lines {
-            vm.register_irqfd(evt, *gsi)?;
-        }
-        for slot in &self.virtio {
-            slot.attach(&vm, &mut self.bus)?;
-        }
-        let mut vcpus = Vec::with_capacity(usize::from(self.vcpus));
-        for id in 0..self.vcpus {
-            let vcpu = vm.create_vcpu(id)?;
-            vcpu.configure(vm.kvm(), &boot.cpu)?;
-            vcpus.push(vcpu);
-        }
-        let filters = if self.seccomp.confines_threads() {
-            let extra = &self.extra_syscalls;
-            ThreadFilters::build(|kind| {
-                extra
-                    .iter()
-                    .filter(|(k, _)| *k == kind)
-                    .map(|(_, s)| *s)
-                    .collect()
-            })?
-        } else {
-            ThreadFilters::none()
-        };
+        self.wire_devices(&vm)?;
+        let vcpus = self.create_vcpus(&vm, &boot)?;
+        let filters = self.thread_filters()?;
         let mut subscribers: Vec<Subscriber> =
             self.virtio.iter().map(VirtioSlot::subscriber).collect();
         subscribers.append(&mut self.subscribers);
@@ -504,6 +477,45 @@ impl VmBuilder {
         }))
     }
 
+    /// Interrupt lines become irqfds; virtio slots get their irqfd,
+    /// ioeventfds and place on the MMIO bus.
+    fn wire_devices(&mut self, vm: &Vm) -> Result<(), VmmError> {
+        for (evt, gsi) in &self.irq_lines {
+            vm.register_irqfd(evt, *gsi)?;
+        }
+        for slot in &self.virtio {
+            slot.attach(vm, &mut self.bus)?;
+        }
+        Ok(())
+    }
+
+    /// The vCPUs, each set up with the boot protocol's state.
+    fn create_vcpus(&self, vm: &Vm, boot: &BootSetup) -> Result<Vec<Vcpu>, VmmError> {
+        (0..self.vcpus)
+            .map(|id| {
+                let vcpu = vm.create_vcpu(id)?;
+                vcpu.configure(vm.kvm(), &boot.cpu)?;
+                Ok(vcpu)
+            })
+            .collect()
+    }
+
+    /// Each kind of thread's seccomp filter, with the system calls devices
+    /// asked for.
+    fn thread_filters(&self) -> Result<ThreadFilters, VmmError> {
+        if !self.seccomp.confines_threads() {
+            return Ok(ThreadFilters::none());
+        }
+        let extra = &self.extra_syscalls;
+        Ok(ThreadFilters::build(|kind| {
+            extra
+                .iter()
+                .filter(|(k, _)| *k == kind)
+                .map(|(_, s)| *s)
+                .collect()
+        })?)
+    }
+
     fn full_cmdline(&self) -> String {
         let mut cmdline = self.cmdline.clone();
         for slot in &self.virtio {
@@ -515,7 +527,7 @@ impl VmBuilder {
         cmdline
     }
 
-    fn load_kernel(&self, cmdline: &str) -> Result<vmm_boot::BootSetup, VmmError> {
+    fn load_kernel(&self, cmdline: &str) -> Result<BootSetup, VmmError> {
         let mut initrd = match &self.initrd {
             Some(p) => Some(open_file("initrd", p)?),
             None => None,
@@ -537,6 +549,13 @@ impl VmBuilder {
                 &config,
             )?,
         };
+        log::info!(
+            "kernel loaded: {} via {}, entry {:#x}, ends at {:#x}",
+            setup.kernel.format,
+            setup.protocol,
+            setup.cpu.rip,
+            setup.kernel_loaded.end()
+        );
         Ok(setup)
     }
 }

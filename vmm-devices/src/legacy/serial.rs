@@ -83,32 +83,27 @@ impl<T: Trigger, W: Write> Serial<T, W> {
     }
 }
 
-/// The saved registers and receive FIFO of a [`Serial`] (vm-superio's
-/// `SerialState`, as serde data).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SerialSnapshot {
-    /// Divisor latch, low byte.
-    pub baud_divisor_low: u8,
-    /// Divisor latch, high byte.
-    pub baud_divisor_high: u8,
-    /// Interrupt Enable Register.
-    pub interrupt_enable: u8,
-    /// Interrupt Identification Register.
-    pub interrupt_identification: u8,
-    /// Line Control Register.
-    pub line_control: u8,
-    /// Line Status Register.
-    pub line_status: u8,
-    /// Modem Control Register.
-    pub modem_control: u8,
-    /// Modem Status Register.
-    pub modem_status: u8,
-    /// Scratch Register.
-    pub scratch: u8,
-    /// Received bytes the guest has not read (at most the FIFO's size).
-    pub in_buffer: Vec<u8>,
+/// vm-superio's `SerialState` as serde sees it (its fields, by name).
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "SerialState", deny_unknown_fields)]
+struct SerialStateDef {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
 }
+
+/// The saved registers and receive FIFO of a [`Serial`]: vm-superio's
+/// `SerialState`, as serde data.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SerialSnapshot(#[serde(with = "SerialStateDef")] pub SerialState);
 
 impl<T: Trigger, W: Write> Persist for Serial<T, W> {
     type State = SerialSnapshot;
@@ -116,43 +111,19 @@ impl<T: Trigger, W: Write> Persist for Serial<T, W> {
     type Error = RestoreError;
 
     fn save(&self) -> SerialSnapshot {
-        let s = self.inner.state();
-        SerialSnapshot {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
+        SerialSnapshot(self.inner.state())
     }
 
     /// Refuses a FIFO longer than [`SERIAL_FIFO_SIZE`]; raises the
     /// interrupt again if the restored registers say one is pending.
     fn restore((interrupt, out): (T, W), s: &SerialSnapshot) -> Result<Self, RestoreError> {
-        if s.in_buffer.len() > SERIAL_FIFO_SIZE {
+        if s.0.in_buffer.len() > SERIAL_FIFO_SIZE {
             return Err(RestoreError::invalid(
                 "serial receive FIFO",
-                format!("{} bytes, at most {SERIAL_FIFO_SIZE}", s.in_buffer.len()),
+                format!("{} bytes, at most {SERIAL_FIFO_SIZE}", s.0.in_buffer.len()),
             ));
         }
-        let state = SerialState {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer.clone(),
-        };
-        let inner = vm_superio::Serial::from_state(&state, interrupt, NoEvents, out)
+        let inner = vm_superio::Serial::from_state(&s.0, interrupt, NoEvents, out)
             .map_err(|e| RestoreError::invalid("serial state", format!("{e:?}")))?;
         Ok(Self {
             inner,
@@ -250,7 +221,7 @@ mod tests {
         s.write(0, 0x0c);
         s.write(1, 0x00);
         assert_eq!(s.read(0), 0x0c);
-        assert_eq!(s.save().baud_divisor_low, 0x0c);
+        assert_eq!(s.save().0.baud_divisor_low, 0x0c);
         s.write(LCR, 0x03);
         assert_eq!(s.read(LCR), 0x03);
     }
@@ -299,7 +270,7 @@ mod tests {
     #[test]
     fn an_overlong_fifo_or_unknown_field_is_refused() {
         let mut state = serial().save();
-        state.in_buffer = vec![0; SERIAL_FIFO_SIZE + 1];
+        state.0.in_buffer = vec![0; SERIAL_FIFO_SIZE + 1];
         let err = Serial::restore((EventFdTrigger::new().unwrap(), Vec::new()), &state);
         assert!(matches!(err, Err(RestoreError::Invalid { .. })));
         let mut json: serde_json::Value = serde_json::to_value(serial().save()).unwrap();
