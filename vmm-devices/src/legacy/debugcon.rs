@@ -4,8 +4,11 @@
 
 use std::io::Write;
 
+use serde::{Deserialize, Serialize};
 use vm_device::bus::{PioAddress, PioAddressOffset};
 use vm_device::MutDevicePio;
+
+use crate::persist::{Persist, RestoreError};
 
 /// The debug console's port.
 pub const DEBUGCON_PORT: u16 = 0xe9;
@@ -24,6 +27,26 @@ impl<W: Write> DebugCon<W> {
     /// The output.
     pub fn output(&self) -> &W {
         &self.out
+    }
+}
+
+/// The saved state of a [`DebugCon`]: it holds none (each byte goes out as
+/// it is written), so any saved state restores.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DebugConState {}
+
+impl<W: Write> Persist for DebugCon<W> {
+    type State = DebugConState;
+    type Args = W;
+    type Error = RestoreError;
+
+    fn save(&self) -> DebugConState {
+        DebugConState {}
+    }
+
+    fn restore(out: W, _state: &DebugConState) -> Result<Self, RestoreError> {
+        Ok(Self::new(out))
     }
 }
 
