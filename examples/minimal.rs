@@ -1,21 +1,39 @@
 //! The reference VMM: a thin command line over the crate family.
 //!
 //! `cargo run --example minimal` boots the embedded test guest, prints its
-//! serial output and exits with the guest's status. See `--help`.
+//! serial output and exits with a status that tells the guest's status
+//! apart from the VMM's own. See `--help`.
 
-use std::fs::File;
-use std::io::Write;
+use std::io::{IsTerminal, Read, Write};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, OnceLock};
 
 use clap::{Parser, ValueEnum};
 use vmm_kit::boot::{inspect_kernel, BootProtocol, ProtocolChoice};
+use vmm_kit::core::host_io::{get_termios, set_raw, set_termios};
 use vmm_kit::core::{
-    ConsoleConfig, DiskConfig, HostIo, KernelSource, SeccompPolicy, VmBuilder, VmConfig, VmmError,
-    DEFAULT_CMDLINE,
+    exit_status, seccomp, ConsoleConfig, DiskConfig, HostIo, KernelSource, SeccompPolicy,
+    SerialConfig, StopCause, ThreadKind, VmBuilder, VmConfig, VmEvent, VmEventSender, VmExit, Vmm,
+    VmmError, DEFAULT_CMDLINE,
 };
+use vmm_kit::devices::host_files::{open_input, InputKind, OutputMode};
 use vmm_kit::devices::legacy::DEBUG_EXIT_PORT;
 use vmm_kit::memory::RamBacking;
+
+const STATUSES: &str = "\
+Exit status (the guest's statuses are even, the VMM's own odd, so they never collide):
+  2*N   the guest wrote status N (0-127) to the debug-exit port (N > 127: 254)
+  0     the guest ended without a status: reset, power-off, halt
+  1     the VMM could not build or run the VM (the reason is on stderr)
+  3     bad command-line flags
+  5     the guest crashed (triple fault, or a crash it reported)
+  7     stopped at the console with Ctrl-A x
+  159   a VMM thread made a system call its seccomp filter forbids
+  SIGINT, SIGTERM, SIGHUP: the VM stops in order (vCPUs out, pending disk
+  requests finished, disks flushed, the terminal restored), then the VMM ends
+  by that same signal (a shell reports 130, 143, 129).";
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Protocol {
@@ -37,10 +55,20 @@ enum Backing {
     Hugepages,
 }
 
+/// Where COM1 goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Serial {
+    Stdio,
+    File(PathBuf, OutputMode),
+    Pty,
+    None,
+}
+
 /// A minimal VMM on KVM: boots a kernel (or the embedded test guest) with a
-/// serial console and exits with the guest's status.
+/// serial console and exits with a status that tells the guest's apart from
+/// its own.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(version, after_help = STATUSES)]
 struct Args {
     /// Kernel image: ELF vmlinux, PVH ELF or bzImage. Without it, the
     /// embedded test guest boots.
@@ -52,8 +80,8 @@ struct Args {
     /// Kernel command line.
     #[arg(long, value_name = "STRING", default_value = DEFAULT_CMDLINE)]
     cmdline: String,
-    /// Guest RAM in MiB.
-    #[arg(long, value_name = "MiB", default_value_t = 128)]
+    /// Guest RAM: a number of MiB, or with a unit: 512M, 2G, 1024MiB.
+    #[arg(long, value_name = "SIZE", default_value = "128", value_parser = parse_mem)]
     mem: u64,
     /// Number of vCPUs (only 1 is supported for now).
     #[arg(long, value_name = "N", default_value_t = 1)]
@@ -67,16 +95,22 @@ struct Args {
     /// Port of the debug-exit device (the guest writes its status there).
     #[arg(long, value_name = "PORT", default_value_t = DEBUG_EXIT_PORT, value_parser = parse_port)]
     exit_port: u16,
-    /// A virtio-blk disk on a raw image: PATH[,ro][,id=SERIAL]. Repeatable.
-    #[arg(long, value_name = "PATH[,ro][,id=SERIAL]", value_parser = parse_disk)]
+    /// A virtio-blk disk on a raw image, locked against other users (shared
+    /// when ro): PATH[,ro][,id=SERIAL][,nolock]. Repeatable.
+    #[arg(long, value_name = "PATH[,ro][,id=SERIAL][,nolock]", value_parser = parse_disk)]
     disk: Vec<DiskConfig>,
     /// A virtio-rng device fed by the host's getrandom.
     #[arg(long)]
     rng: bool,
     /// A virtio-console: `stdout` (output to stdout, input from stdin) or
-    /// `file=PATH` (output to PATH).
-    #[arg(long, value_name = "stdout|file=PATH", value_parser = parse_console)]
+    /// `file=PATH[,append]` (output to PATH, emptied first unless append).
+    #[arg(long, value_name = "stdout|file=PATH[,append]", value_parser = parse_console)]
     console: Option<ConsoleConfig>,
+    /// Where COM1 goes: `stdio` (stdout and stdin; on a terminal, raw, with
+    /// Ctrl-A x to quit), `file=PATH[,append]` (emptied first unless
+    /// append), `pty` (a new pseudo-terminal, its path on stderr) or `none`.
+    #[arg(long, value_name = "stdio|file=PATH[,append]|pty|none", default_value = "stdio", value_parser = parse_serial)]
+    serial: Serial,
     /// Put a debug console on port 0xE9 (as Bochs and QEMU's isa-debugcon),
     /// its output on stderr. The test guest writes '!' there at its first
     /// instruction.
@@ -100,27 +134,57 @@ fn parse_port(s: &str) -> Result<u16, String> {
     parsed.map_err(|e| format!("not a port number (0-65535, decimal or 0x hex): {e}"))
 }
 
+/// Guest RAM in MiB from `512`, `512M`, `512MiB`, `2G`, `2GiB`.
+fn parse_mem(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (a number of MiB, or with a unit: 512M, 2G)"))?;
+    let mib = match unit.trim() {
+        "" | "M" | "MiB" | "m" => Some(n),
+        "G" | "GiB" | "g" => n.checked_mul(1024),
+        "T" | "TiB" | "t" => n.checked_mul(1024 * 1024),
+        "K" | "KiB" | "k" if n % 1024 == 0 => Some(n / 1024),
+        "K" | "KiB" | "k" => {
+            return Err(format!(
+                "{s}: guest RAM comes in whole MiB ({n} KiB is {:.3} MiB)",
+                n as f64 / 1024.0
+            ))
+        }
+        other => return Err(format!("{s}: unknown unit {other:?} (use M or G)")),
+    };
+    let mib = mib.ok_or(format!("{s} is too large"))?;
+    if mib == 0 {
+        return Err(format!("{s}: a guest needs some RAM"));
+    }
+    Ok(mib)
+}
+
 fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     let mut parts = s.split(',');
     let path = parts
         .next()
         .filter(|p| !p.is_empty())
         .ok_or("a disk needs a path")?;
-    let mut disk = DiskConfig {
-        path: PathBuf::from(path),
-        read_only: false,
-        serial: None,
-    };
+    let mut disk = DiskConfig::new(path);
     for opt in parts {
         match opt.split_once('=') {
             None if opt == "ro" => disk.read_only = true,
+            None if opt == "nolock" => disk.lock = false,
             Some(("id", id)) if id.len() <= 20 && id.is_ascii() => {
                 disk.serial = Some(id.to_string())
             }
-            Some(("id", _)) => return Err("a disk id is at most 20 ASCII characters".into()),
+            Some(("id", id)) => {
+                return Err(format!(
+                    "disk id {id:?} is {} bytes; at most 20 ASCII characters",
+                    id.len()
+                ))
+            }
             _ => {
                 return Err(format!(
-                    "unknown disk option {opt:?} (expected ro or id=SERIAL)"
+                    "unknown disk option {opt:?} (expected ro, nolock or id=SERIAL)"
                 ))
             }
         }
@@ -128,11 +192,40 @@ fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     Ok(disk)
 }
 
+/// `PATH[,append]` into a path and a mode.
+fn parse_output_file(spec: &str) -> Result<(PathBuf, OutputMode), String> {
+    let (path, mode) = match spec.rsplit_once(',') {
+        Some((p, "append")) => (p, OutputMode::Append),
+        Some((p, "truncate")) => (p, OutputMode::Truncate),
+        _ => (spec, OutputMode::Truncate),
+    };
+    if path.is_empty() {
+        return Err("file= needs a path".into());
+    }
+    Ok((PathBuf::from(path), mode))
+}
+
 fn parse_console(s: &str) -> Result<ConsoleConfig, String> {
     match s.split_once('=') {
         None if s == "stdout" => Ok(ConsoleConfig::Host),
-        Some(("file", path)) if !path.is_empty() => Ok(ConsoleConfig::File(PathBuf::from(path))),
-        _ => Err("expected stdout or file=PATH".into()),
+        Some(("file", spec)) => {
+            let (path, mode) = parse_output_file(spec)?;
+            Ok(ConsoleConfig::File { path, mode })
+        }
+        _ => Err("expected stdout or file=PATH[,append]".into()),
+    }
+}
+
+fn parse_serial(s: &str) -> Result<Serial, String> {
+    match s.split_once('=') {
+        None if s == "stdio" => Ok(Serial::Stdio),
+        None if s == "pty" => Ok(Serial::Pty),
+        None if s == "none" => Ok(Serial::None),
+        Some(("file", spec)) => {
+            let (path, mode) = parse_output_file(spec)?;
+            Ok(Serial::File(path, mode))
+        }
+        _ => Err("expected stdio, file=PATH[,append], pty or none".into()),
     }
 }
 
@@ -146,9 +239,9 @@ fn report(err: &dyn std::error::Error) {
     eprintln!("{msg}");
 }
 
-fn inspect(path: &PathBuf) -> ExitCode {
-    let result = File::open(path)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))
+fn inspect(path: &std::path::Path) -> ExitCode {
+    let result = open_input("kernel", path, InputKind::RegularFile, false)
+        .map_err(|e| e.to_string())
         .and_then(|mut f| {
             inspect_kernel(&mut f).map_err(|e| {
                 let mut s = format!("{}: {e}", path.display());
@@ -165,27 +258,139 @@ fn inspect(path: &PathBuf) -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(exit_status::VMM_ERROR)
         }
     }
 }
 
-/// The VM `config` describes, its consoles on this process's stdio: COM1
-/// on stdout, stdin to the virtio console when it is on stdout (else to
-/// COM1), the debug console on stderr. Ctrl-C stops it.
-fn build(config: &VmConfig) -> Result<vmm_kit::core::Vmm, VmmError> {
+/// The terminal on stdin in raw mode for as long as this lives; put back as
+/// it was on every way out (return, signal stop, panic, blocked system
+/// call).
+struct RawTerminal {
+    saved: libc::termios,
+}
+
+impl RawTerminal {
+    fn enter() -> Option<Self> {
+        let fd = std::io::stdin().as_raw_fd();
+        let saved = get_termios(fd).ok()?;
+        set_raw(fd).ok()?;
+        seccomp::restore_terminal_on_sigsys(fd, saved);
+        Some(Self { saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        let _ = set_termios(std::io::stdin().as_raw_fd(), &self.saved);
+    }
+}
+
+/// Host input with the console's escape: Ctrl-A x stops the VM, Ctrl-A
+/// Ctrl-A sends one Ctrl-A; anything else passes through.
+struct Escape<R> {
+    inner: R,
+    events: Arc<OnceLock<VmEventSender>>,
+    after_ctrl_a: bool,
+}
+
+const CTRL_A: u8 = 1;
+
+impl<R: Read> Read for Escape<R> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let mut buf = [0u8; 64];
+        loop {
+            let n = self.inner.read(&mut buf[..out.len().min(64)])?;
+            if n == 0 {
+                return Ok(0);
+            }
+            let mut k = 0;
+            for &b in &buf[..n] {
+                if self.after_ctrl_a {
+                    self.after_ctrl_a = false;
+                    match b {
+                        b'x' | b'X' => {
+                            if let Some(events) = self.events.get() {
+                                events.send(VmEvent::StopRequested(StopCause::Requested));
+                            }
+                            return Ok(0);
+                        }
+                        CTRL_A => {
+                            out[k] = CTRL_A;
+                            k += 1;
+                        }
+                        _ => {}
+                    }
+                } else if b == CTRL_A {
+                    self.after_ctrl_a = true;
+                } else if k < out.len() {
+                    out[k] = b;
+                    k += 1;
+                }
+            }
+            if k > 0 {
+                return Ok(k);
+            }
+        }
+    }
+}
+
+/// The VM `config` describes, its consoles on this process's stdio as
+/// `serial` says; with `raw`, stdin goes through the escape reader.
+fn build(config: &VmConfig, serial: &Serial, raw: bool) -> Result<Vmm, VmmError> {
     let console_on_stdout = config.console == Some(ConsoleConfig::Host);
-    let stdin = || Some(Box::new(std::io::stdin()) as Box<dyn std::io::Read + Send>);
+    let events = Arc::new(OnceLock::new());
+    let stdin: Box<dyn Read + Send> = if raw {
+        Box::new(Escape {
+            inner: std::io::stdin(),
+            events: events.clone(),
+            after_ctrl_a: false,
+        })
+    } else {
+        Box::new(std::io::stdin())
+    };
+    let (serial_in, console_in) = if console_on_stdout {
+        (None, Some(stdin))
+    } else if *serial == Serial::Stdio {
+        (Some(stdin), None)
+    } else {
+        (None, None)
+    };
     let io = HostIo {
-        serial_out: Box::new(std::io::stdout()),
-        serial_in: if console_on_stdout { None } else { stdin() },
+        serial_out: match serial {
+            Serial::None => Box::new(std::io::sink()),
+            _ => Box::new(std::io::stdout()),
+        },
+        serial_in,
         console_out: Some(Box::new(std::io::stdout())),
-        console_in: if console_on_stdout { stdin() } else { None },
+        console_in,
         debugcon_out: Some(Box::new(std::io::stderr())),
     };
     let mut builder = VmBuilder::from_config(config, io)?;
-    builder.stop_on_signals(&[libc::SIGINT]);
-    builder.build()
+    let _ = events.set(builder.events());
+    builder
+        .stop_on_signals(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
+        // Ending by the stopping signal needs its default action back.
+        .allow_syscalls(ThreadKind::Main, &[libc::SYS_rt_sigaction]);
+    let vmm = builder.build()?;
+    if let Some(path) = vmm.serial_pty() {
+        eprintln!("vmm: serial console on {}", path.display());
+    }
+    Ok(vmm)
+}
+
+/// Ends the process by `signal`, as a program stopped by it should: its
+/// parent sees the signal, not an exit status that a guest could also
+/// produce.
+fn die_by(signal: i32) -> ExitCode {
+    let _ = std::io::stdout().flush();
+    // SAFETY: restoring the default action of a signal and raising it on
+    // this thread; no memory is passed.
+    unsafe {
+        libc::signal(signal, libc::SIG_DFL);
+        libc::raise(signal);
+    }
+    ExitCode::from(128u8.saturating_add(signal as u8))
 }
 
 fn main() -> ExitCode {
@@ -195,7 +400,17 @@ fn main() -> ExitCode {
     let default_filter = "warn,virtio_queue=off";
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter))
         .init();
-    let args = Args::parse();
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) if e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::from(exit_status::USAGE);
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
     if let Some(path) = &args.inspect_kernel {
         return inspect(path);
     }
@@ -222,31 +437,57 @@ fn main() -> ExitCode {
         disks: args.disk,
         rng: args.rng,
         console: args.console,
-        // This process runs one VM: confine its main thread too.
+        serial: match &args.serial {
+            Serial::File(path, mode) => SerialConfig::File {
+                path: path.clone(),
+                mode: *mode,
+            },
+            Serial::Pty => SerialConfig::Pty,
+            Serial::Stdio | Serial::None => SerialConfig::Host,
+        },
         debugcon: args.debugcon,
+        // This process runs one VM: confine its main thread too.
         seccomp: if args.no_seccomp {
             SeccompPolicy::Disabled
         } else {
             SeccompPolicy::VmmThreadsAndCaller
         },
     };
-    let vmm = match build(&config) {
+    let interactive = (args.serial == Serial::Stdio || config.console == Some(ConsoleConfig::Host))
+        && std::io::stdin().is_terminal();
+    let vmm = match build(&config, &args.serial, interactive) {
         Ok(v) => v,
         Err(e) => {
             report(&e);
-            return ExitCode::FAILURE;
+            return ExitCode::from(exit_status::VMM_ERROR);
         }
     };
-    match vmm.run() {
+    let terminal = if interactive {
+        let t = RawTerminal::enter();
+        if t.is_some() {
+            eprint!("vmm: console in raw mode; Ctrl-A x quits\r\n");
+        }
+        t
+    } else {
+        None
+    };
+    let result = vmm.run();
+    drop(terminal);
+    let _ = std::io::stdout().flush();
+    match result {
+        Ok(VmExit::Stopped(StopCause::Signal(signal))) => die_by(signal),
         Ok(exit) => {
-            let _ = std::io::stdout().flush();
             log::info!("guest ended: {exit:?}");
+            if let VmExit::GuestStatus(n) = exit {
+                if n > exit_status::MAX_GUEST_STATUS {
+                    log::warn!("the guest's status {n} is above 127: reported as 254");
+                }
+            }
             ExitCode::from(exit.exit_code())
         }
         Err(e) => {
-            let _ = std::io::stdout().flush();
             report(&e);
-            ExitCode::FAILURE
+            ExitCode::from(exit_status::VMM_ERROR)
         }
     }
 }

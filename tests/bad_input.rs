@@ -38,7 +38,10 @@ fn a_missing_kernel_is_refused() {
 fn a_directory_is_not_a_kernel() {
     let f = TempFile::new("x", b"");
     let dir = f.path.parent().expect("temp dir").to_str().expect("utf-8");
-    assert_clean_failure(&run_minimal(&["--kernel", dir]), "is not a regular file");
+    assert_clean_failure(
+        &run_minimal(&["--kernel", dir]),
+        "is a directory, not a regular file",
+    );
 }
 
 #[test]
@@ -85,10 +88,10 @@ fn a_bad_command_line_is_refused() {
 #[test]
 fn bad_flags_are_usage_errors() {
     let out = run_minimal(&["--mem", "lots"]);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(3), "usage errors are 3");
     assert!(common::stderr(&out).contains("invalid value"));
     let out = run_minimal(&["--exit-port", "70000"]);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(3));
 }
 
 #[test]
@@ -117,8 +120,8 @@ fn a_kernel_that_faults_at_once_ends_the_vm() {
     let err = common::stderr(&out);
     assert_eq!(
         out.status.code(),
-        Some(0),
-        "a triple fault is a CPU reset: {err}"
+        Some(5),
+        "a triple fault is a crash, not success: {err}"
     );
     assert!(
         err.contains("triple-faulted"),

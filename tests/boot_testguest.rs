@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{require_kvm, run_minimal, stdout};
+use common::{guest_status, require_kvm, run_minimal, stdout};
 use vmm_kit::testguest::{exit_status, parse_output, Report};
 
 /// RAM the guest should find in its memory map for `mib` MiB: everything but
@@ -88,7 +88,12 @@ fn guest_exit_status_becomes_the_vmm_exit_status_in_both_protocols() {
             "--cmdline",
             "testguest.run=hello,exit testguest.exit=42",
         ]);
-        assert_eq!(out.status.code(), Some(42), "{protocol}: {}", stdout(&out));
+        assert_eq!(
+            out.status.code(),
+            guest_status(42),
+            "{protocol}: {}",
+            stdout(&out)
+        );
         let reports = parse_output(&stdout(&out));
         assert_eq!(event(&reports, "exit").get_u64("status"), Some(42));
         assert!(
@@ -104,7 +109,7 @@ fn unknown_scenario_fails_with_its_name() {
     let out = run_minimal(&["--cmdline", "testguest.run=hello,no-such-thing"]);
     assert_eq!(
         out.status.code(),
-        Some(i32::from(exit_status::UNKNOWN_SCENARIO))
+        guest_status(exit_status::UNKNOWN_SCENARIO)
     );
     let reports = parse_output(&stdout(&out));
     let err = event(&reports, "error");
@@ -137,7 +142,7 @@ fn exit_port_can_be_moved() {
         "--cmdline",
         "testguest.exit_port=0x501 testguest.run=exit testguest.exit=9",
     ]);
-    assert_eq!(out.status.code(), Some(9), "{}", stdout(&out));
+    assert_eq!(out.status.code(), guest_status(9), "{}", stdout(&out));
 }
 
 #[test]
@@ -148,7 +153,12 @@ fn no_seccomp_runs_the_same_guest() {
         "--cmdline",
         "testguest.run=hello,exit testguest.exit=11",
     ]);
-    assert_eq!(out.status.code(), Some(11), "{}", common::stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        guest_status(11),
+        "{}",
+        common::stderr(&out)
+    );
 }
 
 #[test]

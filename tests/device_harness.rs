@@ -40,7 +40,7 @@ fn find<'a>(reports: &'a [Report], event: &str, key: &str, value: &str) -> &'a R
 fn probe_reports_each_device_type_features_queues_and_config() {
     let disk = TempFile::new("disk.img", &[0u8; 8 * 512]);
     let (exit, reports, text) = boot("testguest.run=probe,exit testguest.exit=0", |b| {
-        let block = Block::open(&disk.path, true, None).expect("disk");
+        let block = Block::open(&disk.path, true, None, true).expect("disk");
         b.add_virtio(block).expect("blk");
         b.add_virtio(Rng::new()).expect("rng");
     });

@@ -166,7 +166,7 @@ fn scenarios_without_their_device_fail_clearly() {
     let out = run_minimal(&["--cmdline", "testguest.run=blk"]);
     assert_eq!(
         out.status.code(),
-        Some(i32::from(vmm_kit::testguest::exit_status::FAILED))
+        common::guest_status(vmm_kit::testguest::exit_status::FAILED)
     );
     assert!(stdout(&out).contains("error blk no device found"));
 }
@@ -179,18 +179,18 @@ fn missing_or_directory_disks_and_bad_disk_options_are_refused() {
     );
     let f = TempFile::new("x", b"");
     let dir = f.path.parent().expect("dir").to_str().expect("utf-8");
-    assert_clean_failure(&run_minimal(&["--disk", dir]), "not a regular file");
+    assert_clean_failure(&run_minimal(&["--disk", dir]), "is a directory");
     for bad in ["img,rw", "img,id=123456789012345678901", ",ro"] {
         let out = run_minimal(&["--disk", bad]);
         assert_eq!(
             out.status.code(),
-            Some(2),
+            Some(3),
             "{bad}: {}",
             common::stderr(&out)
         );
     }
     let out = run_minimal(&["--console", "tty"]);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(3));
     assert_clean_failure(
         &run_minimal(&["--console", "file=/nonexistent/dir/console.out"]),
         "cannot open console output",

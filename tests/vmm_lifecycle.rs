@@ -8,7 +8,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{minimal_bin, require_kvm, SharedBuf};
-use vmm_kit::core::{HostIo, KernelSource, RunningVm, VmConfig, VmEvent, VmExit, VmHandle, Vmm};
+use vmm_kit::core::{
+    HostIo, KernelSource, RunningVm, StopCause, VmConfig, VmEvent, VmExit, VmHandle, Vmm,
+};
 use vmm_kit::testguest::parse_output;
 
 fn config(cmdline: &str) -> VmConfig {
@@ -76,8 +78,8 @@ fn a_handle_pauses_resumes_and_stops_a_spinning_guest_from_another_thread() {
     });
     let exit = running.wait().expect("run");
     controller.join().expect("controller thread");
-    assert_eq!(exit, VmExit::Interrupted);
-    assert_eq!(exit.exit_code(), 130);
+    assert_eq!(exit, VmExit::Stopped(StopCause::Requested));
+    assert_eq!(exit.exit_code(), 7);
 }
 
 #[test]
@@ -98,11 +100,13 @@ fn an_event_ends_a_paused_vm_which_hands_back_its_vcpus() {
     assert_ne!(regs.rip, 0);
 }
 
-#[test]
-fn ctrl_c_stops_the_reference_vmm_with_status_130() {
+/// Starts the reference VMM on the spinning guest with `extra` flags and
+/// returns it once the guest spins.
+fn spinning_reference_vmm(extra: &[&str]) -> std::process::Child {
     require_kvm();
     let mut child = Command::new(minimal_bin())
         .args(["--cmdline", "testguest.run=spin"])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -122,9 +126,27 @@ fn ctrl_c_stops_the_reference_vmm_with_status_130() {
         assert!(n > 0, "VMM ended early: {}", String::from_utf8_lossy(&seen));
         seen.extend_from_slice(&buf[..n]);
     }
-    // SAFETY: sending SIGINT to our own child process.
-    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
-    assert_eq!(rc, 0);
-    let status = child.wait().expect("wait");
-    assert_eq!(status.code(), Some(130), "status {status:?}");
+    child
+}
+
+#[test]
+fn sigint_sigterm_and_sighup_stop_the_reference_vmm_which_ends_by_that_signal() {
+    use std::os::unix::process::ExitStatusExt;
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        let mut child = spinning_reference_vmm(&[]);
+        // SAFETY: sending a signal to our own child process.
+        let rc = unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+        assert_eq!(rc, 0);
+        let start = Instant::now();
+        let status = child.wait().expect("wait");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the stop is bounded"
+        );
+        assert_eq!(status.signal(), Some(signal), "status {status:?}");
+        let mut err = String::new();
+        io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+            .expect("stderr");
+        assert!(!err.contains("panicked"), "{err}");
+    }
 }

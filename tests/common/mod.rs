@@ -20,6 +20,11 @@ pub fn require_kvm() {
     }
 }
 
+/// The process status the reference VMM reports for guest status `n`.
+pub fn guest_status(n: u8) -> Option<i32> {
+    Some(i32::from(vmm_kit::core::exit_status::guest(n)))
+}
+
 /// The reference VMM binary, built by `cargo test` beside the test binaries.
 pub fn minimal_bin() -> PathBuf {
     example_bin("minimal")

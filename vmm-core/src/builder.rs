@@ -1,8 +1,8 @@
 //! [`VmBuilder`]: a whole VM assembled from parts, through one public door
 //! for the built-in devices and a stranger's own alike.
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, Cursor, Read};
+use std::fs::File;
+use std::io::{self, Cursor, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,6 +12,9 @@ use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vm_device::{DeviceMmio, DevicePio};
 use vmm_boot::{boot_guest, BootConfig, BootSetup, ProtocolChoice};
+use vmm_devices::host_files::{
+    lock_image, open_input, open_output, FileId, HostFileError, InputKind, OpenedInput,
+};
 use vmm_devices::legacy::{
     DebugCon, DebugExit, Serial, COM1_IRQ, COM1_PORT, COM1_PORT_SIZE, DEBUGCON_PORT,
     DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_SIZE, I8042, I8042_PORT, I8042_PORT_SIZE,
@@ -26,10 +29,11 @@ use vmm_memory::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{HostIo, KernelSource, VmConfig, DEFAULT_CMDLINE};
-use crate::devices::{ConsoleConfig, DeviceError, VirtioHandle, VirtioSlot};
+use crate::config::{HostIo, KernelSource, SerialConfig, VmConfig, DEFAULT_CMDLINE};
+use crate::devices::{ConsoleConfig, DeviceError, DiskConfig, VirtioHandle, VirtioSlot};
 use crate::event_loop::Subscriber;
 use crate::events::{VmEvent, VmEventSender};
+use crate::host_io::{BufferedOutput, OutputStatus, Pty};
 use crate::seccomp::{SeccompPolicy, ThreadFilters, ThreadKind};
 use crate::vcpu::Vcpu;
 use crate::vm::Vm;
@@ -65,11 +69,20 @@ pub struct VmBuilder {
     resources: ResourceAllocator,
     kernel: KernelSource,
     initrd: Option<PathBuf>,
+    opened_kernel: Option<File>,
+    opened_initrd: Option<File>,
+    inputs: Vec<OpenedInput>,
+    disks: Vec<(OpenedInput, bool)>,
+    bus_names: Vec<(bool, String, u64, u64)>,
+    outputs: Vec<(&'static str, OutputStatus)>,
+    held: Vec<File>,
+    serial_pty: Option<PathBuf>,
     cmdline: String,
     protocol: ProtocolChoice,
     vcpus: u8,
     seccomp: SeccompPolicy,
     extra_syscalls: Vec<(ThreadKind, i64)>,
+    extra_ioctls: Vec<(ThreadKind, u64)>,
     exit_port: u16,
     io: HostIo,
     debugcon: bool,
@@ -81,26 +94,6 @@ pub struct VmBuilder {
     stop_signals: Vec<c_int>,
     events: VmEventSender,
     receiver: std::sync::mpsc::Receiver<VmEvent>,
-}
-
-fn open_file(what: &'static str, path: &Path) -> Result<File, VmmError> {
-    let file = File::open(path).map_err(|source| VmmError::Open {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let meta = file.metadata().map_err(|source| VmmError::Open {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })?;
-    if !meta.is_file() {
-        return Err(VmmError::NotAFile {
-            what,
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(file)
 }
 
 fn check_vcpus(n: u8) -> Result<(), VmmError> {
@@ -130,11 +123,20 @@ impl VmBuilder {
             resources,
             kernel: KernelSource::Bytes(&[]),
             initrd: None,
+            opened_kernel: None,
+            opened_initrd: None,
+            inputs: Vec::new(),
+            disks: Vec::new(),
+            bus_names: Vec::new(),
+            outputs: Vec::new(),
+            held: Vec::new(),
+            serial_pty: None,
             cmdline: DEFAULT_CMDLINE.to_string(),
             protocol: ProtocolChoice::Auto,
             vcpus: 1,
             seccomp: SeccompPolicy::default(),
             extra_syscalls: Vec::new(),
+            extra_ioctls: Vec::new(),
             exit_port: DEBUG_EXIT_PORT,
             io: HostIo::default(),
             debugcon: false,
@@ -151,6 +153,13 @@ impl VmBuilder {
 
     /// A builder with everything `config` describes: the built-in devices
     /// are added through the same methods a caller's own devices use.
+    ///
+    /// Inputs first, outputs last: the kernel, the initrd and the disk
+    /// images are opened (without blocking) and checked for what they must
+    /// be; disks are locked and one image given twice is refused unless
+    /// both are read-only; only then are output files opened, each refused
+    /// if it is one of the inputs (by device and inode), and truncated only
+    /// after that check.
     pub fn from_config(config: &VmConfig, mut io: HostIo) -> Result<Self, VmmError> {
         check_vcpus(config.vcpus)?;
         let mut b = Self::new(config.mem_mib, config.ram_backing)?;
@@ -164,15 +173,9 @@ impl VmBuilder {
         if let Some(initrd) = &config.initrd {
             b.initrd(initrd);
         }
+        b.open_boot_files()?;
         for d in &config.disks {
-            let disk =
-                Block::open(&d.path, d.read_only, d.serial.as_deref()).map_err(|source| {
-                    DeviceError::Disk {
-                        path: d.path.clone(),
-                        source,
-                    }
-                })?;
-            b.add_virtio(disk)?;
+            b.add_disk(d)?;
         }
         if config.rng {
             b.add_virtio(Rng::new())?;
@@ -184,6 +187,7 @@ impl VmBuilder {
                     .console_out
                     .take()
                     .unwrap_or_else(|| Box::new(io::sink()));
+                let out = b.buffered_output("console output", out);
                 match io.console_in.take() {
                     Some(input) => {
                         let (dev, feed) =
@@ -196,32 +200,150 @@ impl VmBuilder {
                     }
                 }
             }
-            Some(ConsoleConfig::File(path)) => {
-                let f = OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(path)
-                    .map_err(|source| DeviceError::ConsoleFile {
-                        path: path.clone(),
-                        source,
-                    })?;
-                b.add_virtio(Console::new(Box::new(f)))?;
+            Some(ConsoleConfig::File { path, mode }) => {
+                let f = open_output("console output", path, *mode, &b.inputs)
+                    .map_err(DeviceError::from)?;
+                let out = b.buffered_output("console output", Box::new(f));
+                b.add_virtio(Console::new(out))?;
+            }
+        }
+        match &config.serial {
+            SerialConfig::Host => {}
+            SerialConfig::File { path, mode } => {
+                let f = open_output("serial output", path, *mode, &b.inputs)
+                    .map_err(DeviceError::from)?;
+                io.serial_out = Box::new(f);
+                io.serial_in = None;
+            }
+            SerialConfig::Pty => {
+                let pty = Pty::open().map_err(VmmError::Pty)?;
+                io.serial_out = Box::new(pty.master.try_clone().map_err(VmmError::Pty)?);
+                io.serial_in = Some(Box::new(pty.master));
+                b.held.push(pty.slave);
+                b.serial_pty = Some(pty.path);
             }
         }
         b.host_io(io);
         Ok(b)
     }
 
+    /// Puts `out` behind a [`BufferedOutput`] whose pump starts with the VM:
+    /// guest output then never blocks a vCPU or the event loop, whatever the
+    /// host end does; what cannot be written is dropped and counted, and
+    /// reported when the VM ends.
+    pub fn buffered_output(
+        &mut self,
+        name: &'static str,
+        out: Box<dyn Write + Send>,
+    ) -> Box<dyn Write + Send> {
+        let (buffer, pump) = BufferedOutput::new(name, out);
+        self.outputs.push((name, buffer.status()));
+        self.spawn_on_start(name, ThreadKind::Input, move || pump.run());
+        Box::new(buffer)
+    }
+
+    /// The path of the pseudo-terminal COM1 is on, with
+    /// [`SerialConfig::Pty`].
+    pub fn serial_pty(&self) -> Option<&Path> {
+        self.serial_pty.as_deref()
+    }
+
+    /// Opens a disk image as `disk` says (locked unless it says not to) and
+    /// adds a virtio-blk device over it. The same image twice (through any
+    /// path) is refused unless both are read-only.
+    pub fn add_disk(
+        &mut self,
+        disk: &DiskConfig,
+    ) -> Result<VirtioHandle<Block<GuestRam>>, VmmError> {
+        let disk_err = |source| DeviceError::Disk {
+            path: disk.path.clone(),
+            source,
+        };
+        // Host-file errors name the image themselves.
+        let host = |e: HostFileError| VmmError::Device(DeviceError::Host(e));
+        let file = open_input(
+            "disk image",
+            &disk.path,
+            InputKind::FileOrBlockDevice,
+            !disk.read_only,
+        )
+        .map_err(host)?;
+        let id = FileId::of(&file).map_err(|e| {
+            host(HostFileError::Open {
+                what: "disk image",
+                path: disk.path.clone(),
+                source: e,
+            })
+        })?;
+        if let Some((other, other_ro)) = self
+            .disks
+            .iter()
+            .find(|(i, _)| i.id == id)
+            .map(|(i, ro)| (i.path.clone(), *ro))
+        {
+            if !(other_ro && disk.read_only) {
+                return Err(host(HostFileError::SameImageTwice {
+                    path: disk.path.clone(),
+                    other_path: other,
+                }));
+            }
+        }
+        if disk.lock {
+            lock_image(&file, &disk.path, disk.read_only).map_err(host)?;
+        }
+        let block =
+            Block::from_file(file, disk.read_only, disk.serial.as_deref()).map_err(disk_err)?;
+        let input = OpenedInput {
+            what: "disk image",
+            path: disk.path.clone(),
+            id,
+        };
+        self.inputs.push(input.clone());
+        self.disks.push((input, disk.read_only));
+        self.add_virtio(block)
+    }
+
+    /// Opens the kernel and initrd files now (without blocking, checked to
+    /// be regular files), so that they are known before any output opens.
+    fn open_boot_files(&mut self) -> Result<(), VmmError> {
+        if let KernelSource::Path(p) = self.kernel.clone() {
+            let f = open_input("kernel", &p, InputKind::RegularFile, false)?;
+            self.note_input("kernel", &p, &f)?;
+            self.opened_kernel = Some(f);
+        }
+        if let Some(p) = self.initrd.clone() {
+            let f = open_input("initrd", &p, InputKind::RegularFile, false)?;
+            self.note_input("initrd", &p, &f)?;
+            self.opened_initrd = Some(f);
+        }
+        Ok(())
+    }
+
+    fn note_input(&mut self, what: &'static str, path: &Path, f: &File) -> Result<(), VmmError> {
+        let id = FileId::of(f).map_err(|source| HostFileError::Open {
+            what,
+            path: path.to_path_buf(),
+            source,
+        })?;
+        self.inputs.push(OpenedInput {
+            what,
+            path: path.to_path_buf(),
+            id,
+        });
+        Ok(())
+    }
+
     /// The kernel to boot.
     pub fn kernel(&mut self, kernel: KernelSource) -> &mut Self {
         self.kernel = kernel;
+        self.opened_kernel = None;
         self
     }
 
     /// An initrd file.
     pub fn initrd(&mut self, path: &Path) -> &mut Self {
         self.initrd = Some(path.to_path_buf());
+        self.opened_initrd = None;
         self
     }
 
@@ -285,6 +407,13 @@ impl VmBuilder {
         self
     }
 
+    /// Also allow `ioctl` with these requests on threads of `kind`.
+    pub fn allow_ioctls(&mut self, kind: ThreadKind, requests: &[u64]) -> &mut Self {
+        self.extra_ioctls
+            .extend(requests.iter().map(|&r| (kind, r)));
+        self
+    }
+
     /// Guest RAM, for devices that need it before the VM is built.
     pub fn memory(&self) -> &GuestRam {
         &self.memory
@@ -324,14 +453,12 @@ impl VmBuilder {
         size: u16,
         device: Arc<dyn DevicePio + Send + Sync>,
     ) -> Result<&mut Self, VmmError> {
-        let err = |source| DeviceError::Bus {
-            name: name.to_string(),
-            base: u64::from(base),
-            size: u64::from(size),
-            source,
-        };
+        let names = &self.bus_names;
+        let err = |source| bus_error(names, false, name, u64::from(base), u64::from(size), source);
         let range = PioRange::new(PioAddress(base), size).map_err(err)?;
         self.bus.register_pio(range, device).map_err(err)?;
+        self.bus_names
+            .push((false, name.to_string(), u64::from(base), u64::from(size)));
         Ok(self)
     }
 
@@ -344,14 +471,12 @@ impl VmBuilder {
         range: GuestRange,
         device: Arc<dyn DeviceMmio + Send + Sync>,
     ) -> Result<&mut Self, VmmError> {
-        let err = |source| DeviceError::Bus {
-            name: name.to_string(),
-            base: range.start(),
-            size: range.len(),
-            source,
-        };
+        let names = &self.bus_names;
+        let err = |source| bus_error(names, true, name, range.start(), range.len(), source);
         let r = MmioRange::new(MmioAddress(range.start()), range.len()).map_err(err)?;
         self.bus.register_mmio(r, device).map_err(err)?;
+        self.bus_names
+            .push((true, name.to_string(), range.start(), range.len()));
         Ok(self)
     }
 
@@ -406,6 +531,7 @@ impl VmBuilder {
     fn add_legacy_devices(&mut self) -> Result<Arc<Mutex<SerialDevice>>, VmmError> {
         let (_, irq) = self.interrupt_line(Some(COM1_IRQ))?;
         let out = std::mem::replace(&mut self.io.serial_out, Box::new(io::sink()));
+        let out = self.buffered_output("serial output", out);
         let serial = Arc::new(Mutex::new(Serial::new(irq, out)));
         self.add_pio_device("COM1", COM1_PORT, COM1_PORT_SIZE, serial.clone())?;
         let i8042 = I8042::new(self.events.trigger(|| VmEvent::ResetRequested));
@@ -429,6 +555,7 @@ impl VmBuilder {
                 .debugcon_out
                 .take()
                 .unwrap_or_else(|| Box::new(io::sink()));
+            let out = self.buffered_output("debug console output", out);
             self.add_pio_device(
                 "debug console",
                 DEBUGCON_PORT,
@@ -474,6 +601,9 @@ impl VmBuilder {
             events: self.events,
             receiver: self.receiver,
             serial,
+            outputs: self.outputs,
+            held: self.held,
+            serial_pty: self.serial_pty,
         }))
     }
 
@@ -506,13 +636,20 @@ impl VmBuilder {
         if !self.seccomp.confines_threads() {
             return Ok(ThreadFilters::none());
         }
-        let extra = &self.extra_syscalls;
+        let (calls, ioctls) = (&self.extra_syscalls, &self.extra_ioctls);
         Ok(ThreadFilters::build(|kind| {
-            extra
-                .iter()
-                .filter(|(k, _)| *k == kind)
-                .map(|(_, s)| *s)
-                .collect()
+            (
+                calls
+                    .iter()
+                    .filter(|(k, _)| *k == kind)
+                    .map(|(_, s)| *s)
+                    .collect(),
+                ioctls
+                    .iter()
+                    .filter(|(k, _)| *k == kind)
+                    .map(|(_, r)| *r)
+                    .collect(),
+            )
         })?)
     }
 
@@ -527,18 +664,21 @@ impl VmBuilder {
         cmdline
     }
 
-    fn load_kernel(&self, cmdline: &str) -> Result<BootSetup, VmmError> {
-        let mut initrd = match &self.initrd {
-            Some(p) => Some(open_file("initrd", p)?),
-            None => None,
-        };
+    fn load_kernel(&mut self, cmdline: &str) -> Result<BootSetup, VmmError> {
+        if self.opened_kernel.is_none() && self.opened_initrd.is_none() {
+            self.open_boot_files()?;
+        }
+        let mut initrd = self.opened_initrd.take();
         let config = BootConfig {
             protocol: self.protocol,
             cmdline,
         };
         let setup = match &self.kernel {
             KernelSource::Path(p) => {
-                let mut file = open_file("kernel", p)?;
+                let mut file = match self.opened_kernel.take() {
+                    Some(f) => f,
+                    None => open_input("kernel", p, InputKind::RegularFile, false)?,
+                };
                 boot_guest(&self.memory, &self.map, &mut file, initrd.as_mut(), &config)?
             }
             KernelSource::Bytes(bytes) => boot_guest(
@@ -557,6 +697,38 @@ impl VmBuilder {
             setup.kernel_loaded.end()
         );
         Ok(setup)
+    }
+}
+
+/// A bus error naming the device placed and, for a clash, the device
+/// already there.
+fn bus_error(
+    names: &[(bool, String, u64, u64)],
+    mmio: bool,
+    name: &str,
+    base: u64,
+    size: u64,
+    source: vm_device::bus::Error,
+) -> DeviceError {
+    let end = base.saturating_add(size);
+    let other = names
+        .iter()
+        .find(|(m, _, b, s)| *m == mmio && *b < end && base < b.saturating_add(*s));
+    match other {
+        Some((_, other, other_base, other_size)) => DeviceError::Clash {
+            name: name.to_string(),
+            base,
+            size,
+            other: other.clone(),
+            other_base: *other_base,
+            other_size: *other_size,
+        },
+        None => DeviceError::Bus {
+            name: name.to_string(),
+            base,
+            size,
+            source,
+        },
     }
 }
 
@@ -670,12 +842,18 @@ mod tests {
         b.kernel(KernelSource::Path("/nonexistent/vmlinux".into()));
         assert!(matches!(
             b.load_kernel(""),
-            Err(VmmError::Open { what: "kernel", .. })
+            Err(VmmError::HostFile(HostFileError::Open {
+                what: "kernel",
+                ..
+            }))
         ));
         b.kernel(KernelSource::Path("/".into()));
         assert!(matches!(
             b.load_kernel(""),
-            Err(VmmError::NotAFile { what: "kernel", .. })
+            Err(VmmError::HostFile(HostFileError::WrongKind {
+                what: "kernel",
+                ..
+            }))
         ));
     }
 }

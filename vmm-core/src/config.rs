@@ -6,6 +6,7 @@ use std::io::{self, Read, Write};
 use std::path::PathBuf;
 
 use vmm_boot::ProtocolChoice;
+use vmm_devices::host_files::OutputMode;
 use vmm_devices::legacy::DEBUG_EXIT_PORT;
 use vmm_memory::RamBacking;
 
@@ -51,6 +52,8 @@ pub struct VmConfig {
     pub rng: bool,
     /// A virtio-console.
     pub console: Option<ConsoleConfig>,
+    /// Where COM1 goes.
+    pub serial: SerialConfig,
     /// Which threads get seccomp filters.
     pub seccomp: SeccompPolicy,
     /// Put a debug console (port 0xE9) on the bus, writing to
@@ -72,10 +75,31 @@ impl Default for VmConfig {
             disks: Vec::new(),
             rng: false,
             console: None,
+            serial: SerialConfig::Host,
             seccomp: SeccompPolicy::default(),
             debugcon: false,
         }
     }
+}
+
+/// Where COM1 goes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum SerialConfig {
+    /// The host I/O given to the builder ([`HostIo::serial_out`] and
+    /// [`HostIo::serial_in`]).
+    #[default]
+    Host,
+    /// Output to a file, no input.
+    File {
+        /// The file (created if missing; refused if it is one of the VM's
+        /// inputs).
+        path: PathBuf,
+        /// Emptied first, or appended to.
+        mode: OutputMode,
+    },
+    /// A new pseudo-terminal, in raw mode (its path:
+    /// [`Vmm::serial_pty`](crate::Vmm::serial_pty)).
+    Pty,
 }
 
 /// The host's side of a VM's consoles. The library never reaches for the

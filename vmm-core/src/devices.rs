@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use kvm_ioctls::IoEventAddress;
 use vm_device::bus::{MmioAddress, MmioRange};
 use vm_device::device_manager::{IoManager, MmioManager};
+use vmm_devices::host_files::{HostFileError, OutputMode};
 use vmm_devices::virtio::block::BlockError;
 use vmm_devices::virtio::mmio::{
     MmioEventHandler, MmioTransport, TransportError, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET,
@@ -31,6 +32,21 @@ pub struct DiskConfig {
     pub read_only: bool,
     /// The id the guest reads with GET_ID (at most 20 bytes).
     pub serial: Option<String>,
+    /// Take an OFD lock on the image (shared when read-only, exclusive
+    /// otherwise), so that no other VMM writes it meanwhile.
+    pub lock: bool,
+}
+
+impl DiskConfig {
+    /// A locked, writable disk on `path` with no id.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            read_only: false,
+            serial: None,
+            lock: true,
+        }
+    }
 }
 
 /// Where a virtio console goes.
@@ -40,8 +56,14 @@ pub enum ConsoleConfig {
     /// ([`HostIo::console_out`](crate::HostIo::console_out) and
     /// [`HostIo::console_in`](crate::HostIo::console_in)).
     Host,
-    /// Output to a file (created or truncated), no input.
-    File(PathBuf),
+    /// Output to a file, no input.
+    File {
+        /// The file (created if missing; refused if it is one of the VM's
+        /// inputs).
+        path: PathBuf,
+        /// Emptied first, or appended to.
+        mode: OutputMode,
+    },
 }
 
 /// Why a device could not be set up.
@@ -56,15 +78,9 @@ pub enum DeviceError {
         #[source]
         source: BlockError,
     },
-    /// The console output could not be opened.
-    #[error("cannot open console output {path}")]
-    ConsoleFile {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
+    /// A host file cannot be used.
+    #[error(transparent)]
+    Host(#[from] HostFileError),
     /// The console input could not be set up.
     #[error("cannot set up the console input")]
     ConsoleInput(#[source] io::Error),
@@ -92,6 +108,26 @@ pub enum DeviceError {
         /// The bus's reason.
         #[source]
         source: vm_device::bus::Error,
+    },
+    /// A device's range overlaps another device's.
+    #[error(
+        "{name} at {base:#x}-{:#x} clashes with {other} at {other_base:#x}-{:#x}",
+        base + size - 1,
+        other_base + other_size - 1
+    )]
+    Clash {
+        /// The device being placed.
+        name: String,
+        /// Its first address.
+        base: u64,
+        /// Its size.
+        size: u64,
+        /// The device already there.
+        other: String,
+        /// Its first address.
+        other_base: u64,
+        /// Its size.
+        other_size: u64,
     },
     /// A device lock was poisoned by a panic on another thread.
     #[error("the lock of {0} is poisoned")]

@@ -17,6 +17,9 @@ use crate::seccomp::{spawn_confined, SpawnError};
 /// How long the loop keeps polling after an event before it sleeps.
 pub const POLL_WINDOW: Duration = Duration::from_micros(50);
 
+/// Rounds of pending events a stopping loop still handles.
+const DRAIN_ROUNDS: usize = 64;
+
 /// A subscriber the loop can own.
 pub type Subscriber = Box<dyn MutEventSubscriber + Send>;
 
@@ -143,8 +146,17 @@ impl EventLoop {
                     Ok(_) => last_event = Instant::now(),
                     Err(e) => {
                         log::error!("event loop: {e:?}");
-                        break;
+                        return;
                     }
+                }
+            }
+            // Stopping: the vCPUs are out of the guest by now, so no new
+            // work comes; finish what was notified before the stop (a disk
+            // request the guest is waiting for), within a bound.
+            for _ in 0..DRAIN_ROUNDS {
+                match em.run_with_timeout(0) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
                 }
             }
         })?;

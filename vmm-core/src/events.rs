@@ -60,19 +60,56 @@ pub enum VmExit {
     Crash,
     /// The VMM was told to stop ([`VmHandle::stop`](crate::VmHandle::stop)
     /// or a signal).
-    Interrupted,
+    Stopped(StopCause),
+}
+
+/// Process exit statuses of a VMM, chosen so that the guest's and the
+/// VMM's own never overlap: a status the guest wrote is reported even
+/// (`2 × N`), the VMM's own outcomes odd.
+pub mod exit_status {
+    /// The guest ended without a status (reset, power-off, halt).
+    pub const GUEST_ENDED: u8 = 0;
+    /// The VMM could not build or run the VM.
+    pub const VMM_ERROR: u8 = 1;
+    /// The command line was wrong.
+    pub const USAGE: u8 = 3;
+    /// The guest crashed (triple fault, or a crash it reported).
+    pub const GUEST_CRASHED: u8 = 5;
+    /// The VM was stopped on request (an API call, the console's escape
+    /// key).
+    pub const STOPPED: u8 = 7;
+    /// A VMM thread made a system call its seccomp filter forbids.
+    pub const SECCOMP: u8 = 159;
+    /// Highest guest status reported as `2 × N`; a larger one is reported
+    /// as [`GUEST_STATUS_CLAMPED`].
+    pub const MAX_GUEST_STATUS: u8 = 127;
+    /// What a guest status above [`MAX_GUEST_STATUS`] is reported as.
+    pub const GUEST_STATUS_CLAMPED: u8 = 254;
+
+    /// The process status for guest status `n`.
+    pub fn guest(n: u8) -> u8 {
+        if n > MAX_GUEST_STATUS {
+            GUEST_STATUS_CLAMPED
+        } else {
+            n * 2
+        }
+    }
 }
 
 impl VmExit {
-    /// The process exit code a VMM should end with: the guest's status when
-    /// it gave one, 0 for a reset, triple fault, power-off or halt, 1 for a
-    /// crash and 130 for an interruption (as a shell reports Ctrl-C).
+    /// The process exit status a VMM should end with (see [`exit_status`]):
+    /// `2 × N` for guest status N (at most 127), 0 when the guest reset,
+    /// powered off or halted, 5 when it crashed (a triple fault is not
+    /// success), 7 when stopped on request, and `128 + signal` when stopped
+    /// by a signal (a VMM should rather end by re-raising it, as the
+    /// reference VMM does, so that its parent sees the signal).
     pub fn exit_code(&self) -> u8 {
         match self {
-            VmExit::GuestStatus(s) => *s,
-            VmExit::Reset | VmExit::TripleFault | VmExit::PowerOff | VmExit::Halted => 0,
-            VmExit::Crash => 1,
-            VmExit::Interrupted => 130,
+            VmExit::GuestStatus(s) => exit_status::guest(*s),
+            VmExit::Reset | VmExit::PowerOff | VmExit::Halted => exit_status::GUEST_ENDED,
+            VmExit::TripleFault | VmExit::Crash => exit_status::GUEST_CRASHED,
+            VmExit::Stopped(StopCause::Requested) => exit_status::STOPPED,
+            VmExit::Stopped(StopCause::Signal(n)) => 128u8.saturating_add(*n as u8),
         }
     }
 }
@@ -86,7 +123,7 @@ impl VmEvent {
         let exit = match self {
             VmEvent::GuestStatus(s) => VmExit::GuestStatus(s),
             VmEvent::ResetRequested => VmExit::Reset,
-            VmEvent::StopRequested(_) => VmExit::Interrupted,
+            VmEvent::StopRequested(cause) => VmExit::Stopped(cause),
             VmEvent::VcpuStopped { result: Err(e), .. } => return Some(Err(e)),
             VmEvent::VcpuStopped { result: Ok(r), .. } => match r {
                 StopReason::TripleFault => VmExit::TripleFault,
@@ -162,11 +199,32 @@ mod tests {
 
     #[test]
     fn exit_codes_follow_the_documented_table() {
-        assert_eq!(VmExit::GuestStatus(42).exit_code(), 42);
+        assert_eq!(VmExit::GuestStatus(42).exit_code(), 84);
+        assert_eq!(VmExit::GuestStatus(0).exit_code(), 0);
+        assert_eq!(VmExit::GuestStatus(127).exit_code(), 254);
+        assert_eq!(VmExit::GuestStatus(200).exit_code(), 254);
         assert_eq!(VmExit::Reset.exit_code(), 0);
-        assert_eq!(VmExit::TripleFault.exit_code(), 0);
-        assert_eq!(VmExit::Crash.exit_code(), 1);
-        assert_eq!(VmExit::Interrupted.exit_code(), 130);
+        assert_eq!(VmExit::TripleFault.exit_code(), 5);
+        assert_eq!(VmExit::Crash.exit_code(), 5);
+        assert_eq!(
+            VmExit::Stopped(StopCause::Requested).exit_code(),
+            exit_status::STOPPED
+        );
+        assert_eq!(VmExit::Stopped(StopCause::Signal(15)).exit_code(), 143);
+    }
+
+    #[test]
+    fn guest_statuses_never_collide_with_the_vmms_own() {
+        let own = [
+            exit_status::VMM_ERROR,
+            exit_status::USAGE,
+            exit_status::GUEST_CRASHED,
+            exit_status::STOPPED,
+            exit_status::SECCOMP,
+        ];
+        for n in 0..=255u8 {
+            assert!(!own.contains(&exit_status::guest(n)), "guest {n}");
+        }
     }
 
     #[test]
@@ -179,7 +237,7 @@ mod tests {
         assert_eq!(ends(VmEvent::ResetRequested), Some(Some(VmExit::Reset)));
         assert_eq!(
             ends(VmEvent::StopRequested(StopCause::Signal(2))),
-            Some(Some(VmExit::Interrupted))
+            Some(Some(VmExit::Stopped(StopCause::Signal(2))))
         );
         let stopped = |r| VmEvent::VcpuStopped {
             id: 0,

@@ -9,8 +9,14 @@
 //! |---|---|
 //! | vCPU | `ioctl` with `KVM_RUN`, `KVM_GET_REGS`, `KVM_GET_SREGS`, `KVM_TRANSLATE` only |
 //! | event loop | `epoll_wait`/`epoll_pwait`/`epoll_ctl`, `pread64`/`pwrite64`, `lseek`, `fdatasync`/`fsync`, `fallocate`, `getrandom` |
-//! | input (host stdin pumps) | nothing |
-//! | main (after the VM is built) | `tgkill` (to kick vCPUs), `ioctl` none |
+//! | input (host stdin pumps, output pumps) | nothing |
+//! | main (after the VM is built) | `tgkill` (to kick vCPUs), `fdatasync`/`fsync` (to flush disks when the VM stops) |
+//!
+//! Every thread may also `ioctl(TCSETS)`, so that whichever thread ends the
+//! process can put back the terminal it found; any other `ioctl` is checked
+//! by request. A VM's devices may ask for more
+//! ([`VmBuilder::allow_syscalls`](crate::VmBuilder::allow_syscalls),
+//! [`VmBuilder::allow_ioctls`](crate::VmBuilder::allow_ioctls)).
 //!
 //! The common set is what any Rust thread needs to run and end: `read`,
 //! `write`, `close`, `futex`, memory management (`mmap`, `munmap`,
@@ -119,9 +125,15 @@ const COMMON: &[i64] = &[
     libc::SYS_exit_group,
 ];
 
+/// `TCSETS`: setting a terminal's attributes, allowed on every thread so
+/// that whichever thread ends the process can restore the terminal it
+/// found.
+const TCSETS: u64 = libc::TCSETS;
+
 fn rules(
     kind: ThreadKind,
     extra_calls: &[i64],
+    extra_ioctls: &[u64],
 ) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
     let mut map: BTreeMap<i64, Vec<SeccompRule>> =
         COMMON.iter().map(|&s| (s, Vec::new())).collect();
@@ -142,41 +154,50 @@ fn rules(
             libc::SYS_getrandom,
         ],
         ThreadKind::Input => &[],
-        ThreadKind::Main => &[libc::SYS_tgkill],
+        // Kicks vCPUs out of the guest; flushes disks at the orderly stop.
+        ThreadKind::Main => &[libc::SYS_tgkill, libc::SYS_fdatasync, libc::SYS_fsync],
     };
     for &s in extra.iter().chain(extra_calls) {
         map.insert(s, Vec::new());
     }
-    if kind == ThreadKind::Vcpu {
-        let ioctl = |req: u64| -> Result<SeccompRule, SeccompError> {
-            let cond = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, req)
-                .map_err(SeccompError::Build)?;
-            SeccompRule::new(vec![cond]).map_err(SeccompError::Build)
-        };
-        let allowed = [KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, KVM_TRANSLATE];
-        map.insert(
-            libc::SYS_ioctl,
-            allowed
-                .iter()
-                .map(|&r| ioctl(r))
-                .collect::<Result<_, _>>()?,
-        );
-    }
+    let ioctl = |req: u64| -> Result<SeccompRule, SeccompError> {
+        let cond = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, req)
+            .map_err(SeccompError::Build)?;
+        SeccompRule::new(vec![cond]).map_err(SeccompError::Build)
+    };
+    let kvm: &[u64] = if kind == ThreadKind::Vcpu {
+        &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, KVM_TRANSLATE]
+    } else {
+        &[]
+    };
+    // ioctl is allowed by request only, whatever `extra_calls` said.
+    map.insert(
+        libc::SYS_ioctl,
+        kvm.iter()
+            .chain(&[TCSETS])
+            .chain(extra_ioctls)
+            .map(|&r| ioctl(r))
+            .collect::<Result<_, _>>()?,
+    );
     Ok(map)
 }
 
 /// The BPF program of `kind`'s filter.
 pub fn program(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
-    program_with(kind, &[])
+    program_with(kind, &[], &[])
 }
 
 /// The BPF program of `kind`'s filter, also allowing `extra_calls` (system
-/// call numbers, `libc::SYS_*`) with any arguments: what a device's own
-/// code on that thread needs. A call the base filter restricts by argument
-/// (`ioctl` on vCPU threads) keeps its restriction.
-pub fn program_with(kind: ThreadKind, extra_calls: &[i64]) -> Result<BpfProgram, SeccompError> {
+/// call numbers, `libc::SYS_*`) with any arguments and `ioctl` with the
+/// requests in `extra_ioctls`: what a device's own code on that thread
+/// needs. `ioctl` itself is always checked by request.
+pub fn program_with(
+    kind: ThreadKind,
+    extra_calls: &[i64],
+    extra_ioctls: &[u64],
+) -> Result<BpfProgram, SeccompError> {
     let filter = SeccompFilter::new(
-        rules(kind, extra_calls)?,
+        rules(kind, extra_calls, extra_ioctls)?,
         SeccompAction::Trap,
         SeccompAction::Allow,
         TargetArch::x86_64,
@@ -185,7 +206,23 @@ pub fn program_with(kind: ThreadKind, extra_calls: &[i64]) -> Result<BpfProgram,
     filter.try_into().map_err(SeccompError::Compile)
 }
 
+/// The terminal to put back as it was if a blocked system call ends the
+/// process (set by [`restore_terminal_on_sigsys`]).
+static TERMINAL: std::sync::OnceLock<(c_int, libc::termios)> = std::sync::OnceLock::new();
+
+/// Asks the SIGSYS handler to restore `fd`'s terminal settings to `saved`
+/// before it ends the process (a VMM that put the terminal in raw mode
+/// would otherwise leave it so). Only the first call counts.
+pub fn restore_terminal_on_sigsys(fd: c_int, saved: libc::termios) {
+    let _ = TERMINAL.set((fd, saved));
+}
+
 extern "C" fn sigsys_handler(_: c_int, info: *mut siginfo_t, _: *mut c_void) {
+    if let Some((fd, t)) = TERMINAL.get() {
+        // SAFETY: tcsetattr (an ioctl every filter allows) is
+        // async-signal-safe; `t` is a valid termios.
+        unsafe { libc::tcsetattr(*fd, libc::TCSANOW, t) };
+    }
     // SAFETY: for SIGSYS raised by seccomp the kernel fills the `_sigsys`
     // member of siginfo: on x86_64 the system call number is the int at byte
     // offset 24 (after si_signo, si_errno, si_code, padding, _call_addr).
@@ -245,11 +282,13 @@ impl ThreadFilters {
         Self::default()
     }
 
-    /// Every kind's filter, each with `extra(kind)` allowed as well.
-    pub fn build(extra: impl Fn(ThreadKind) -> Vec<i64>) -> Result<Self, SeccompError> {
+    /// Every kind's filter, each also allowing the system calls and ioctl
+    /// requests `extra(kind)` gives.
+    pub fn build(extra: impl Fn(ThreadKind) -> (Vec<i64>, Vec<u64>)) -> Result<Self, SeccompError> {
         let mut programs = BTreeMap::new();
         for kind in ThreadKind::ALL {
-            programs.insert(kind as u8, program_with(kind, &extra(kind))?);
+            let (calls, ioctls) = extra(kind);
+            programs.insert(kind as u8, program_with(kind, &calls, &ioctls)?);
         }
         Ok(Self { programs })
     }
@@ -275,19 +314,21 @@ mod tests {
 
     #[test]
     fn extra_calls_are_added_but_do_not_lift_argument_checks() {
-        let r = rules(ThreadKind::EventLoop, &[libc::SYS_sendmsg]).unwrap();
+        let r = rules(ThreadKind::EventLoop, &[libc::SYS_sendmsg], &[]).unwrap();
         assert!(r.contains_key(&libc::SYS_sendmsg));
-        let r = rules(ThreadKind::Vcpu, &[libc::SYS_ioctl]).unwrap();
+        let r = rules(ThreadKind::Vcpu, &[libc::SYS_ioctl], &[]).unwrap();
         assert_eq!(
             r[&libc::SYS_ioctl].len(),
-            4,
-            "still only the four KVM ioctls"
+            5,
+            "still only the four KVM ioctls and TCSETS"
         );
+        let r = rules(ThreadKind::Main, &[], &[libc::TIOCGWINSZ]).unwrap();
+        assert_eq!(r[&libc::SYS_ioctl].len(), 2, "TCSETS and the one asked for");
         let filters = ThreadFilters::build(|k| {
             if k == ThreadKind::Input {
-                vec![libc::SYS_sendmsg]
+                (vec![libc::SYS_sendmsg], Vec::new())
             } else {
-                Vec::new()
+                (Vec::new(), Vec::new())
             }
         })
         .unwrap();
@@ -310,11 +351,12 @@ mod tests {
     }
 
     #[test]
-    fn only_vcpus_may_ioctl_and_no_thread_may_open_or_exec() {
+    fn only_vcpus_may_issue_kvm_ioctls_and_no_thread_may_open_or_exec() {
         for kind in [ThreadKind::EventLoop, ThreadKind::Input, ThreadKind::Main] {
-            assert!(
-                !rules(kind, &[]).unwrap().contains_key(&libc::SYS_ioctl),
-                "{kind:?}"
+            assert_eq!(
+                rules(kind, &[], &[]).unwrap()[&libc::SYS_ioctl].len(),
+                1,
+                "{kind:?}: TCSETS only"
             );
         }
         for kind in [
@@ -323,7 +365,7 @@ mod tests {
             ThreadKind::Input,
             ThreadKind::Main,
         ] {
-            let r = rules(kind, &[]).unwrap();
+            let r = rules(kind, &[], &[]).unwrap();
             for forbidden in [
                 libc::SYS_open,
                 libc::SYS_openat,

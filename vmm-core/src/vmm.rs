@@ -20,6 +20,7 @@ use vmm_sys_util::signal::register_signal_handler;
 use crate::devices::{DeviceError, VirtioSlot};
 use crate::event_loop::{EventLoop, EventLoopError, Subscriber};
 use crate::events::{StopCause, VmEvent, VmEventSender, VmExit};
+use crate::host_io::OutputStatus;
 use crate::seccomp::{self, spawn_confined, SeccompError, SeccompPolicy, SpawnError};
 use crate::seccomp::{ThreadFilters, ThreadKind};
 use crate::vcpu::{StopReason, Vcpu, VcpuCommand, VcpuError, VcpuHandle, VcpuRunState};
@@ -27,6 +28,9 @@ use crate::vm::{Vm, VmError};
 
 /// How long stopping, pausing or resuming waits for each vCPU thread.
 const VCPU_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the end of a run waits for buffered guest output to reach a
+/// slow host (all outputs together).
+pub const OUTPUT_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub(crate) type SerialDevice = Serial<EventFdTrigger, Box<dyn Write + Send>>;
 
@@ -45,25 +49,9 @@ pub enum VmmError {
     /// Guest RAM size in MiB overflows.
     #[error("guest RAM of {0} MiB is too large")]
     MemoryTooLarge(u64),
-    /// A file could not be opened.
-    #[error("cannot open {what} {path}")]
-    Open {
-        /// "kernel" or "initrd".
-        what: &'static str,
-        /// The path.
-        path: PathBuf,
-        /// The error.
-        #[source]
-        source: io::Error,
-    },
-    /// A path that must be a regular file is not.
-    #[error("{what} {path} is not a regular file")]
-    NotAFile {
-        /// "kernel" or "initrd".
-        what: &'static str,
-        /// The path.
-        path: PathBuf,
-    },
+    /// A kernel or initrd file cannot be used.
+    #[error(transparent)]
+    HostFile(#[from] vmm_devices::host_files::HostFileError),
     /// The address map could not be built.
     #[error("bad guest memory size")]
     Layout(#[from] vmm_memory::LayoutError),
@@ -83,7 +71,7 @@ pub enum VmmError {
     #[error("cannot create an eventfd")]
     EventFd(#[source] io::Error),
     /// A device could not be set up.
-    #[error("cannot set up a device")]
+    #[error(transparent)]
     Device(#[from] DeviceError),
     /// The device event loop could not start.
     #[error("cannot start the device event loop")]
@@ -94,6 +82,9 @@ pub enum VmmError {
     /// A seccomp filter could not be built or installed.
     #[error("cannot confine the VMM")]
     Seccomp(#[from] SeccompError),
+    /// A pseudo-terminal could not be opened.
+    #[error("cannot open a pseudo-terminal for the serial console")]
+    Pty(#[source] io::Error),
     /// A signal handler could not be installed.
     #[error("cannot install the handler of signal {0}")]
     Signal(c_int, #[source] io::Error),
@@ -136,6 +127,9 @@ pub(crate) struct Parts {
     pub events: VmEventSender,
     pub receiver: Receiver<VmEvent>,
     pub serial: Arc<Mutex<SerialDevice>>,
+    pub outputs: Vec<(&'static str, OutputStatus)>,
+    pub held: Vec<std::fs::File>,
+    pub serial_pty: Option<PathBuf>,
 }
 
 /// The threads of a started VM.
@@ -222,7 +216,7 @@ impl Control {
 /// handle.pause()?;   // every vCPU out of the guest, no device work
 /// handle.resume()?;
 /// handle.stop();
-/// assert_eq!(running.wait()?, vmm_core::VmExit::Interrupted);
+/// assert_eq!(running.wait()?, vmm_core::VmExit::Stopped(vmm_core::StopCause::Requested));
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Clone)]
@@ -233,7 +227,7 @@ pub struct VmHandle {
 
 impl VmHandle {
     /// Asks the VM to stop; [`RunningVm::wait`] then returns
-    /// [`VmExit::Interrupted`]. Works before the VM starts too (it then
+    /// [`VmExit::Stopped`]. Works before the VM starts too (it then
     /// stops as soon as it starts).
     pub fn stop(&self) {
         self.events
@@ -310,6 +304,11 @@ impl Vmm {
         &self.parts.vm
     }
 
+    /// The path of the pseudo-terminal COM1 is on, if it is on one.
+    pub fn serial_pty(&self) -> Option<&std::path::Path> {
+        self.parts.serial_pty.as_deref()
+    }
+
     /// A handle that stops, pauses and resumes this VM from any thread.
     pub fn handle(&self) -> VmHandle {
         VmHandle {
@@ -375,11 +374,17 @@ impl Vmm {
             receiver: parts.receiver,
             control,
             serial: parts.serial,
+            outputs: parts.outputs,
+            _held: parts.held,
             signals,
             vcpus: Vec::new(),
         };
         if parts.seccomp == SeccompPolicy::VmmThreadsAndCaller {
-            if let Err(e) = seccomp::install(ThreadKind::Main) {
+            let installed = match filters.get(ThreadKind::Main) {
+                Some(p) => seccomp::install_program(p),
+                None => seccomp::install(ThreadKind::Main),
+            };
+            if let Err(e) = installed {
                 running.control.shutdown();
                 return Err(e.into());
             }
@@ -401,6 +406,8 @@ pub struct RunningVm {
     receiver: Receiver<VmEvent>,
     control: Arc<Control>,
     serial: Arc<Mutex<SerialDevice>>,
+    outputs: Vec<(&'static str, OutputStatus)>,
+    _held: Vec<std::fs::File>,
     signals: Option<SignalRelay>,
     vcpus: Vec<Vcpu>,
 }
@@ -435,7 +442,7 @@ impl RunningVm {
     pub fn wait_and_keep(mut self) -> Result<(VmExit, StoppedVm), VmmError> {
         let outcome = loop {
             let Ok(event) = self.receiver.recv() else {
-                break Ok(VmExit::Interrupted);
+                break Ok(VmExit::Stopped(StopCause::Requested));
             };
             log_event(&event);
             if let Some(outcome) = event.outcome() {
@@ -443,15 +450,9 @@ impl RunningVm {
             }
         };
         self.vcpus = self.control.shutdown();
+        self.flush_devices();
         self.stop_signals();
-        if let Ok(s) = self.serial.lock() {
-            if s.lost_output() > 0 {
-                log::warn!(
-                    "{} bytes of guest serial output could not be written",
-                    s.lost_output()
-                );
-            }
-        }
+        self.drain_outputs();
         let exit = outcome?;
         let vm = self.vm.take().ok_or(VmmError::NoVcpus)?;
         Ok((
@@ -462,6 +463,49 @@ impl RunningVm {
                 virtio: std::mem::take(&mut self.virtio),
             },
         ))
+    }
+
+    /// Makes what the devices wrote durable (disks synced), now that no vCPU
+    /// runs and the event loop has finished its work.
+    fn flush_devices(&self) {
+        for slot in &self.virtio {
+            let Ok(mut t) = slot.transport().lock() else {
+                continue;
+            };
+            if let Err(e) = t.device_mut().flush() {
+                log::warn!(
+                    "virtio device type {} at {:#x}: cannot flush: {e}",
+                    t.device().device_type(),
+                    slot.window().start()
+                );
+            }
+        }
+    }
+
+    /// Lets buffered guest output reach the host, for at most
+    /// [`OUTPUT_DRAIN_TIMEOUT`] in all, and reports what was lost.
+    fn drain_outputs(&self) {
+        let deadline = std::time::Instant::now() + OUTPUT_DRAIN_TIMEOUT;
+        for (name, status) in &self.outputs {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if !status.wait_written(left) {
+                log::warn!("{name}: the host did not take the guest's last output in time");
+            }
+            if status.lost_bytes() > 0 {
+                log::warn!(
+                    "{name}: {} bytes of guest output were lost",
+                    status.lost_bytes()
+                );
+            }
+        }
+        if let Ok(s) = self.serial.try_lock() {
+            if s.lost_output() > 0 {
+                log::warn!(
+                    "{} bytes of guest serial output could not be written",
+                    s.lost_output()
+                );
+            }
+        }
     }
 
     fn stop_signals(&mut self) {
@@ -476,6 +520,7 @@ impl Drop for RunningVm {
     /// all the same.
     fn drop(&mut self) {
         self.control.shutdown();
+        self.flush_devices();
         self.stop_signals();
     }
 }

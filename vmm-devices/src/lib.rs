@@ -27,6 +27,7 @@
 
 #![deny(missing_docs)]
 
+pub mod host_files;
 mod interrupt;
 pub mod legacy;
 pub mod persist;

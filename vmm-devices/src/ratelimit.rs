@@ -85,6 +85,17 @@ macro_rules! guest_warn {
     }};
 }
 
+/// `log::warn!` for a host-side failure (a disk write refused, console
+/// output lost), at most [`BURST`] times every [`WINDOW_SECS`] seconds per
+/// call site (the rest go to `debug`): a failing disk must not flood the
+/// logs either.
+#[macro_export]
+macro_rules! host_warn {
+    ($($arg:tt)*) => {
+        $crate::guest_warn!($($arg)*)
+    };
+}
+
 /// The `log` crate, for [`guest_warn!`] in crates that do not name it.
 #[doc(hidden)]
 pub use log as __log;

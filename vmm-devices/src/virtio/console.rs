@@ -214,7 +214,7 @@ fn transmit<M: GuestMemoryBackend>(
             break;
         }
         if let Err(e) = out.write_all(&buf[..n]) {
-            log::debug!("virtio-console: output lost: {e}");
+            crate::host_warn!("virtio-console: {left} bytes of guest output lost: {e}");
             break;
         }
         left -= n;
@@ -364,8 +364,13 @@ impl<M: GuestMemoryBackend + Send + 'static> VirtioDevice<M> for Console<M> {
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // emerg_wr: one byte of output, whatever the access width.
         if offset == EMERG_WR_OFFSET && !data.is_empty() {
-            let _ = self.out.write_all(&data[..1]);
-            let _ = self.out.flush();
+            if let Err(e) = self
+                .out
+                .write_all(&data[..1])
+                .and_then(|()| self.out.flush())
+            {
+                crate::host_warn!("virtio-console: emergency output lost: {e}");
+            }
         }
     }
 

@@ -313,6 +313,11 @@ pub trait VirtioDevice<M: 'static>: Any + Send {
     /// Queue `index` was notified. Returns true when the device stopped at
     /// its work budget with buffers left, to be called again.
     fn process_queue(&mut self, index: usize) -> bool;
+    /// Makes what the device wrote durable (a disk's data on its medium),
+    /// when the VM stops. Nothing to do by default.
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
     /// File descriptors, besides the queue notifiers, that the event loop
     /// should watch for this device (host input, say).
     fn event_fds(&self) -> Vec<RawFd> {

@@ -1,10 +1,10 @@
 //! The virtio-blk device.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
@@ -20,6 +20,7 @@ use super::request::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::host_files::{lock_image, open_input, HostFileError, InputKind};
 use crate::persist::{Persist, RestoreError};
 use crate::virtio::{
     read_config_bytes, VirtioCommon, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
@@ -85,21 +86,10 @@ const _: () = assert!(std::mem::size_of::<BlockConfigSpace>() == 60);
 /// Why a disk could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
-    /// The image could not be opened.
-    #[error("cannot open disk image {path}")]
-    Open {
-        /// The path.
-        path: PathBuf,
-        /// The error.
-        #[source]
-        source: io::Error,
-    },
-    /// The image is a directory or another non-file.
-    #[error("disk image {path} is not a regular file or block device")]
-    NotAFile {
-        /// The path.
-        path: PathBuf,
-    },
+    /// The image could not be opened, is not a file or block device, or is
+    /// locked by another user.
+    #[error(transparent)]
+    Host(#[from] HostFileError),
     /// The image's size could not be read.
     #[error("cannot read the size of the disk image")]
     Size(#[source] io::Error),
@@ -118,6 +108,18 @@ struct Backend {
     id: [u8; ID_BYTES],
     buf: Vec<u8>,
     broken_chains: u64,
+}
+
+/// Why a request's I/O failed: the host (logged), or the guest's buffers.
+enum HostIoError {
+    Host(io::Error),
+    Guest,
+}
+
+impl From<io::Error> for HostIoError {
+    fn from(e: io::Error) -> Self {
+        HostIoError::Host(e)
+    }
 }
 
 /// How a request ended, for its status byte.
@@ -178,11 +180,18 @@ impl Backend {
     ) -> (Status, u32) {
         match request {
             Request::In { offset, len } => {
-                let ok = self.read_direct(mem, chain, offset, len);
+                let result = self.read_direct(mem, chain, offset, len);
+                let ok = self.host(result, "read", offset, len);
                 (status(ok), if ok { len as u32 } else { 0 })
             }
-            Request::Out { offset, len } => (status(self.write_from(reader, offset, len)), 0),
-            Request::Flush => (status(self.file.sync_data().is_ok()), 0),
+            Request::Out { offset, len } => {
+                let result = self.write_from(reader, offset, len);
+                (status(self.host(result, "write", offset, len)), 0)
+            }
+            Request::Flush => {
+                let result = self.file.sync_data().map_err(HostIoError::Host);
+                (status(self.host(result, "flush", 0, 0)), 0)
+            }
             Request::GetId => {
                 let n = writer.available_bytes().min(ID_BYTES);
                 let ok = writer.write_all(&self.id[..n]).is_ok();
@@ -192,7 +201,25 @@ impl Backend {
                 offset,
                 len,
                 zeroes,
-            } => (status(self.punch(offset, len, zeroes)), 0),
+            } => {
+                let result = self.punch(offset, len, zeroes).map_err(HostIoError::Host);
+                (status(self.host(result, "discard", offset, len)), 0)
+            }
+        }
+    }
+
+    /// Whether `result` went through; a host failure (ENOSPC, EIO, ...) is
+    /// logged, rate limited: the guest gets IOERR, the operator a reason.
+    fn host(&self, result: Result<(), HostIoError>, op: &str, offset: u64, len: u64) -> bool {
+        match result {
+            Ok(()) => true,
+            Err(HostIoError::Host(e)) => {
+                crate::host_warn!(
+                    "virtio-blk: {op} of {len} bytes at byte {offset} of the image failed: {e}"
+                );
+                false
+            }
+            Err(HostIoError::Guest) => false,
         }
     }
 
@@ -206,59 +233,66 @@ impl Backend {
         chain: DescriptorChain<&M>,
         mut offset: u64,
         len: u64,
-    ) -> bool {
+    ) -> Result<(), HostIoError> {
         let mut left = len;
         for desc in chain.writable() {
             if left == 0 {
                 break;
             }
             let n = u64::from(desc.len()).min(left);
-            if self.file.seek(SeekFrom::Start(offset)).is_err()
-                || mem
-                    .read_exact_volatile_from(desc.addr(), &mut self.file, n as usize)
-                    .is_err()
-            {
-                return false;
-            }
+            self.file.seek(SeekFrom::Start(offset))?;
+            mem.read_exact_volatile_from(desc.addr(), &mut self.file, n as usize)
+                .map_err(|e| match e {
+                    vm_memory::GuestMemoryError::IOError(io) => HostIoError::Host(io),
+                    _ => HostIoError::Guest,
+                })?;
             offset += n;
             left -= n;
         }
-        left == 0
+        if left == 0 {
+            Ok(())
+        } else {
+            Err(HostIoError::Guest)
+        }
     }
 
-    fn write_from<B: BitmapSlice>(&mut self, r: &mut Reader<'_, B>, offset: u64, len: u64) -> bool {
+    fn write_from<B: BitmapSlice>(
+        &mut self,
+        r: &mut Reader<'_, B>,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), HostIoError> {
         let mut at = offset;
         let end = offset + len;
         while at < end {
             let n = (end - at).min(CHUNK as u64) as usize;
             let buf = &mut self.buf[..n];
-            if r.read_exact(buf).is_err() || self.file.write_all_at(buf, at).is_err() {
-                return false;
-            }
+            r.read_exact(buf).map_err(|_| HostIoError::Guest)?;
+            self.file.write_all_at(buf, at)?;
             at += n as u64;
         }
-        true
+        Ok(())
     }
 
     /// Deallocates (discard) or zeroes (write zeroes) a byte range, keeping
     /// the file size.
-    fn punch(&mut self, offset: u64, len: u64, zeroes: bool) -> bool {
+    fn punch(&mut self, offset: u64, len: u64, zeroes: bool) -> io::Result<()> {
         if len == 0 {
-            return true;
+            return Ok(());
         }
         let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
-            return false;
+            return Err(io::Error::from_raw_os_error(libc::EOVERFLOW));
         };
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         // SAFETY: fallocate on a file descriptor this struct owns; no memory
         // is passed.
         if unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, l) } == 0 {
-            return true;
+            return Ok(());
         }
         if !zeroes {
             // Discard is a hint: a file system without hole punching may
             // ignore it.
-            return true;
+            return Ok(());
         }
         // No hole punching here: write the zeroes.
         self.buf[..CHUNK].fill(0);
@@ -266,12 +300,10 @@ impl Backend {
         let end = offset + len;
         while at < end {
             let n = (end - at).min(CHUNK as u64) as usize;
-            if self.file.write_all_at(&self.buf[..n], at).is_err() {
-                return false;
-            }
+            self.file.write_all_at(&self.buf[..n], at)?;
             at += n as u64;
         }
-        true
+        Ok(())
     }
 }
 
@@ -304,26 +336,19 @@ pub struct Block<M> {
 }
 
 impl<M> Block<M> {
-    /// Opens `path` (read-only when `read_only`) as a disk with id `serial`.
-    pub fn open(path: &Path, read_only: bool, serial: Option<&str>) -> Result<Self, BlockError> {
-        if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
-            return Err(BlockError::NotAFile {
-                path: path.to_path_buf(),
-            });
-        }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|source| BlockError::Open {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        let ft = file.metadata().map_err(BlockError::Size)?.file_type();
-        if !(ft.is_file() || std::os::unix::fs::FileTypeExt::is_block_device(&ft)) {
-            return Err(BlockError::NotAFile {
-                path: path.to_path_buf(),
-            });
+    /// Opens `path` (read-only when `read_only`) as a disk with id `serial`,
+    /// without blocking on a FIFO or device node, and, when `lock`, takes an
+    /// OFD lock on the image (shared when read-only, exclusive otherwise) so
+    /// that no other VMM writes it meanwhile.
+    pub fn open(
+        path: &Path,
+        read_only: bool,
+        serial: Option<&str>,
+        lock: bool,
+    ) -> Result<Self, BlockError> {
+        let file = open_input("disk image", path, InputKind::FileOrBlockDevice, !read_only)?;
+        if lock {
+            lock_image(&file, path, read_only)?;
         }
         Self::from_file(file, read_only, serial)
     }
@@ -473,6 +498,13 @@ impl<M: GuestMemoryBackend + Send + 'static> VirtioDevice<M> for Block<M> {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(self.config.as_slice(), offset, data);
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.backend.disk.read_only {
+            return Ok(());
+        }
+        self.backend.file.sync_data()
     }
 
     fn process_queue(&mut self, index: usize) -> bool {

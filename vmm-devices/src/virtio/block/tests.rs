@@ -401,8 +401,10 @@ fn serial_longer_than_20_bytes_is_refused() {
 #[test]
 fn directories_are_not_disks() {
     assert!(matches!(
-        Block::<GuestMemoryMmap>::open(&std::env::temp_dir(), false, None),
-        Err(BlockError::NotAFile { .. })
+        Block::<GuestMemoryMmap>::open(&std::env::temp_dir(), false, None, true),
+        Err(BlockError::Host(
+            crate::host_files::HostFileError::WrongKind { .. }
+        ))
     ));
 }
 
