@@ -4,7 +4,7 @@
 //! serial output and exits with a status that tells the guest's status
 //! apart from the VMM's own. See `--help`.
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Read};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -383,7 +383,6 @@ fn build(config: &VmConfig, serial: &Serial, raw: bool) -> Result<Vmm, VmmError>
 /// parent sees the signal, not an exit status that a guest could also
 /// produce.
 fn die_by(signal: i32) -> ExitCode {
-    let _ = std::io::stdout().flush();
     // SAFETY: restoring the default action of a signal and raising it on
     // this thread; no memory is passed.
     unsafe {
@@ -473,7 +472,9 @@ fn main() -> ExitCode {
     };
     let result = vmm.run();
     drop(terminal);
-    let _ = std::io::stdout().flush();
+    // Guest output was flushed by its own thread, within a bound; stdout's
+    // lock may still be held by that thread if the host stalls it, so it is
+    // not touched here.
     match result {
         Ok(VmExit::Stopped(StopCause::Signal(signal))) => die_by(signal),
         Ok(exit) => {

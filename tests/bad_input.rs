@@ -81,7 +81,7 @@ fn pvh_on_a_kernel_without_the_note_is_refused() {
 fn a_bad_command_line_is_refused() {
     assert_clean_failure(
         &run_minimal(&["--cmdline", "a\u{7}b"]),
-        "invalid kernel command line",
+        "'\\u{7}' at position 1",
     );
 }
 

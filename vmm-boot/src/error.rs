@@ -48,6 +48,21 @@ pub enum BootError {
     /// Reading the initrd failed.
     #[error("cannot read the initrd")]
     InitrdRead(#[source] io::Error),
+    /// The command line has a character the kernel's command line cannot
+    /// hold (only printable ASCII and spaces).
+    #[error(
+        "the kernel command line has {character:?} at position {position} (counting from 0); \
+         only printable ASCII characters and spaces are allowed"
+    )]
+    CmdlineCharacter {
+        /// The character.
+        character: char,
+        /// Its position, in characters.
+        position: usize,
+    },
+    /// The initrd file is empty.
+    #[error("the initrd is empty")]
+    InitrdEmpty,
     /// The initrd has no room in low RAM above the kernel.
     #[error("the initrd of {size} bytes does not fit: {room} bytes of low RAM are free above the kernel")]
     InitrdDoesNotFit {

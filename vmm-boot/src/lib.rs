@@ -170,11 +170,24 @@ where
     })
 }
 
+/// The command line as linux-loader holds it, after checking its length
+/// and characters.
 fn build_cmdline(s: &str) -> Result<Cmdline, BootError> {
     if s.len() + 1 > CMDLINE_MAX_SIZE {
         return Err(BootError::CmdlineTooLong {
             len: s.len() + 1,
             max: CMDLINE_MAX_SIZE,
+        });
+    }
+    // linux-loader takes printable ASCII and spaces only; say which
+    // character is not, and where, before it refuses the whole line.
+    if let Some((at, c)) = s
+        .char_indices()
+        .find(|(_, c)| !(c.is_ascii_graphic() || *c == ' '))
+    {
+        return Err(BootError::CmdlineCharacter {
+            character: c,
+            position: s[..at].chars().count(),
         });
     }
     let mut c = Cmdline::new(CMDLINE_MAX_SIZE).map_err(BootError::Cmdline)?;
@@ -257,8 +270,17 @@ mod tests {
     fn bad_command_lines_are_refused() {
         assert!(matches!(
             boot(ProtocolChoice::Auto, "a\u{1}b"),
-            Err(BootError::Cmdline(_))
+            Err(BootError::CmdlineCharacter {
+                character: '\u{1}',
+                position: 1
+            })
         ));
+        match boot(ProtocolChoice::Auto, "console=ttyS0 é") {
+            Err(e @ BootError::CmdlineCharacter { position: 14, .. }) => {
+                assert!(e.to_string().contains("'é' at position 14"), "{e}")
+            }
+            other => panic!("accepted a non-ASCII command line: {other:?}"),
+        }
         let long = "x".repeat(CMDLINE_MAX_SIZE);
         assert!(matches!(
             boot(ProtocolChoice::Auto, &long),

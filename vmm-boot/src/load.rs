@@ -155,6 +155,9 @@ where
         .seek(std::io::SeekFrom::End(0))
         .map_err(BootError::InitrdRead)?;
     initrd.rewind().map_err(BootError::InitrdRead)?;
+    if size == 0 {
+        return Err(BootError::InitrdEmpty);
+    }
     let low_end = map.ram()[0].end();
     let limit = low_end.min(
         addr_max
@@ -165,7 +168,7 @@ where
     let addr = limit
         .checked_sub(size)
         .map(|a| a & !(PAGE_SIZE - 1))
-        .filter(|&a| a >= lowest && size > 0)
+        .filter(|&a| a >= lowest)
         .ok_or(BootError::InitrdDoesNotFit {
             size,
             room: limit.saturating_sub(lowest),
@@ -285,7 +288,7 @@ mod tests {
         ));
         assert!(matches!(
             load_initrd(&mem, &map, &mut Cursor::new(&[]), 0x20_0000, None),
-            Err(BootError::InitrdDoesNotFit { size: 0, .. })
+            Err(BootError::InitrdEmpty)
         ));
     }
 }

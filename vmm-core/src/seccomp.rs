@@ -12,7 +12,7 @@
 //! | input (host stdin pumps, output pumps) | nothing |
 //! | main (after the VM is built) | `tgkill` (to kick vCPUs), `fdatasync`/`fsync` (to flush disks when the VM stops) |
 //!
-//! Every thread may also `ioctl(TCSETS)`, so that whichever thread ends the
+//! Every thread may also `ioctl(TCSETS)` and `ioctl(TCGETS)`, so that whichever thread ends the
 //! process can put back the terminal it found; any other `ioctl` is checked
 //! by request. A VM's devices may ask for more
 //! ([`VmBuilder::allow_syscalls`](crate::VmBuilder::allow_syscalls),
@@ -125,10 +125,10 @@ const COMMON: &[i64] = &[
     libc::SYS_exit_group,
 ];
 
-/// `TCSETS`: setting a terminal's attributes, allowed on every thread so
-/// that whichever thread ends the process can restore the terminal it
-/// found.
-const TCSETS: u64 = libc::TCSETS;
+/// `TCSETS` and `TCGETS`: setting a terminal's attributes (glibc's
+/// `tcsetattr` reads them back to check), allowed on every thread so that
+/// whichever thread ends the process can restore the terminal it found.
+const TERMINAL_IOCTLS: [u64; 2] = [libc::TCSETS, libc::TCGETS];
 
 fn rules(
     kind: ThreadKind,
@@ -174,7 +174,7 @@ fn rules(
     map.insert(
         libc::SYS_ioctl,
         kvm.iter()
-            .chain(&[TCSETS])
+            .chain(&TERMINAL_IOCTLS)
             .chain(extra_ioctls)
             .map(|&r| ioctl(r))
             .collect::<Result<_, _>>()?,
@@ -319,11 +319,15 @@ mod tests {
         let r = rules(ThreadKind::Vcpu, &[libc::SYS_ioctl], &[]).unwrap();
         assert_eq!(
             r[&libc::SYS_ioctl].len(),
-            5,
-            "still only the four KVM ioctls and TCSETS"
+            6,
+            "still only the four KVM ioctls and the terminal's two"
         );
         let r = rules(ThreadKind::Main, &[], &[libc::TIOCGWINSZ]).unwrap();
-        assert_eq!(r[&libc::SYS_ioctl].len(), 2, "TCSETS and the one asked for");
+        assert_eq!(
+            r[&libc::SYS_ioctl].len(),
+            3,
+            "the terminal's two and the one asked for"
+        );
         let filters = ThreadFilters::build(|k| {
             if k == ThreadKind::Input {
                 (vec![libc::SYS_sendmsg], Vec::new())
@@ -355,8 +359,8 @@ mod tests {
         for kind in [ThreadKind::EventLoop, ThreadKind::Input, ThreadKind::Main] {
             assert_eq!(
                 rules(kind, &[], &[]).unwrap()[&libc::SYS_ioctl].len(),
-                1,
-                "{kind:?}: TCSETS only"
+                2,
+                "{kind:?}: the terminal's two only"
             );
         }
         for kind in [

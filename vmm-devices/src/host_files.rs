@@ -229,13 +229,28 @@ pub fn open_output(
         path: path.to_path_buf(),
         source,
     };
-    let file = OpenOptions::new()
+    let file = match OpenOptions::new()
         .write(true)
         .create(true)
         .append(mode == OutputMode::Append)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
         .open(path)
-        .map_err(open_err)?;
+    {
+        Ok(f) => f,
+        // A FIFO with no reader (ENXIO) or a directory: say what it is.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENXIO | libc::EISDIR)) => {
+            return Err(match std::fs::metadata(path) {
+                Ok(m) => HostFileError::WrongKind {
+                    what,
+                    path: path.to_path_buf(),
+                    found: kind_name(m.file_type()),
+                    expected: "a regular file or a character device",
+                },
+                Err(_) => open_err(e),
+            })
+        }
+        Err(e) => return Err(open_err(e)),
+    };
     let meta = file.metadata().map_err(open_err)?;
     let ft = meta.file_type();
     if !(ft.is_file() || ft.is_char_device()) {
@@ -310,19 +325,40 @@ pub fn lock_image(file: &File, path: &Path, read_only: bool) -> Result<(), HostF
     })
 }
 
-/// The process that holds a lock on `id`, from `/proc/locks` (OFD locks
-/// carry the pid of the process that took them there).
+/// The process that holds a lock on `id`. `/proc/locks` shows OFD locks
+/// without a pid, but the holder's `/proc/PID/fdinfo/FD` lists the lock of
+/// that open file: look there (where this process may read it).
 fn lock_holder(id: FileId) -> Option<u32> {
-    let locks = std::fs::read_to_string("/proc/locks").ok()?;
     let me = std::process::id();
     let (major, minor) = (libc::major(id.dev), libc::minor(id.dev));
-    let wanted = format!("{major:02x}:{minor:02x}:{}", id.ino);
-    locks.lines().find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        // "1: OFDLCK ADVISORY WRITE 1234 fd:01:5678 0 EOF"
-        let pid: u32 = f.get(4)?.parse().ok()?;
-        (f.get(5)? == &wanted && pid != me).then_some(pid)
-    })
+    let wanted = format!("{major:02x}:{minor:02x}:{} ", id.ino);
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fdinfo")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(info) = std::fs::read_to_string(fd.path()) else {
+                continue;
+            };
+            if info
+                .lines()
+                .any(|l| l.starts_with("lock:") && l.contains(&wanted))
+            {
+                return Some(pid);
+            }
+        }
+    }
+    None
 }
 
 fn process_name(pid: u32) -> String {

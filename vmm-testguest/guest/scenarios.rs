@@ -49,6 +49,14 @@ pub fn run(name: &str, boot: &BootInfo, args: &Args) -> u8 {
                 core::hint::spin_loop();
             }
         }
+        "flood" => {
+            // Serial output without end, for tests of a stalled host console.
+            let mut i: u64 = 0;
+            loop {
+                report!("flood {}", i);
+                i = i.wrapping_add(1);
+            }
+        }
         _ => {
             report!("error unknown scenario \"{}\"", name);
             EXIT_UNKNOWN_SCENARIO
