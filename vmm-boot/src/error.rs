@@ -64,7 +64,11 @@ pub enum BootError {
     #[error("the initrd is empty")]
     InitrdEmpty,
     /// The initrd has no room in low RAM above the kernel.
-    #[error("the initrd of {size} bytes does not fit: {room} bytes of low RAM are free above the kernel")]
+    #[error(
+        "the initrd of {} does not fit: {} of low RAM are free above the kernel (give the guest more memory)",
+        vmm_memory::Size(*size),
+        vmm_memory::Size(*room)
+    )]
     InitrdDoesNotFit {
         /// Initrd size.
         size: u64,

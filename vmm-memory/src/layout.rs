@@ -100,23 +100,54 @@ impl fmt::Display for GuestRange {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LayoutError {
     /// The RAM size is below [`MIN_RAM_SIZE`].
-    #[error("guest RAM of {size} bytes is too small: at least {MIN_RAM_SIZE} bytes are needed")]
+    #[error(
+        "guest RAM of {} is too small: at least {} are needed",
+        Size(*size),
+        Size(MIN_RAM_SIZE)
+    )]
     RamTooSmall {
         /// The size asked for.
         size: u64,
     },
     /// The RAM size is above [`MAX_RAM_SIZE`].
-    #[error("guest RAM of {size} bytes is too large: at most {MAX_RAM_SIZE} bytes are supported")]
+    #[error(
+        "guest RAM of {} is too large: at most {} are supported",
+        Size(*size),
+        Size(MAX_RAM_SIZE)
+    )]
     RamTooLarge {
         /// The size asked for.
         size: u64,
     },
     /// The RAM size is not a multiple of the 4 KiB page size.
-    #[error("guest RAM of {size} bytes is not a multiple of 4 KiB")]
+    #[error("guest RAM of {} is not a multiple of 4 KiB", Size(*size))]
     RamNotPageAligned {
         /// The size asked for.
         size: u64,
     },
+}
+
+/// A byte count shown in the largest binary unit it is a whole number of
+/// (`2 MiB`, `1 TiB`, `1536 KiB`, `100 bytes`), as a user would have typed
+/// it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl std::fmt::Display for Size {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const UNITS: [(u64, &str); 4] = [
+            (1 << 40, "TiB"),
+            (1 << 30, "GiB"),
+            (1 << 20, "MiB"),
+            (1 << 10, "KiB"),
+        ];
+        for (unit, name) in UNITS {
+            if self.0 >= unit && self.0 % unit == 0 {
+                return write!(f, "{} {name}", self.0 / unit);
+            }
+        }
+        write!(f, "{} bytes", self.0)
+    }
 }
 
 /// Where RAM and the fixed device windows sit in guest physical memory.
@@ -207,6 +238,19 @@ impl AddressMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_read_as_typed() {
+        assert_eq!(Size(2 << 20).to_string(), "2 MiB");
+        assert_eq!(Size(1 << 40).to_string(), "1 TiB");
+        assert_eq!(Size(1536 << 10).to_string(), "1536 KiB");
+        assert_eq!(Size(100).to_string(), "100 bytes");
+        let e = AddressMap::new(1 << 20).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "guest RAM of 1 MiB is too small: at least 2 MiB are needed"
+        );
+    }
 
     #[test]
     fn small_ram_sits_below_the_gap_in_one_range() {

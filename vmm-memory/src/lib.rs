@@ -32,5 +32,5 @@ pub mod layout;
 mod ram;
 
 pub use allocator::{AllocatorError, ResourceAllocator};
-pub use layout::{AddressMap, GuestRange, LayoutError};
+pub use layout::{AddressMap, GuestRange, LayoutError, Size};
 pub use ram::{create_guest_ram, GuestRam, RamBacking, RamError};
