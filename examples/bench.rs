@@ -96,6 +96,7 @@ fn floor_exit(scenario: &str, iters: u64) -> f64 {
     let config = BootConfig {
         protocol: ProtocolChoice::Auto,
         cmdline: &cmdline,
+        acpi_rsdp: None,
     };
     let setup = boot_guest(
         &mem,

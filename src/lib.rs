@@ -26,6 +26,7 @@ pub use vmm_devices as devices;
 pub use vmm_memory as memory;
 pub use vmm_testguest as testguest;
 
+pub use acpi_tables;
 pub use event_manager;
 pub use kvm_bindings;
 pub use kvm_ioctls;

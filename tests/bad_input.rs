@@ -66,11 +66,6 @@ fn memory_below_the_minimum_is_refused() {
 }
 
 #[test]
-fn more_than_one_vcpu_is_refused_until_smp_lands() {
-    assert_clean_failure(&run_minimal(&["--vcpus", "2"]), "only 1 is supported");
-}
-
-#[test]
 fn pvh_on_a_kernel_without_the_note_is_refused() {
     let f = TempFile::new("plain.elf", &tiny_elf(0x20_0000, &[0xf4; 64]));
     let out = run_minimal(&["--kernel", f.arg(), "--boot-protocol", "pvh"]);

@@ -26,6 +26,7 @@ fn vcpu_pauses_resumes_and_exits_on_command_and_returns_its_state() {
     let config = BootConfig {
         protocol: ProtocolChoice::Auto,
         cmdline: "testguest.run=spin",
+        acpi_rsdp: None,
     };
     let setup = boot_guest(
         &mem,
@@ -48,7 +49,8 @@ fn vcpu_pauses_resumes_and_exits_on_command_and_returns_its_state() {
     )
     .expect("register");
     let vcpu = vm.create_vcpu(0).expect("vcpu");
-    vcpu.configure(vm.kvm(), &setup.cpu).expect("configure");
+    vcpu.configure(vm.kvm(), 1, Some(&setup.cpu))
+        .expect("configure");
 
     let (events, rx) = VmEventSender::channel();
     let handle = VcpuHandle::spawn(

@@ -75,6 +75,9 @@ pub enum BootError {
         /// Room available.
         room: u64,
     },
+    /// The vCPU count is zero or more than the tables can describe.
+    #[error("{0} vCPUs cannot be described: between 1 and 254 are supported (xAPIC IDs)")]
+    TooManyVcpus(u8),
     /// Low memory is too small for the boot tables.
     #[error("guest memory is too small for the boot structures")]
     BootStructuresDoNotFit,

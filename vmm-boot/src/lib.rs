@@ -16,6 +16,7 @@
 //! let config = BootConfig {
 //!     protocol: ProtocolChoice::Force(BootProtocol::Linux64),
 //!     cmdline: "console=ttyS0 testguest.run=hello",
+//!     acpi_rsdp: None,
 //! };
 //! let setup = boot_guest(&mem, &map, &mut Cursor::new(vmm_testguest::IMAGE), None::<&mut Cursor<&[u8]>>, &config)?;
 //! assert_eq!(setup.protocol, BootProtocol::Linux64);
@@ -25,6 +26,7 @@
 
 #![deny(missing_docs)]
 
+pub mod acpi;
 pub mod cpu;
 mod error;
 mod image;
@@ -65,6 +67,9 @@ pub struct BootConfig<'a> {
     pub protocol: ProtocolChoice,
     /// The kernel command line.
     pub cmdline: &'a str,
+    /// Where the ACPI RSDP is (from [`acpi::write_acpi_tables`]), for the
+    /// zero page and the PVH start info.
+    pub acpi_rsdp: Option<u64>,
 }
 
 /// A guest ready to run: what was loaded and the state of the boot vCPU.
@@ -146,6 +151,7 @@ where
                 setup_header: hdr,
                 cmdline: (CMDLINE_START, cmdline_len),
                 initrd,
+                acpi_rsdp: config.acpi_rsdp,
             };
             let zero_page = params::write_zero_page(mem, map, &params)?;
             cpu::linux64_cpu_state(mem, loaded.entry64, zero_page)?
@@ -157,7 +163,8 @@ where
                     format: loaded.info.format,
                 });
             };
-            let start_info = params::write_pvh_start_info(mem, map, CMDLINE_START, initrd)?;
+            let start_info =
+                params::write_pvh_start_info(mem, map, CMDLINE_START, initrd, config.acpi_rsdp)?;
             cpu::pvh_cpu_state(mem, entry, start_info)?
         }
     };
@@ -214,7 +221,11 @@ mod tests {
         cmdline: &str,
     ) -> Result<(BootSetup, GuestMemoryMmap), BootError> {
         let (map, mem) = setup();
-        let config = BootConfig { protocol, cmdline };
+        let config = BootConfig {
+            protocol,
+            cmdline,
+            acpi_rsdp: None,
+        };
         let s = boot_guest(
             &mem,
             &map,
@@ -250,6 +261,7 @@ mod tests {
         let config = BootConfig {
             protocol: ProtocolChoice::Force(BootProtocol::Pvh),
             cmdline: "",
+            acpi_rsdp: None,
         };
         assert!(matches!(
             boot_guest(
@@ -296,6 +308,7 @@ mod tests {
         let config = BootConfig {
             protocol: ProtocolChoice::Auto,
             cmdline: "root=/dev/vda",
+            acpi_rsdp: None,
         };
         let s = boot_guest(&mem, &map, &mut Cursor::new(bz), Some(&mut initrd), &config).unwrap();
         assert_eq!(s.protocol, BootProtocol::Linux64);

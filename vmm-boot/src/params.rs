@@ -84,6 +84,8 @@ pub struct LinuxParams {
     pub cmdline: (u64, usize),
     /// Where the initrd is.
     pub initrd: Option<GuestRange>,
+    /// Where the ACPI RSDP is.
+    pub acpi_rsdp: Option<u64>,
 }
 
 /// Writes the Linux zero page at [`ZERO_PAGE_START`] and returns its address.
@@ -113,6 +115,7 @@ pub fn write_zero_page<M: GuestMemoryBackend>(
         params.hdr.ramdisk_size = size as u32;
         params.ext_ramdisk_size = (size >> 32) as u32;
     }
+    params.acpi_rsdp_addr = p.acpi_rsdp.unwrap_or(0);
     let e820 = e820_map(map);
     if e820.len() > E820_MAX_ENTRIES {
         return Err(BootError::TooManyE820Entries(e820.len()));
@@ -137,6 +140,7 @@ pub fn write_pvh_start_info<M: GuestMemoryBackend>(
     map: &AddressMap,
     cmdline_addr: u64,
     initrd: Option<GuestRange>,
+    acpi_rsdp: Option<u64>,
 ) -> Result<u64, BootError> {
     let memmap: Vec<hvm_memmap_table_entry> = e820_map(map)
         .iter()
@@ -151,6 +155,7 @@ pub fn write_pvh_start_info<M: GuestMemoryBackend>(
         magic: XEN_HVM_START_MAGIC,
         version: 1,
         cmdline_paddr: cmdline_addr,
+        rsdp_paddr: acpi_rsdp.unwrap_or(0),
         memmap_paddr: PVH_MEMMAP_START,
         memmap_entries: memmap.len() as u32,
         ..Default::default()
@@ -239,6 +244,7 @@ mod tests {
             setup_header: None,
             cmdline: (0x20000, 12),
             initrd: GuestRange::new(0x80_0000, 0x1234),
+            acpi_rsdp: Some(0xe_0000),
         };
         let zp = write_zero_page(&m, &map, &p).unwrap();
         let at = |off: u64| GuestAddress(zp + off);
@@ -251,6 +257,11 @@ mod tests {
         assert_eq!(m.read_obj::<u32>(at(0x228)).unwrap(), 0x20000);
         assert_eq!(m.read_obj::<u32>(at(0x238)).unwrap(), 12);
         assert_eq!(m.read_obj::<u8>(at(0x1e8)).unwrap(), 3);
+        assert_eq!(
+            m.read_obj::<u64>(at(0x070)).unwrap(),
+            0xe_0000,
+            "acpi_rsdp_addr"
+        );
         assert_eq!(m.read_obj::<u64>(at(0x2d0 + 20 * 2)).unwrap(), 0x10_0000);
         assert_eq!(
             m.read_obj::<u32>(at(0x2d0 + 20 + 16)).unwrap(),
@@ -262,13 +273,20 @@ mod tests {
     fn pvh_start_info_has_magic_cmdline_memmap_and_module() {
         let m = mem();
         let map = AddressMap::new(16 << 20).unwrap();
-        let si =
-            write_pvh_start_info(&m, &map, 0x20000, GuestRange::new(0x80_0000, 0x1000)).unwrap();
+        let si = write_pvh_start_info(
+            &m,
+            &map,
+            0x20000,
+            GuestRange::new(0x80_0000, 0x1000),
+            Some(0xe_0000),
+        )
+        .unwrap();
         let at = |off: u64| GuestAddress(si + off);
         assert_eq!(m.read_obj::<u32>(at(0)).unwrap(), 0x336e_c578);
         assert_eq!(m.read_obj::<u32>(at(4)).unwrap(), 1);
         assert_eq!(m.read_obj::<u32>(at(12)).unwrap(), 1, "nr_modules");
         assert_eq!(m.read_obj::<u64>(at(24)).unwrap(), 0x20000, "cmdline_paddr");
+        assert_eq!(m.read_obj::<u64>(at(32)).unwrap(), 0xe_0000, "rsdp_paddr");
         let memmap = m.read_obj::<u64>(at(40)).unwrap();
         assert_eq!(m.read_obj::<u32>(at(48)).unwrap(), 3, "memmap_entries");
         assert_eq!(

@@ -11,6 +11,7 @@ use libc::c_int;
 use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vm_device::{DeviceMmio, DevicePio};
+use vmm_boot::acpi::{write_acpi_tables, write_mptable, AcpiDevices, MAX_VCPUS};
 use vmm_boot::{boot_guest, BootConfig, BootSetup, ProtocolChoice};
 use vmm_devices::host_files::{
     lock_image, open_input, open_output, FileId, HostFileError, InputKind, OpenedInput,
@@ -99,8 +100,19 @@ pub struct VmBuilder {
 fn check_vcpus(n: u8) -> Result<(), VmmError> {
     match n {
         0 => Err(VmmError::NoVcpus),
-        1 => Ok(()),
-        n => Err(VmmError::SmpUnsupported { requested: n }),
+        n if n > MAX_VCPUS => Err(VmmError::TooManyVcpus { requested: n }),
+        _ => Ok(()),
+    }
+}
+
+/// More vCPUs than host CPUs run, but share them: said once, as a warning.
+fn warn_if_overcommitted(n: u8) {
+    let host = std::thread::available_parallelism().map_or(1, |p| p.get());
+    if usize::from(n) > host {
+        log::warn!(
+            "{n} vCPUs on a host with {host} CPUs: they share the host's CPUs, \
+             each gets less than a whole one"
+        );
     }
 }
 
@@ -576,9 +588,11 @@ impl VmBuilder {
     /// device to it.
     pub fn build(mut self) -> Result<Vmm, VmmError> {
         check_vcpus(self.vcpus)?;
+        warn_if_overcommitted(self.vcpus);
         let serial = self.add_legacy_devices()?;
         let cmdline = self.full_cmdline();
-        let boot = self.load_kernel(&cmdline)?;
+        let rsdp = self.write_firmware_tables()?;
+        let boot = self.load_kernel(&cmdline, Some(rsdp))?;
         let vm = Vm::new(self.memory.clone())?;
         self.wire_devices(&vm)?;
         let vcpus = self.create_vcpus(&vm, &boot)?;
@@ -619,12 +633,26 @@ impl VmBuilder {
         Ok(())
     }
 
-    /// The vCPUs, each set up with the boot protocol's state.
+    /// The ACPI tables (every vCPU, the IOAPIC, COM1 and the virtio-mmio
+    /// devices) and the MP table; returns the RSDP's address.
+    fn write_firmware_tables(&self) -> Result<u64, VmmError> {
+        let devices = AcpiDevices {
+            serial: Some((COM1_PORT, COM1_IRQ)),
+            virtio_mmio: self.virtio.iter().map(|s| (s.window(), s.irq())).collect(),
+        };
+        let rsdp = write_acpi_tables(&self.memory, self.vcpus, &devices)?;
+        write_mptable(&self.memory, self.vcpus)?;
+        Ok(rsdp)
+    }
+
+    /// The vCPUs: the first set up with the boot protocol's state, the
+    /// others waiting for the guest's INIT and startup IPIs.
     fn create_vcpus(&self, vm: &Vm, boot: &BootSetup) -> Result<Vec<Vcpu>, VmmError> {
         (0..self.vcpus)
             .map(|id| {
                 let vcpu = vm.create_vcpu(id)?;
-                vcpu.configure(vm.kvm(), &boot.cpu)?;
+                let state = (id == 0).then_some(&boot.cpu);
+                vcpu.configure(vm.kvm(), self.vcpus, state)?;
                 Ok(vcpu)
             })
             .collect()
@@ -664,7 +692,11 @@ impl VmBuilder {
         cmdline
     }
 
-    fn load_kernel(&mut self, cmdline: &str) -> Result<BootSetup, VmmError> {
+    fn load_kernel(
+        &mut self,
+        cmdline: &str,
+        acpi_rsdp: Option<u64>,
+    ) -> Result<BootSetup, VmmError> {
         if self.opened_kernel.is_none() && self.opened_initrd.is_none() {
             self.open_boot_files()?;
         }
@@ -672,6 +704,7 @@ impl VmBuilder {
         let config = BootConfig {
             protocol: self.protocol,
             cmdline,
+            acpi_rsdp,
         };
         let setup = match &self.kernel {
             KernelSource::Path(p) => {
@@ -768,14 +801,14 @@ mod tests {
     }
 
     #[test]
-    fn smp_and_zero_vcpus_are_refused_before_anything_is_built() {
+    fn zero_or_too_many_vcpus_are_refused_before_anything_is_built() {
         let c = VmConfig {
-            vcpus: 2,
+            vcpus: 255,
             ..config()
         };
         assert!(matches!(
             VmBuilder::from_config(&c, HostIo::default()),
-            Err(VmmError::SmpUnsupported { requested: 2 })
+            Err(VmmError::TooManyVcpus { requested: 255 })
         ));
         let c = VmConfig {
             vcpus: 0,
@@ -841,7 +874,7 @@ mod tests {
         let mut b = VmBuilder::new(16, RamBacking::Anonymous).unwrap();
         b.kernel(KernelSource::Path("/nonexistent/vmlinux".into()));
         assert!(matches!(
-            b.load_kernel(""),
+            b.load_kernel("", None),
             Err(VmmError::HostFile(HostFileError::Open {
                 what: "kernel",
                 ..
@@ -849,7 +882,7 @@ mod tests {
         ));
         b.kernel(KernelSource::Path("/".into()));
         assert!(matches!(
-            b.load_kernel(""),
+            b.load_kernel("", None),
             Err(VmmError::HostFile(HostFileError::WrongKind {
                 what: "kernel",
                 ..

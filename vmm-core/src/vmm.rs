@@ -37,9 +37,9 @@ pub(crate) type SerialDevice = Serial<EventFdTrigger, Box<dyn Write + Send>>;
 /// Why a VM could not be built or run.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
-    /// More than one vCPU was asked for.
-    #[error("{requested} vCPUs requested, but only 1 is supported until SMP support lands")]
-    SmpUnsupported {
+    /// More vCPUs than xAPIC IDs allow were asked for.
+    #[error("{requested} vCPUs requested; at most 254 are supported (8-bit xAPIC IDs, one kept for the IOAPIC)")]
+    TooManyVcpus {
         /// vCPUs asked for.
         requested: u8,
     },

@@ -23,6 +23,8 @@ pub struct BootInfo {
     pub ram_top: u64,
     /// Number of memory map entries.
     pub map_entries: u32,
+    /// Where the ACPI RSDP is, if the VMM said (0 otherwise).
+    pub rsdp: u64,
 }
 
 fn read<T: Copy>(addr: u64) -> T {
@@ -65,6 +67,7 @@ impl BootInfo {
             ram_bytes: 0,
             ram_top: 0,
             map_entries: entries as u32,
+            rsdp: read::<u64>(zp + 0x070),
         };
         for i in 0..entries {
             let e = zp + 0x2d0 + 20 * i as u64;
@@ -85,6 +88,7 @@ impl BootInfo {
             ram_bytes: 0,
             ram_top: 0,
             map_entries: entries as u32,
+            rsdp: read::<u64>(si + 32),
         };
         if map != 0 {
             for i in 0..entries {

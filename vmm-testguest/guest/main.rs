@@ -15,6 +15,7 @@
 
 #[macro_use]
 mod io;
+mod acpi;
 mod apic;
 mod boot;
 mod bootinfo;

@@ -4,7 +4,7 @@
 use crate::bootinfo::BootInfo;
 use crate::cmdline::Args;
 use crate::virtio::Mode;
-use crate::{devices, harness, hostile, io, EXIT_OK, EXIT_UNKNOWN_SCENARIO};
+use crate::{acpi, devices, harness, hostile, io, EXIT_OK, EXIT_UNKNOWN_SCENARIO};
 
 /// Runs scenario `name`.
 pub fn run(name: &str, boot: &BootInfo, args: &Args) -> u8 {
@@ -31,6 +31,7 @@ pub fn run(name: &str, boot: &BootInfo, args: &Args) -> u8 {
         "console-irq" => devices::console(boot, Mode::Irq),
         "hostile" => hostile::hostile(boot),
         "probe" => harness::probe(boot, args),
+        "acpi" => acpi::acpi(boot),
         "pio" => harness::accesses("pio", args.pio, false),
         "mmio" => harness::accesses("mmio", args.mmio, true),
         "virtio" => harness::virtio(boot, args),

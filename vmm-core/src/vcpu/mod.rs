@@ -170,6 +170,45 @@ pub fn boot_regs(s: &BootCpuState) -> kvm_regs {
     }
 }
 
+/// What vCPU `id` of `vcpus` is shown of one CPUID entry: its APIC ID, a
+/// topology of `vcpus` cores with one thread each in one package (leaves
+/// 0x1, 0xB and AMD's 0x8000001E), and the hypervisor bit. Every other bit
+/// is what KVM supports on this host. (Some nested hosts do not apply
+/// KVM_SET_CPUID2 fully; the guest then sees the host's own values there.)
+pub fn cpuid_entry_for(e: &mut kvm_bindings::kvm_cpuid_entry2, id: u8, vcpus: u8) {
+    let id32 = u32::from(id);
+    let count = u32::from(vcpus.max(1));
+    // Bits of the APIC ID that number the cores.
+    let core_bits = 32 - (count - 1).leading_zeros();
+    match e.function {
+        1 => {
+            e.ebx = (e.ebx & 0x0000_ffff) | (count << 16) | (id32 << 24);
+            if count > 1 {
+                e.edx |= 1 << 28; // HTT: more than one logical processor
+            } else {
+                e.edx &= !(1 << 28);
+            }
+            e.ecx |= 1 << 31; // a hypervisor is present
+        }
+        0xb => {
+            let (shift, processors, level_type) = match e.index {
+                0 => (0, 1, 1),             // SMT level: one thread per core
+                1 => (core_bits, count, 2), // core level: every vCPU
+                _ => (0, 0, 0),             // no such level
+            };
+            e.eax = shift;
+            e.ebx = processors;
+            e.ecx = (level_type << 8) | (e.index & 0xff);
+            e.edx = id32;
+        }
+        0x8000_001e => {
+            e.eax = id32; // extended APIC ID
+            e.ebx = id32; // compute unit (core) ID, one thread per unit
+        }
+        _ => {}
+    }
+}
+
 impl Vcpu {
     pub(crate) fn new(id: u8, fd: VcpuFd) -> Self {
         Self { id, fd }
@@ -185,10 +224,18 @@ impl Vcpu {
         &self.fd
     }
 
-    /// Sets CPUID, MSRs, the FPU, the LAPIC's LINT pins and the boot
-    /// registers.
-    pub fn configure(&self, kvm: &Kvm, state: &BootCpuState) -> Result<(), VcpuError> {
-        self.configure_cpuid(kvm)?;
+    /// Sets CPUID (this vCPU's APIC ID in a topology of `vcpus`), MSRs, the
+    /// FPU and the LAPIC's LINT pins; and, for the bootstrap processor
+    /// (`boot` given), the boot registers. An application processor keeps
+    /// KVM's reset state and waits in the in-kernel LAPIC for the guest's
+    /// INIT and startup IPIs, as on real hardware.
+    pub fn configure(
+        &self,
+        kvm: &Kvm,
+        vcpus: u8,
+        boot: Option<&BootCpuState>,
+    ) -> Result<(), VcpuError> {
+        self.configure_cpuid(kvm, vcpus)?;
         let msrs = Msrs::from_entries(&[kvm_msr_entry {
             index: MSR_IA32_MISC_ENABLE,
             data: MISC_ENABLE_FAST_STRING,
@@ -206,6 +253,9 @@ impl Vcpu {
         };
         self.fd.set_fpu(&fpu).map_err(setup_err("KVM_SET_FPU"))?;
         self.configure_lapic()?;
+        let Some(state) = boot else {
+            return Ok(());
+        };
         let mut sregs = self.fd.get_sregs().map_err(setup_err("KVM_GET_SREGS"))?;
         apply_sregs(&mut sregs, state);
         self.fd
@@ -216,21 +266,12 @@ impl Vcpu {
             .map_err(setup_err("KVM_SET_REGS"))
     }
 
-    fn configure_cpuid(&self, kvm: &Kvm) -> Result<(), VcpuError> {
+    fn configure_cpuid(&self, kvm: &Kvm, vcpus: u8) -> Result<(), VcpuError> {
         let mut cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(setup_err("KVM_GET_SUPPORTED_CPUID"))?;
         for e in cpuid.as_mut_slice() {
-            match e.function {
-                // Initial APIC id in EBX[31:24]; the hypervisor bit in ECX[31].
-                1 => {
-                    e.ebx = (e.ebx & 0x00ff_ffff) | (u32::from(self.id) << 24);
-                    e.ecx |= 1 << 31;
-                }
-                // x2APIC id.
-                0xb => e.edx = u32::from(self.id),
-                _ => {}
-            }
+            cpuid_entry_for(e, self.id, vcpus);
         }
         self.fd
             .set_cpuid2(&cpuid)
@@ -333,6 +374,36 @@ mod tests {
         );
         let regs = boot_regs(&state);
         assert_eq!((regs.rip, regs.rsi, regs.rflags), (0x10_0000, 0x7000, 2));
+    }
+
+    #[test]
+    fn cpuid_shows_each_vcpu_its_apic_id_and_the_topology() {
+        let entry = |function, index| kvm_bindings::kvm_cpuid_entry2 {
+            function,
+            index,
+            ebx: 0x0000_0800,
+            ..Default::default()
+        };
+        let mut e = entry(1, 0);
+        cpuid_entry_for(&mut e, 5, 8);
+        assert_eq!(e.ebx >> 24, 5, "initial APIC ID");
+        assert_eq!((e.ebx >> 16) & 0xff, 8, "logical processors");
+        assert_eq!(e.ebx & 0xffff, 0x0800, "the rest kept");
+        assert_ne!(e.edx & (1 << 28), 0);
+        assert_ne!(e.ecx & (1 << 31), 0, "hypervisor bit");
+        let mut smt = entry(0xb, 0);
+        let mut core = entry(0xb, 1);
+        cpuid_entry_for(&mut smt, 5, 8);
+        cpuid_entry_for(&mut core, 5, 8);
+        assert_eq!((smt.eax, smt.ebx, smt.ecx >> 8, smt.edx), (0, 1, 1, 5));
+        assert_eq!((core.eax, core.ebx, core.ecx >> 8, core.edx), (3, 8, 2, 5));
+        let mut one = entry(1, 0);
+        one.edx = 1 << 28;
+        cpuid_entry_for(&mut one, 0, 1);
+        assert_eq!(one.edx & (1 << 28), 0, "no HTT with one vCPU");
+        let mut amd = entry(0x8000_001e, 0);
+        cpuid_entry_for(&mut amd, 200, 254);
+        assert_eq!(amd.eax, 200);
     }
 
     #[test]
