@@ -93,3 +93,56 @@ fn vcpu_counts_that_cannot_work_are_refused() {
     let out = run_minimal(&["--vcpus", "300"]);
     assert_eq!(out.status.code(), Some(3), "not even a u8");
 }
+
+#[test]
+fn the_guest_starts_its_application_processors_which_all_run_at_once() {
+    require_kvm();
+    for vcpus in [2u64, 4, 64] {
+        for protocol in ["pvh", "linux64"] {
+            let n = vcpus.to_string();
+            let out = run_minimal(&[
+                "--vcpus",
+                &n,
+                "--boot-protocol",
+                protocol,
+                "--cmdline",
+                "testguest.run=smp,exit testguest.exit=0",
+            ]);
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "{vcpus} {protocol}: {}",
+                stdout(&out)
+            );
+            let smp = parse_output(&stdout(&out))
+                .into_iter()
+                .find(|r| r.event == "smp")
+                .expect("smp report");
+            assert_eq!(smp.get_u64("cpus"), Some(vcpus));
+            assert_eq!(smp.get_u64("started"), Some(vcpus - 1), "every AP ran");
+            assert_eq!(smp.get_u64("together"), Some(vcpus - 1), "all at once");
+            assert_eq!(smp.get("apic_ids"), Some("ok"), "each with its own APIC ID");
+        }
+    }
+}
+
+#[test]
+fn starting_the_processors_again_leaves_the_vmm_working() {
+    require_kvm();
+    // The second round sends INIT to running (halted) APs and two more
+    // startup IPIs: KVM resets them and they start over.
+    let out = run_minimal(&[
+        "--vcpus",
+        "4",
+        "--cmdline",
+        "testguest.run=smp,smp,hello,exit testguest.exit=0",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    let reports = parse_output(&stdout(&out));
+    let rounds: Vec<_> = reports.iter().filter(|r| r.event == "smp").collect();
+    assert_eq!(rounds.len(), 2);
+    for r in rounds {
+        assert_eq!(r.get_u64("together"), Some(3));
+    }
+    assert!(reports.iter().any(|r| r.event == "hello"));
+}

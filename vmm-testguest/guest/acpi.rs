@@ -45,7 +45,21 @@ fn count(addr: u64, len: u32, needle: &[u8]) -> u32 {
         .count() as u32
 }
 
-fn walk(boot: &BootInfo) -> Result<(), &'static str> {
+/// What the tables say: enabled local APICs, IOAPICs, virtio-mmio and
+/// COM1 devices in the DSDT.
+struct Found {
+    cpus: u32,
+    ioapics: u32,
+    virtio_mmio: u32,
+    serial: u32,
+}
+
+/// The number of enabled processors the MADT lists.
+pub fn cpu_count(boot: &BootInfo) -> Result<u32, &'static str> {
+    walk(boot).map(|f| f.cpus)
+}
+
+fn walk(boot: &BootInfo) -> Result<Found, &'static str> {
     let rsdp = boot.rsdp;
     if rsdp == 0 || rsdp >= 1 << 32 {
         return Err("no RSDP given");
@@ -83,14 +97,21 @@ fn walk(boot: &BootInfo) -> Result<(), &'static str> {
             serial = count(dsdt, len, b"COM1");
         }
     }
-    report!("acpi cpus={} ioapics={} virtio_mmio={} serial={}", cpus, ioapics, dsdt_devices, serial);
-    Ok(())
+    Ok(Found {
+        cpus,
+        ioapics,
+        virtio_mmio: dsdt_devices,
+        serial,
+    })
 }
 
 /// Runs the scenario.
 pub fn acpi(boot: &BootInfo) -> u8 {
     match walk(boot) {
-        Ok(()) => EXIT_OK,
+        Ok(f) => {
+            report!("acpi cpus={} ioapics={} virtio_mmio={} serial={}", f.cpus, f.ioapics, f.virtio_mmio, f.serial);
+            EXIT_OK
+        }
         Err(msg) => {
             report!("error acpi {}", msg);
             EXIT_FAILED

@@ -22,6 +22,18 @@ fn read32(addr: u64) -> u32 {
     unsafe { core::ptr::read_volatile(addr as *const u32) }
 }
 
+const LAPIC_ICR_LOW: u64 = 0x300;
+const LAPIC_ICR_HIGH: u64 = 0x310;
+/// ICR destination shorthand: all processors but this one.
+const ALL_BUT_SELF: u32 = 0b11 << 18;
+
+/// Sends the IPI `low` (delivery mode, level, vector) to every other
+/// processor.
+pub fn send_ipi_to_others(low: u32) {
+    write32(LAPIC + LAPIC_ICR_HIGH, 0);
+    write32(LAPIC + LAPIC_ICR_LOW, low | ALL_BUT_SELF);
+}
+
 /// Software-enables the local APIC (spurious vector 0xff) and accepts every
 /// priority.
 pub fn enable_lapic() {

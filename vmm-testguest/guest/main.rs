@@ -26,6 +26,7 @@ mod hostile;
 mod mem;
 mod scenarios;
 mod shared;
+mod smp;
 mod virtio;
 
 use bootinfo::BootInfo;

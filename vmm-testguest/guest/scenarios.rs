@@ -4,7 +4,7 @@
 use crate::bootinfo::BootInfo;
 use crate::cmdline::Args;
 use crate::virtio::Mode;
-use crate::{acpi, devices, harness, hostile, io, EXIT_OK, EXIT_UNKNOWN_SCENARIO};
+use crate::{acpi, devices, harness, hostile, io, smp, EXIT_OK, EXIT_UNKNOWN_SCENARIO};
 
 /// Runs scenario `name`.
 pub fn run(name: &str, boot: &BootInfo, args: &Args) -> u8 {
@@ -32,6 +32,7 @@ pub fn run(name: &str, boot: &BootInfo, args: &Args) -> u8 {
         "hostile" => hostile::hostile(boot),
         "probe" => harness::probe(boot, args),
         "acpi" => acpi::acpi(boot),
+        "smp" => smp::smp(boot),
         "pio" => harness::accesses("pio", args.pio, false),
         "mmio" => harness::accesses("mmio", args.mmio, true),
         "virtio" => harness::virtio(boot, args),
