@@ -1,5 +1,6 @@
 //! Kernel inspection and loading, and the boot structures, fed arbitrary
-//! images, command lines and protocol choices. No panic; a kernel that loads
+//! images, command lines, protocol choices and vCPU counts (with the ACPI
+//! and MP tables). No panic; a kernel that loads
 //! lies inside guest RAM above 1 MiB, and the initrd above it.
 #![no_main]
 
@@ -18,7 +19,9 @@ fuzz_target!(|data: &[u8]| {
         1 => ProtocolChoice::Force(BootProtocol::Linux64),
         _ => ProtocolChoice::Force(BootProtocol::Pvh),
     };
-    let mib = 2 + u64::from(byte(&mut u) % 31);
+    let sizes = byte(&mut u);
+    let mib = 2 + u64::from(sizes % 31);
+    let vcpus = 1 + sizes % vmm_boot::acpi::MAX_VCPUS;
     let cmdline_len = usize::from(byte(&mut u));
     let cmdline = String::from_utf8_lossy(u.bytes(cmdline_len).unwrap_or_default()).into_owned();
     let with_initrd = byte(&mut u) & 1 == 1;
@@ -29,9 +32,14 @@ fuzz_target!(|data: &[u8]| {
     let _ = inspect_kernel(&mut Cursor::new(image));
     let map = AddressMap::new(mib << 20).expect("map");
     let mem = create_guest_ram(&map, RamBacking::Anonymous).expect("ram");
+    // The firmware tables fit in the BIOS area for every vCPU count.
+    let rsdp = vmm_boot::acpi::write_acpi_tables(&mem, vcpus, &Default::default())
+        .expect("ACPI tables for 1-254 vCPUs");
+    vmm_boot::acpi::write_mptable(&mem, vcpus).expect("MP table for 1-254 vCPUs");
     let config = BootConfig {
         protocol: choice,
         cmdline: &cmdline,
+        acpi_rsdp: Some(rsdp),
     };
     let mut initrd = Cursor::new(initrd);
     let result = boot_guest(
