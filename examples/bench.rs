@@ -13,6 +13,9 @@
 //!   the debug console, port 0xE9), to its first serial line and to the
 //!   process's exit after a whole run (boot, hello, exit), against the
 //!   floor's process start to the end of a VM that runs one instruction;
+//! - with 1, 8 and 64 vCPUs: process start to the first instruction and to
+//!   every vCPU up (the guest's `smp` scenario starts the APs and reports),
+//!   against QEMU microvm with ACPI and `-smp`;
 //! - peak resident memory of the whole VMM process booting the test guest
 //!   (which touches about 1 MiB of its 128 MiB), against the floor's;
 //! - virtio notify to used-buffer round trips (one-byte virtio-rng requests),
@@ -202,10 +205,15 @@ fn qemu_available() -> bool {
 
 /// QEMU's microvm on the test guest, with `extra` device arguments.
 fn qemu_command(image: &PathBuf, cmdline: &str, extra: &[&str]) -> Command {
+    qemu_command_on("microvm,acpi=off", image, cmdline, extra)
+}
+
+/// QEMU on `machine` (microvm with its options) on the test guest.
+fn qemu_command_on(machine: &str, image: &PathBuf, cmdline: &str, extra: &[&str]) -> Command {
     let mut c = Command::new("qemu-system-x86_64");
     c.args([
         "-M",
-        "microvm,acpi=off",
+        machine,
         "-accel",
         "kvm",
         "-cpu",
@@ -367,6 +375,12 @@ fn whole_run_ms(cmd: &mut Command) -> f64 {
 
 /// Process start to the first `testguest:` line of `cmd`, in ms.
 fn first_line_ms(cmd: &mut Command) -> f64 {
+    until_line_ms(cmd, "testguest:")
+}
+
+/// Process start to the first line of `cmd` that starts with `prefix`, in
+/// ms.
+fn until_line_ms(cmd: &mut Command, prefix: &str) -> f64 {
     let start = Instant::now();
     let mut child = cmd
         .stdin(Stdio::null())
@@ -375,10 +389,10 @@ fn first_line_ms(cmd: &mut Command) -> f64 {
         .expect("run the VMM");
     let mut out = BufReader::new(child.stdout.take().expect("stdout"));
     let mut line = String::new();
-    while !line.starts_with("testguest:") {
+    while !line.starts_with(prefix) {
         line.clear();
         if out.read_line(&mut line).expect("read") == 0 {
-            panic!("the VMM printed no testguest line");
+            panic!("the VMM printed no {prefix:?} line");
         }
     }
     let t = start.elapsed();
@@ -594,6 +608,61 @@ fn main() {
         q,
         Some(floor),
     );
+    for n in [1u32, 8, 64] {
+        let vcpus = n.to_string();
+        let ours = measure(r, || {
+            first_marker_ms(Command::new(minimal_bin()).args(["--debugcon", "--vcpus", &vcpus]))
+        });
+        let q = qemu_stat(&mut || {
+            first_marker_ms(&mut qemu_command_on(
+                "microvm,acpi=on",
+                &image,
+                "testguest.run=hello",
+                &[
+                    "-smp",
+                    &vcpus,
+                    "-chardev",
+                    "file,id=dbg,path=/dev/stderr",
+                    "-device",
+                    "isa-debugcon,iobase=0xe9,chardev=dbg",
+                ],
+            ))
+        });
+        row(
+            &format!("{n} vCPUs: process start to the guest's first instruction, ms"),
+            ours,
+            q,
+            None,
+        );
+        let ours = measure(r, || {
+            until_line_ms(
+                Command::new(minimal_bin()).args([
+                    "--vcpus",
+                    &vcpus,
+                    "--cmdline",
+                    "testguest.run=smp",
+                ]),
+                "testguest: smp",
+            )
+        });
+        let q = qemu_stat(&mut || {
+            until_line_ms(
+                &mut qemu_command_on(
+                    "microvm,acpi=on",
+                    &image,
+                    "testguest.run=smp",
+                    &["-smp", &vcpus],
+                ),
+                "testguest: smp",
+            )
+        });
+        row(
+            &format!("{n} vCPUs: process start to every vCPU up (the guest's smp report), ms"),
+            ours,
+            q,
+            None,
+        );
+    }
     let whole = "testguest.run=hello,exit testguest.exit=0";
     let ours = measure(r, || {
         whole_run_ms(Command::new(minimal_bin()).args(["--cmdline", whole]))
