@@ -111,6 +111,10 @@ struct Args {
     /// append), `pty` (a new pseudo-terminal, its path on stderr) or `none`.
     #[arg(long, value_name = "stdio|file=PATH[,append]|pty|none", default_value = "stdio", value_parser = parse_serial)]
     serial: Serial,
+    /// Do not announce the virtio devices with `virtio_mmio.device=` entries
+    /// on the kernel command line (the ACPI DSDT describes them anyway).
+    #[arg(long)]
+    no_virtio_cmdline: bool,
     /// Put a debug console on port 0xE9 (as Bochs and QEMU's isa-debugcon),
     /// its output on stderr. The test guest writes '!' there at its first
     /// instruction.
@@ -445,6 +449,7 @@ fn main() -> ExitCode {
             Serial::Stdio | Serial::None => SerialConfig::Host,
         },
         debugcon: args.debugcon,
+        virtio_cmdline: !args.no_virtio_cmdline,
         // This process runs one VM: confine its main thread too.
         seccomp: if args.no_seccomp {
             SeccompPolicy::Disabled

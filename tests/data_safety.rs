@@ -274,12 +274,14 @@ fn the_serial_console_can_be_a_pty() {
         .expect("start");
     let mut err = std::io::BufReader::new(child.stderr.take().expect("stderr"));
     let mut line = String::new();
-    std::io::BufRead::read_line(&mut err, &mut line).expect("stderr line");
-    let path = line
-        .trim()
-        .strip_prefix("vmm: serial console on ")
-        .unwrap_or_else(|| panic!("no pty path: {line}"))
-        .to_string();
+    let path = loop {
+        line.clear();
+        let n = std::io::BufRead::read_line(&mut err, &mut line).expect("stderr line");
+        assert!(n > 0, "no pty path on stderr");
+        if let Some(p) = line.trim().strip_prefix("vmm: serial console on ") {
+            break p.to_string();
+        }
+    };
     let mut pty = std::fs::OpenOptions::new()
         .read(true)
         .write(true)

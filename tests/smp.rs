@@ -146,3 +146,24 @@ fn starting_the_processors_again_leaves_the_vmm_working() {
     }
     assert!(reports.iter().any(|r| r.event == "hello"));
 }
+
+#[test]
+fn devices_can_be_left_off_the_command_line_and_still_be_found_in_acpi() {
+    require_kvm();
+    let out = run_minimal(&[
+        "--rng",
+        "--no-virtio-cmdline",
+        "--cmdline",
+        "testguest.run=acpi,probe,exit testguest.exit=0",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    let reports = parse_output(&stdout(&out));
+    let find = |e: &str| reports.iter().find(|r| r.event == e).expect("report");
+    assert_eq!(find("acpi").get_u64("virtio_mmio"), Some(1), "in the DSDT");
+    let boot = find("boot");
+    assert_eq!(
+        boot.get_u64("virtio_entries"),
+        Some(0),
+        "not on the command line"
+    );
+}

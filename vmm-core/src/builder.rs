@@ -78,6 +78,7 @@ pub struct VmBuilder {
     outputs: Vec<(&'static str, OutputStatus)>,
     held: Vec<File>,
     serial_pty: Option<PathBuf>,
+    virtio_cmdline: bool,
     cmdline: String,
     protocol: ProtocolChoice,
     vcpus: u8,
@@ -143,6 +144,7 @@ impl VmBuilder {
             outputs: Vec::new(),
             held: Vec::new(),
             serial_pty: None,
+            virtio_cmdline: true,
             cmdline: DEFAULT_CMDLINE.to_string(),
             protocol: ProtocolChoice::Auto,
             vcpus: 1,
@@ -181,7 +183,8 @@ impl VmBuilder {
             .vcpus(config.vcpus)
             .seccomp(config.seccomp)
             .exit_port(config.exit_port)
-            .debugcon(config.debugcon);
+            .debugcon(config.debugcon)
+            .virtio_cmdline_entries(config.virtio_cmdline);
         if let Some(initrd) = &config.initrd {
             b.initrd(initrd);
         }
@@ -362,6 +365,14 @@ impl VmBuilder {
     /// The kernel command line (the virtio devices' entries are appended).
     pub fn cmdline(&mut self, cmdline: &str) -> &mut Self {
         self.cmdline = cmdline.trim().to_string();
+        self
+    }
+
+    /// Whether the virtio-mmio devices are announced on the command line
+    /// (`virtio_mmio.device=` entries, on by default). The DSDT describes
+    /// them either way, for kernels that read ACPI.
+    pub fn virtio_cmdline_entries(&mut self, on: bool) -> &mut Self {
+        self.virtio_cmdline = on;
         self
     }
 
@@ -683,6 +694,9 @@ impl VmBuilder {
 
     fn full_cmdline(&self) -> String {
         let mut cmdline = self.cmdline.clone();
+        if !self.virtio_cmdline {
+            return cmdline;
+        }
         for slot in &self.virtio {
             if !cmdline.is_empty() {
                 cmdline.push(' ');

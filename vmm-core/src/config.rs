@@ -59,6 +59,9 @@ pub struct VmConfig {
     /// Put a debug console (port 0xE9) on the bus, writing to
     /// [`HostIo::debugcon_out`].
     pub debugcon: bool,
+    /// Announce the virtio-mmio devices on the command line too
+    /// (`virtio_mmio.device=`); the DSDT describes them either way.
+    pub virtio_cmdline: bool,
 }
 
 impl Default for VmConfig {
@@ -78,6 +81,7 @@ impl Default for VmConfig {
             serial: SerialConfig::Host,
             seccomp: SeccompPolicy::default(),
             debugcon: false,
+            virtio_cmdline: true,
         }
     }
 }

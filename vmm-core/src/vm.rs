@@ -88,6 +88,27 @@ impl VmState {
     }
 }
 
+/// KVM modules known not to apply `KVM_SET_CPUID2` fully: the guest sees
+/// most of the host's CPUID bits whatever the VMM sets (its APIC IDs and
+/// topology included).
+const CPUID_IGNORING_MODULES: &[&str] = &["kvm_pvm"];
+
+/// Says once, as a warning, when this host's KVM is one of
+/// [`CPUID_IGNORING_MODULES`].
+fn warn_if_cpuid_is_not_honoured() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        for m in CPUID_IGNORING_MODULES {
+            if std::path::Path::new("/sys/module").join(m).exists() {
+                log::warn!(
+                    "this host's KVM ({m}) does not apply KVM_SET_CPUID2 fully: the guest sees \
+                     most of the host's CPUID bits, whatever topology and features this VMM sets"
+                );
+            }
+        }
+    });
+}
+
 fn kvm_err(what: &'static str) -> impl FnOnce(errno::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
@@ -121,6 +142,7 @@ impl Vm {
                 return Err(VmError::MissingCapability(cap));
             }
         }
+        warn_if_cpuid_is_not_honoured();
         let fd = kvm.create_vm().map_err(kvm_err("VM creation"))?;
         fd.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_err("TSS address setup"))?;
