@@ -97,7 +97,7 @@ fn vcpu_counts_that_cannot_work_are_refused() {
 #[test]
 fn the_guest_starts_its_application_processors_which_all_run_at_once() {
     require_kvm();
-    for vcpus in [2u64, 4, 64] {
+    for vcpus in [1u64, 2, 4, 64] {
         for protocol in ["pvh", "linux64"] {
             let n = vcpus.to_string();
             let out = run_minimal(&[

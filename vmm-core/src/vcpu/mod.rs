@@ -172,7 +172,7 @@ pub fn boot_regs(s: &BootCpuState) -> kvm_regs {
 
 /// What vCPU `id` of `vcpus` is shown of one CPUID entry: its APIC ID, a
 /// topology of `vcpus` cores with one thread each in one package (leaves
-/// 0x1, 0xB and AMD's 0x8000001E), and the hypervisor bit. Every other bit
+/// 0x1, 0xB, 0x1F and AMD's 0x8000001E), and the hypervisor bit. Every other bit
 /// is what KVM supports on this host. (Some nested hosts do not apply
 /// KVM_SET_CPUID2 fully; the guest then sees the host's own values there.)
 pub fn cpuid_entry_for(e: &mut kvm_bindings::kvm_cpuid_entry2, id: u8, vcpus: u8) {
@@ -190,7 +190,8 @@ pub fn cpuid_entry_for(e: &mut kvm_bindings::kvm_cpuid_entry2, id: u8, vcpus: u8
             }
             e.ecx |= 1 << 31; // a hypervisor is present
         }
-        0xb => {
+        // 0x1F is 0xB's successor, with the same layout for these levels.
+        0xb | 0x1f => {
             let (shift, processors, level_type) = match e.index {
                 0 => (0, 1, 1),             // SMT level: one thread per core
                 1 => (core_bits, count, 2), // core level: every vCPU
@@ -391,12 +392,14 @@ mod tests {
         assert_eq!(e.ebx & 0xffff, 0x0800, "the rest kept");
         assert_ne!(e.edx & (1 << 28), 0);
         assert_ne!(e.ecx & (1 << 31), 0, "hypervisor bit");
-        let mut smt = entry(0xb, 0);
-        let mut core = entry(0xb, 1);
-        cpuid_entry_for(&mut smt, 5, 8);
-        cpuid_entry_for(&mut core, 5, 8);
-        assert_eq!((smt.eax, smt.ebx, smt.ecx >> 8, smt.edx), (0, 1, 1, 5));
-        assert_eq!((core.eax, core.ebx, core.ecx >> 8, core.edx), (3, 8, 2, 5));
+        for leaf in [0xb, 0x1f] {
+            let mut smt = entry(leaf, 0);
+            let mut core = entry(leaf, 1);
+            cpuid_entry_for(&mut smt, 5, 8);
+            cpuid_entry_for(&mut core, 5, 8);
+            assert_eq!((smt.eax, smt.ebx, smt.ecx >> 8, smt.edx), (0, 1, 1, 5));
+            assert_eq!((core.eax, core.ebx, core.ecx >> 8, core.edx), (3, 8, 2, 5));
+        }
         let mut one = entry(1, 0);
         one.edx = 1 << 28;
         cpuid_entry_for(&mut one, 0, 1);
