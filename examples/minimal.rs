@@ -83,7 +83,7 @@ struct Args {
     /// Guest RAM: a number of MiB, or with a unit: 512M, 2G, 1024MiB.
     #[arg(long, value_name = "SIZE", default_value = "128", value_parser = parse_mem)]
     mem: u64,
-    /// Number of vCPUs (only 1 is supported for now).
+    /// Number of vCPUs, 1-254 (more than the host has CPUs: a warning).
     #[arg(long, value_name = "N", default_value_t = 1)]
     vcpus: u8,
     /// Boot protocol.

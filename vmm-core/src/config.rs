@@ -32,7 +32,7 @@ pub enum KernelSource {
 pub struct VmConfig {
     /// Guest RAM in MiB.
     pub mem_mib: u64,
-    /// Number of vCPUs (only 1 for now).
+    /// Number of vCPUs (1-254).
     pub vcpus: u8,
     /// The kernel.
     pub kernel: KernelSource,
