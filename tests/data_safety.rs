@@ -452,3 +452,34 @@ fn a_disk_write_the_host_refuses_is_an_ioerr_for_the_guest_and_a_warning_for_the
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn console_and_serial_destinations_that_make_no_sense_are_usage_errors() {
+    for args in [
+        ["--serial", "tty"],
+        ["--serial", "file="],
+        ["--serial", "file=,append"],
+        ["--serial", "pty=x"],
+        ["--console", "file="],
+        ["--console", "stdin"],
+    ] {
+        let out = run_minimal(&args);
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("invalid value"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+        assert!(!stderr(&out).contains("panicked"));
+    }
+    let dir = TempFile::new("anchor", b"");
+    let parent = dir.path.parent().expect("dir").to_str().expect("utf-8");
+    assert_clean_failure(
+        &run_minimal(&["--serial", &format!("file={parent}")]),
+        "is a directory",
+    );
+    assert_clean_failure(
+        &run_minimal(&["--serial", "file=/nonexistent/dir/serial.log"]),
+        "cannot open serial output",
+    );
+}

@@ -11,40 +11,59 @@ use vmm_kit::core::{HostIo, KernelSource, StopCause, VmConfig, VmExit, Vmm};
 use vmm_kit::kvm_bindings;
 use vmm_kit::testguest::parse_output;
 
+/// Runs `scenario` then exit 0 with `vcpus` vCPUs through each boot
+/// protocol, with `extra` flags, and hands each run's report of `scenario`
+/// to `check`.
+fn for_each_protocol(
+    vcpus: u64,
+    scenario: &str,
+    extra: &[&str],
+    check: impl Fn(&str, &vmm_kit::testguest::Report),
+) {
+    for protocol in ["pvh", "linux64"] {
+        let n = vcpus.to_string();
+        let cmdline = format!("testguest.run={scenario},exit testguest.exit=0");
+        let mut args = vec![
+            "--vcpus",
+            &n,
+            "--boot-protocol",
+            protocol,
+            "--cmdline",
+            &cmdline,
+        ];
+        args.extend_from_slice(extra);
+        let out = run_minimal(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{vcpus} {protocol}: {}",
+            stdout(&out)
+        );
+        let report = parse_output(&stdout(&out))
+            .into_iter()
+            .find(|r| r.event == scenario)
+            .unwrap_or_else(|| panic!("no {scenario} report: {}", stdout(&out)));
+        check(protocol, &report);
+    }
+}
+
 #[test]
 fn the_guest_finds_every_vcpu_and_device_in_the_acpi_tables() {
     require_kvm();
     let disk = common::TempFile::new("smp.img", &[0u8; 4096]);
     let ro = format!("{},ro", disk.arg());
     for vcpus in [1, 2, 4, 64] {
-        for protocol in ["pvh", "linux64"] {
-            let n = vcpus.to_string();
-            let out = run_minimal(&[
-                "--vcpus",
-                &n,
-                "--boot-protocol",
-                protocol,
-                "--rng",
-                "--disk",
-                &ro,
-                "--cmdline",
-                "testguest.run=acpi,exit testguest.exit=0",
-            ]);
-            assert_eq!(
-                out.status.code(),
-                Some(0),
-                "{vcpus} {protocol}: {}",
-                stdout(&out)
-            );
-            let acpi = parse_output(&stdout(&out))
-                .into_iter()
-                .find(|r| r.event == "acpi")
-                .unwrap_or_else(|| panic!("no acpi report: {}", stdout(&out)));
-            assert_eq!(acpi.get_u64("cpus"), Some(vcpus), "{protocol}");
-            assert_eq!(acpi.get_u64("ioapics"), Some(1));
-            assert_eq!(acpi.get_u64("virtio_mmio"), Some(2), "the disk and the rng");
-            assert_eq!(acpi.get_u64("serial"), Some(1), "COM1");
-        }
+        for_each_protocol(
+            vcpus,
+            "acpi",
+            &["--rng", "--disk", &ro],
+            |protocol, acpi| {
+                assert_eq!(acpi.get_u64("cpus"), Some(vcpus), "{protocol}");
+                assert_eq!(acpi.get_u64("ioapics"), Some(1));
+                assert_eq!(acpi.get_u64("virtio_mmio"), Some(2), "the disk and the rng");
+                assert_eq!(acpi.get_u64("serial"), Some(1), "COM1");
+            },
+        );
     }
 }
 
@@ -98,31 +117,12 @@ fn vcpu_counts_that_cannot_work_are_refused() {
 fn the_guest_starts_its_application_processors_which_all_run_at_once() {
     require_kvm();
     for vcpus in [1u64, 2, 4, 64] {
-        for protocol in ["pvh", "linux64"] {
-            let n = vcpus.to_string();
-            let out = run_minimal(&[
-                "--vcpus",
-                &n,
-                "--boot-protocol",
-                protocol,
-                "--cmdline",
-                "testguest.run=smp,exit testguest.exit=0",
-            ]);
-            assert_eq!(
-                out.status.code(),
-                Some(0),
-                "{vcpus} {protocol}: {}",
-                stdout(&out)
-            );
-            let smp = parse_output(&stdout(&out))
-                .into_iter()
-                .find(|r| r.event == "smp")
-                .expect("smp report");
-            assert_eq!(smp.get_u64("cpus"), Some(vcpus));
+        for_each_protocol(vcpus, "smp", &[], |protocol, smp| {
+            assert_eq!(smp.get_u64("cpus"), Some(vcpus), "{protocol}");
             assert_eq!(smp.get_u64("started"), Some(vcpus - 1), "every AP ran");
             assert_eq!(smp.get_u64("together"), Some(vcpus - 1), "all at once");
             assert_eq!(smp.get("apic_ids"), Some("ok"), "each with its own APIC ID");
-        }
+        });
     }
 }
 
