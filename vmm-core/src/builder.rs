@@ -6,6 +6,7 @@ use std::io::{self, Cursor, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use vmm_devices::metrics::{DeviceMetrics, MetricsRegistry};
 
 use libc::c_int;
 use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
@@ -96,6 +97,7 @@ pub struct VmBuilder {
     stop_signals: Vec<c_int>,
     events: VmEventSender,
     receiver: std::sync::mpsc::Receiver<VmEvent>,
+    metrics: MetricsRegistry,
 }
 
 fn check_vcpus(n: u8) -> Result<(), VmmError> {
@@ -162,6 +164,7 @@ impl VmBuilder {
             stop_signals: Vec::new(),
             events,
             receiver,
+            metrics: MetricsRegistry::default(),
         })
     }
 
@@ -193,7 +196,10 @@ impl VmBuilder {
             b.add_disk(d)?;
         }
         if config.rng {
-            b.add_virtio(Rng::new())?;
+            let rng = Rng::new();
+            b.metrics
+                .register("entropy", DeviceMetrics::Entropy(rng.metrics()));
+            b.add_virtio(rng)?;
         }
         match &config.console {
             None => {}
@@ -308,6 +314,12 @@ impl VmBuilder {
         }
         let block =
             Block::from_file(file, disk.read_only, disk.serial.as_deref()).map_err(disk_err)?;
+        let name = match &disk.serial {
+            Some(id) => format!("block_{id}"),
+            None => format!("block_{}", self.disks.len()),
+        };
+        self.metrics
+            .register(name, DeviceMetrics::Block(block.metrics()));
         let input = OpenedInput {
             what: "disk image",
             path: disk.path.clone(),
@@ -549,13 +561,22 @@ impl VmBuilder {
         self
     }
 
+    /// The registry of device counters: the built-in devices register
+    /// theirs; a device of the caller's own may add its own.
+    pub fn metrics(&self) -> MetricsRegistry {
+        self.metrics.clone()
+    }
+
     /// The legacy PC devices every VM gets: COM1, the i8042 (for reset), the
     /// debug-exit port and, if asked, the debug console.
     fn add_legacy_devices(&mut self) -> Result<Arc<Mutex<SerialDevice>>, VmmError> {
         let (_, irq) = self.interrupt_line(Some(COM1_IRQ))?;
         let out = std::mem::replace(&mut self.io.serial_out, Box::new(io::sink()));
         let out = self.buffered_output("serial output", out);
-        let serial = Arc::new(Mutex::new(Serial::new(irq, out)));
+        let serial = Serial::new(irq, out);
+        self.metrics
+            .register("uart", DeviceMetrics::Uart(serial.metrics()));
+        let serial = Arc::new(Mutex::new(serial));
         self.add_pio_device("COM1", COM1_PORT, COM1_PORT_SIZE, serial.clone())?;
         let i8042 = I8042::new(self.events.trigger(|| VmEvent::ResetRequested));
         self.add_pio_device(
@@ -625,6 +646,7 @@ impl VmBuilder {
             stop_signals: self.stop_signals,
             events: self.events,
             receiver: self.receiver,
+            metrics: self.metrics,
             serial,
             outputs: self.outputs,
             held: self.held,

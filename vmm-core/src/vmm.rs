@@ -8,6 +8,7 @@ use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
+use vmm_devices::metrics::MetricsRegistry;
 
 use libc::{c_int, c_void, siginfo_t};
 use vm_device::device_manager::IoManager;
@@ -126,6 +127,7 @@ pub(crate) struct Parts {
     pub stop_signals: Vec<c_int>,
     pub events: VmEventSender,
     pub receiver: Receiver<VmEvent>,
+    pub metrics: MetricsRegistry,
     pub serial: Arc<Mutex<SerialDevice>>,
     pub outputs: Vec<(&'static str, OutputStatus)>,
     pub held: Vec<std::fs::File>,
@@ -144,6 +146,7 @@ struct Running {
 struct Control {
     running: Mutex<Option<Running>>,
     events: VmEventSender,
+    metrics: MetricsRegistry,
 }
 
 impl Control {
@@ -260,6 +263,11 @@ impl VmHandle {
     pub fn events(&self) -> VmEventSender {
         self.events.clone()
     }
+
+    /// The counters of the VM's devices.
+    pub fn metrics(&self) -> MetricsRegistry {
+        self.control.metrics.clone()
+    }
 }
 
 /// A VM built and ready to [`start`](Vmm::start) or [`run`](Vmm::run).
@@ -280,6 +288,7 @@ impl Vmm {
         let control = Arc::new(Control {
             running: Mutex::new(None),
             events: parts.events.clone(),
+            metrics: parts.metrics.clone(),
         });
         Self { parts, control }
     }

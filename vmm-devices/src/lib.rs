@@ -30,6 +30,7 @@
 pub mod host_files;
 mod interrupt;
 pub mod legacy;
+pub mod metrics;
 pub mod persist;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;

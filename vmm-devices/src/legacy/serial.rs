@@ -1,5 +1,8 @@
 //! The COM1 8250/16550 UART, on vm-superio.
 
+use std::sync::Arc;
+
+use crate::metrics::UartMetrics;
 use std::io::Write;
 
 use serde::{Deserialize, Serialize};
@@ -26,6 +29,7 @@ pub const SERIAL_FIFO_SIZE: usize = 64;
 pub struct Serial<T: Trigger, W: Write> {
     inner: vm_superio::Serial<T, NoEvents, W>,
     lost_output: u64,
+    metrics: Arc<UartMetrics>,
 }
 
 impl<T: Trigger, W: Write> Serial<T, W> {
@@ -34,7 +38,13 @@ impl<T: Trigger, W: Write> Serial<T, W> {
         Self {
             inner: vm_superio::Serial::new(interrupt, out),
             lost_output: 0,
+            metrics: Arc::default(),
         }
+    }
+
+    /// The port's counters.
+    pub fn metrics(&self) -> Arc<UartMetrics> {
+        self.metrics.clone()
     }
 
     /// Reads register `offset` (0-7).
@@ -45,8 +55,15 @@ impl<T: Trigger, W: Write> Serial<T, W> {
     /// Writes register `offset` (0-7). Output the host cannot take is counted
     /// in [`Serial::lost_output`]; the guest is never blocked.
     pub fn write(&mut self, offset: u8, value: u8) {
+        // Offset 0 is the transmit register unless the divisor latch is
+        // open (LCR bit 7; reading LCR has no side effect).
+        let transmit = offset == 0 && self.inner.read(3) & 0x80 == 0;
+        if transmit {
+            self.metrics.write_count.inc();
+        }
         if let Err(e) = self.inner.write(offset, value) {
             self.lost_output += 1;
+            self.metrics.missed_write_count.inc();
             log::debug!("serial: write of register {offset}: {e:?}");
         }
     }
@@ -59,7 +76,10 @@ impl<T: Trigger, W: Write> Serial<T, W> {
             return 0;
         }
         match self.inner.enqueue_raw_bytes(&bytes[..room]) {
-            Ok(n) => n,
+            Ok(n) => {
+                self.metrics.read_count.add(n as u64);
+                n
+            }
             Err(e) => {
                 log::debug!("serial: input: {e:?}");
                 0
@@ -128,6 +148,7 @@ impl<T: Trigger, W: Write> Persist for Serial<T, W> {
         Ok(Self {
             inner,
             lost_output: 0,
+            metrics: Arc::default(),
         })
     }
 }

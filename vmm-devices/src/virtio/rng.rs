@@ -5,12 +5,14 @@
 //! host draw unbounded entropy or memory.
 
 use std::io::Write;
+use std::sync::Arc;
 
 use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryBackend;
 
 use serde::{Deserialize, Serialize};
 
+use crate::metrics::EntropyMetrics;
 use crate::persist::{Persist, RestoreError};
 
 use super::{
@@ -48,6 +50,7 @@ pub struct Rng<M> {
     common: VirtioCommon<M>,
     buf: Vec<u8>,
     broken_chains: u64,
+    metrics: Arc<EntropyMetrics>,
 }
 
 impl<M> Default for Rng<M> {
@@ -60,6 +63,7 @@ impl<M> Default for Rng<M> {
             ),
             buf: vec![0; CHUNK],
             broken_chains: 0,
+            metrics: Arc::default(),
         }
     }
 }
@@ -74,9 +78,15 @@ impl<M> Rng<M> {
     pub fn broken_chains(&self) -> u64 {
         self.broken_chains
     }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> Arc<EntropyMetrics> {
+        self.metrics.clone()
+    }
 }
 
 fn answer<M: GuestMemoryBackend>(
+    metrics: &EntropyMetrics,
     buf: &mut [u8],
     mem: &M,
     chain: DescriptorChain<&M>,
@@ -88,6 +98,7 @@ fn answer<M: GuestMemoryBackend>(
         let n = (total - done).min(buf.len());
         if fill_random(&mut buf[..n]).is_err() {
             log::error!("virtio-rng: getrandom failed");
+            metrics.host_rng_fails.inc();
             break;
         }
         if w.write_all(&buf[..n]).is_err() {
@@ -95,6 +106,8 @@ fn answer<M: GuestMemoryBackend>(
         }
         done += n;
     }
+    metrics.entropy_event_count.inc();
+    metrics.entropy_bytes.add(done as u64);
     Some(done as u32)
 }
 
@@ -132,10 +145,12 @@ impl<M: GuestMemoryBackend + Send + 'static> VirtioDevice<M> for Rng<M> {
 
     fn process_queue(&mut self, index: usize) -> bool {
         let buf = &mut self.buf;
-        let done = self
-            .common
-            .drain(index, "virtio-rng", |mem, chain| answer(buf, mem, chain));
+        let metrics = &*self.metrics;
+        let done = self.common.drain(index, "virtio-rng", |mem, chain| {
+            answer(metrics, buf, mem, chain)
+        });
         self.broken_chains += done.broken_chains;
+        metrics.entropy_event_fails.add(done.broken_chains);
         done.more
     }
 }

@@ -5,6 +5,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
@@ -21,6 +22,7 @@ use super::request::{
 use serde::{Deserialize, Serialize};
 
 use crate::host_files::{lock_image, open_input, HostFileError, InputKind};
+use crate::metrics::BlockMetrics;
 use crate::persist::{Persist, RestoreError};
 use crate::virtio::{
     read_config_bytes, VirtioCommon, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
@@ -108,6 +110,7 @@ struct Backend {
     id: [u8; ID_BYTES],
     buf: Vec<u8>,
     broken_chains: u64,
+    metrics: Arc<BlockMetrics>,
 }
 
 /// Why a request's I/O failed: the host (logged), or the guest's buffers.
@@ -161,11 +164,41 @@ impl Backend {
         let readable = reader.available_bytes();
         let (status, written) = match Request::parse(&mut reader, readable, writable - 1, self.disk)
         {
-            Ok(request) => self.execute(request, mem, data_chain, &mut reader, &mut writer),
-            Err(e) => (e.status(), 0),
+            Ok(request) => {
+                let kind = request;
+                let (status, written) =
+                    self.execute(request, mem, data_chain, &mut reader, &mut writer);
+                self.count(&kind, status);
+                (status, written)
+            }
+            Err(e) => {
+                self.metrics.invalid_reqs_count.inc();
+                (e.status(), 0)
+            }
         };
         status_writer.write_all(&[status]).ok()?;
         Some(written + 1)
+    }
+
+    /// Counts a request the device executed.
+    fn count(&self, request: &Request, status: Status) {
+        let m = &self.metrics;
+        if status != S_OK {
+            m.execute_fails.inc();
+            return;
+        }
+        match *request {
+            Request::In { len, .. } => {
+                m.read_count.inc();
+                m.read_bytes.add(len);
+            }
+            Request::Out { len, .. } => {
+                m.write_count.inc();
+                m.write_bytes.add(len);
+            }
+            Request::Flush => m.flush_count.inc(),
+            Request::GetId | Request::Discard { .. } => {}
+        }
     }
 
     /// Executes a checked request; returns its status and the data bytes
@@ -404,6 +437,7 @@ impl<M> Block<M> {
                 id,
                 buf: vec![0; CHUNK],
                 broken_chains: 0,
+                metrics: Arc::default(),
             },
             config,
             common: VirtioCommon::new(TYPE_BLOCK, features, &[BLOCK_QUEUE_SIZE]),
@@ -424,6 +458,11 @@ impl<M> Block<M> {
     /// guest memory).
     pub fn broken_chains(&self) -> u64 {
         self.backend.broken_chains
+    }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> Arc<BlockMetrics> {
+        self.backend.metrics.clone()
     }
 }
 
@@ -513,6 +552,8 @@ impl<M: GuestMemoryBackend + Send + 'static> VirtioDevice<M> for Block<M> {
             .common
             .drain(index, "virtio-blk", |mem, chain| backend.handle(mem, chain));
         backend.broken_chains += done.broken_chains;
+        backend.metrics.queue_event_count.inc();
+        backend.metrics.event_fails.add(done.broken_chains);
         done.more
     }
 }

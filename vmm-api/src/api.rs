@@ -1,0 +1,514 @@
+//! [`Api`]: Firecracker's resources on [`VmController`]. It keeps the
+//! resources as the client sent them (what `GET /vm/config` returns) and
+//! applies each change to the controller's [`VmConfig`], so a refused
+//! change leaves both as they were.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::PathBuf;
+
+use serde_json::Value;
+use vmm_core::{DiskConfig, KernelSource, LifecycleError, LifecycleState, VmConfig, VmController};
+use vmm_memory::RamBacking;
+
+use crate::logger::ApiLogger;
+use crate::metrics::{ApiCounters, MetricsSink};
+use crate::model::*;
+use crate::request::{ApiError, ApiRequest};
+
+/// What a request answered: a JSON body (200) or nothing (204).
+pub type ApiResponse = Result<Option<Value>, ApiError>;
+
+/// The application name `GET /` reports.
+pub const APP_NAME: &str = "vmm-kit";
+
+/// This VMM's version, as `GET /version` and `GET /` report it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+impl From<LifecycleError> for ApiError {
+    fn from(e: LifecycleError) -> Self {
+        let msg = match &e {
+            LifecycleError::AfterStart => {
+                "The requested operation is not supported after starting the microVM.".to_string()
+            }
+            LifecycleError::BeforeStart => {
+                "The requested operation is not supported before starting the microVM.".to_string()
+            }
+            other => {
+                let mut m = other.to_string();
+                let mut src = std::error::Error::source(other);
+                while let Some(s) = src {
+                    m.push_str(&format!(": {s}"));
+                    src = s.source();
+                }
+                m
+            }
+        };
+        ApiError::Lifecycle(msg)
+    }
+}
+
+/// Firecracker's resources over a VM's lifecycle.
+pub struct Api {
+    controller: VmController,
+    id: String,
+    view: FullVmConfiguration,
+    boot_source_set: bool,
+    counters: ApiCounters,
+    metrics: MetricsSink,
+}
+
+fn unsupported_limiter(what: &str, limiter: &Option<Value>) -> Result<(), ApiError> {
+    match limiter {
+        None | Some(Value::Null) => Ok(()),
+        Some(_) => Err(ApiError::NotSupported(format!("a rate limiter on {what}"))),
+    }
+}
+
+/// Opens a log or metrics destination for appending, creating a file if
+/// there is none; a named pipe is opened without blocking for a reader.
+fn open_sink(path: &str) -> Result<File, ApiError> {
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| ApiError::Invalid(format!("cannot open {path}: {e}")))
+}
+
+/// Checks that `path` names a file (or block device, for drives) this
+/// process can see.
+fn check_file(what: &str, path: &str, block_ok: bool) -> Result<(), ApiError> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| ApiError::Invalid(format!("cannot use {path} as the {what}: {e}")))?;
+    let ft = meta.file_type();
+    if ft.is_file() || (block_ok && ft.is_block_device()) {
+        Ok(())
+    } else {
+        Err(ApiError::Invalid(format!(
+            "cannot use {path} as the {what}: not a regular file"
+        )))
+    }
+}
+
+impl Api {
+    /// The API of the VM `controller` manages, for instance `id`. The
+    /// machine configuration starts from the controller's.
+    pub fn new(controller: VmController, id: impl Into<String>) -> Self {
+        let config = controller.config();
+        let view = FullVmConfiguration {
+            machine_config: Some(MachineConfig {
+                vcpu_count: config.vcpus.into(),
+                mem_size_mib: config.mem_mib,
+                huge_pages: match config.ram_backing {
+                    RamBacking::HugePages => HugePages::Hugetlbfs2M,
+                    _ => HugePages::None,
+                },
+                ..MachineConfig::default()
+            }),
+            ..FullVmConfiguration::default()
+        };
+        let boot_source_set = !matches!(config.kernel, KernelSource::Bytes(b) if b.is_empty());
+        Self {
+            controller,
+            id: id.into(),
+            view,
+            boot_source_set,
+            counters: ApiCounters::default(),
+            metrics: MetricsSink::default(),
+        }
+    }
+
+    /// The controller this API drives.
+    pub fn controller(&self) -> &VmController {
+        &self.controller
+    }
+
+    /// The metrics destination (shared: flush it at the end of a run too).
+    pub fn metrics(&self) -> MetricsSink {
+        self.metrics.clone()
+    }
+
+    /// Writes a metrics line now, if a destination is set.
+    pub fn flush_metrics(&self) -> Result<(), crate::metrics::MetricsError> {
+        let registry = self.controller.handle().ok().map(|h| h.metrics());
+        self.metrics.flush(registry.as_ref(), &self.counters)
+    }
+
+    /// Applies a whole configuration (the config file's), as the matching
+    /// `PUT` requests would, in Firecracker's order.
+    pub fn apply(&mut self, config: FullVmConfiguration) -> Result<(), ApiError> {
+        if !config.network_interfaces.is_empty() {
+            return Err(ApiError::NotSupported("network-interfaces".into()));
+        }
+        for (name, present) in [
+            ("vsock", config.vsock.is_some()),
+            ("balloon", config.balloon.is_some()),
+            ("mmds-config", config.mmds_config.is_some()),
+            ("cpu-config", config.cpu_config.is_some()),
+            ("memory-hotplug", config.memory_hotplug.is_some()),
+            ("pmem", !config.pmem.is_empty()),
+        ] {
+            if present {
+                return Err(ApiError::NotSupported(name.into()));
+            }
+        }
+        if let Some(l) = config.logger {
+            self.put_logger(l)?;
+        }
+        if let Some(m) = config.metrics {
+            self.put_metrics(m)?;
+        }
+        if let Some(m) = config.machine_config {
+            self.put_machine(m)?;
+        }
+        if let Some(b) = config.boot_source {
+            self.put_boot_source(b)?;
+        }
+        for d in config.drives {
+            self.put_drive(d)?;
+        }
+        if let Some(e) = config.entropy {
+            self.put_entropy(e)?;
+        }
+        Ok(())
+    }
+
+    /// Handles one request.
+    pub fn handle(&mut self, request: ApiRequest) -> ApiResponse {
+        let (group, name) = metric_name(&request);
+        let out = self.dispatch(request);
+        self.counters.count(group, name);
+        if out.is_err() && group != "get_api_requests" {
+            self.counters.count(group, fail_name(name));
+        }
+        out
+    }
+
+    fn dispatch(&mut self, request: ApiRequest) -> ApiResponse {
+        match request {
+            ApiRequest::GetInstanceInfo => Ok(Some(serde_json::to_value(InstanceInfo {
+                app_name: APP_NAME.into(),
+                id: self.id.clone(),
+                state: match self.controller.state() {
+                    LifecycleState::NotStarted => "Not started",
+                    LifecycleState::Running => "Running",
+                    LifecycleState::Paused | LifecycleState::Ended => "Paused",
+                }
+                .into(),
+                vmm_version: VERSION.into(),
+            })?)),
+            ApiRequest::GetVersion => Ok(Some(serde_json::to_value(VersionInfo {
+                firecracker_version: VERSION.into(),
+            })?)),
+            ApiRequest::GetMachineConfig => Ok(Some(serde_json::to_value(
+                self.view.machine_config.clone().unwrap_or_default(),
+            )?)),
+            ApiRequest::PutMachineConfig(m) => self.put_machine(m).map(|_| None),
+            ApiRequest::PatchMachineConfig(u) => {
+                let mut m = self.view.machine_config.clone().unwrap_or_default();
+                if let Some(v) = u.vcpu_count {
+                    m.vcpu_count = v;
+                }
+                if let Some(v) = u.mem_size_mib {
+                    m.mem_size_mib = v;
+                }
+                if let Some(v) = u.smt {
+                    m.smt = v;
+                }
+                if let Some(v) = u.cpu_template {
+                    m.cpu_template = Some(v);
+                }
+                if let Some(v) = u.track_dirty_pages {
+                    m.track_dirty_pages = v;
+                }
+                if let Some(v) = u.huge_pages {
+                    m.huge_pages = v;
+                }
+                self.put_machine(m).map(|_| None)
+            }
+            ApiRequest::PutBootSource(b) => self.put_boot_source(b).map(|_| None),
+            ApiRequest::PutDrive(d) => self.put_drive(d).map(|_| None),
+            ApiRequest::PatchDrive(d) => self.patch_drive(d).map(|_| None),
+            ApiRequest::PutEntropy(e) => self.put_entropy(e).map(|_| None),
+            ApiRequest::Action(ActionType::InstanceStart) => {
+                if !self.boot_source_set && self.controller.state() == LifecycleState::NotStarted {
+                    return Err(ApiError::Invalid(
+                        "Cannot start microvm without kernel configuration (PUT /boot-source first)."
+                            .into(),
+                    ));
+                }
+                self.controller.start()?;
+                Ok(None)
+            }
+            ApiRequest::Action(ActionType::SendCtrlAltDel) => {
+                // Post-boot only, as in Firecracker; then refused: the i8042
+                // here has no keyboard to press the keys on.
+                self.controller.handle()?;
+                Err(ApiError::NotSupported(
+                    "SendCtrlAltDel (the i8042 has no keyboard; stop the VM with SIGTERM)".into(),
+                ))
+            }
+            ApiRequest::Action(ActionType::FlushMetrics) => {
+                self.flush_metrics()
+                    .map_err(|e| ApiError::Invalid(e.to_string()))?;
+                Ok(None)
+            }
+            ApiRequest::PatchVm(VmRunState::Paused) => {
+                self.controller.pause()?;
+                Ok(None)
+            }
+            ApiRequest::PatchVm(VmRunState::Resumed) => {
+                self.controller.resume()?;
+                Ok(None)
+            }
+            ApiRequest::GetVmConfig => Ok(Some(serde_json::to_value(&self.view)?)),
+            ApiRequest::PutLogger(l) => self.put_logger(l).map(|_| None),
+            ApiRequest::PutMetrics(m) => self.put_metrics(m).map(|_| None),
+        }
+    }
+
+    /// Applies the current resources to the controller's configuration.
+    fn commit(&mut self, view: FullVmConfiguration) -> Result<(), ApiError> {
+        let edit = |c: &mut VmConfig| -> Result<(), ApiError> { apply_view(&view, c) };
+        self.controller.try_configure(edit)??;
+        self.view = view;
+        Ok(())
+    }
+
+    fn pre_boot(&self) -> Result<(), ApiError> {
+        match self.controller.state() {
+            LifecycleState::NotStarted => Ok(()),
+            _ => Err(LifecycleError::AfterStart.into()),
+        }
+    }
+
+    fn put_machine(&mut self, m: MachineConfig) -> Result<(), ApiError> {
+        self.pre_boot()?;
+        if m.vcpu_count == 0 || m.vcpu_count > 254 {
+            return Err(ApiError::Invalid(format!(
+                "Invalid number of vcpus: {}: this VMM runs 1-254",
+                m.vcpu_count
+            )));
+        }
+        if m.smt {
+            return Err(ApiError::NotSupported(
+                "smt (simultaneous multithreading)".into(),
+            ));
+        }
+        if matches!(m.cpu_template.as_deref(), Some(t) if t != "None") {
+            return Err(ApiError::NotSupported(format!(
+                "the CPU template {:?}",
+                m.cpu_template.as_deref().unwrap_or("")
+            )));
+        }
+        if m.huge_pages == HugePages::Transparent {
+            return Err(ApiError::NotSupported("huge_pages Transparent".into()));
+        }
+        let mut view = self.view.clone();
+        view.machine_config = Some(m);
+        self.commit(view)
+    }
+
+    fn put_boot_source(&mut self, b: BootSource) -> Result<(), ApiError> {
+        self.pre_boot()?;
+        let kernel = b.kernel_image_path.clone();
+        let initrd = b.initrd_path.clone();
+        self.controller.on_owner(move || -> Result<(), ApiError> {
+            check_file("kernel image", &kernel, false)?;
+            if let Some(i) = &initrd {
+                check_file("initrd", i, false)?;
+            }
+            Ok(())
+        })??;
+        let mut view = self.view.clone();
+        view.boot_source = Some(b);
+        self.commit(view)?;
+        self.boot_source_set = true;
+        Ok(())
+    }
+
+    fn put_drive(&mut self, d: Drive) -> Result<(), ApiError> {
+        self.pre_boot()?;
+        if d.socket.is_some() {
+            return Err(ApiError::NotSupported("vhost-user-blk (socket)".into()));
+        }
+        if d.io_engine == IoEngine::Async {
+            return Err(ApiError::NotSupported("io_engine Async".into()));
+        }
+        unsupported_limiter("drives", &d.rate_limiter)?;
+        let path = d
+            .path_on_host
+            .clone()
+            .ok_or_else(|| ApiError::Invalid("a drive needs path_on_host".into()))?;
+        if d.drive_id.len() > 20 {
+            return Err(ApiError::Invalid(format!(
+                "drive_id {:?} is {} bytes; the guest reads it as the disk's id: at most 20",
+                d.drive_id,
+                d.drive_id.len()
+            )));
+        }
+        self.controller
+            .on_owner(move || check_file("drive", &path, true))??;
+        let mut view = self.view.clone();
+        if d.is_root_device {
+            if let Some(other) = view
+                .drives
+                .iter()
+                .find(|o| o.is_root_device && o.drive_id != d.drive_id)
+            {
+                return Err(ApiError::Invalid(format!(
+                    "A root block device already exists ({})!",
+                    other.drive_id
+                )));
+            }
+        }
+        match view.drives.iter_mut().find(|o| o.drive_id == d.drive_id) {
+            Some(slot) => *slot = d,
+            None => view.drives.push(d),
+        }
+        // The root device is the first disk: /dev/vda.
+        view.drives.sort_by_key(|d| !d.is_root_device);
+        self.commit(view)
+    }
+
+    fn patch_drive(&mut self, d: PartialDrive) -> Result<(), ApiError> {
+        self.controller.handle()?;
+        if !self.view.drives.iter().any(|o| o.drive_id == d.drive_id) {
+            return Err(ApiError::Invalid(format!(
+                "Invalid block device ID: {}",
+                d.drive_id
+            )));
+        }
+        unsupported_limiter("drives", &d.rate_limiter)?;
+        if d.path_on_host.is_some() {
+            return Err(ApiError::NotSupported(
+                "changing a drive's backing file after the start".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn put_entropy(&mut self, e: EntropyDevice) -> Result<(), ApiError> {
+        self.pre_boot()?;
+        unsupported_limiter("the entropy device", &e.rate_limiter)?;
+        let mut view = self.view.clone();
+        view.entropy = Some(e);
+        self.commit(view)
+    }
+
+    fn put_logger(&mut self, l: LoggerConfig) -> Result<(), ApiError> {
+        self.pre_boot()?;
+        let logger = ApiLogger::get().map_err(|e| ApiError::Internal(e.to_string()))?;
+        let path = l.log_path.clone();
+        let file = self.controller.on_owner(move || open_sink(&path))??;
+        logger
+            .configure(&l, file)
+            .map_err(|e| ApiError::Invalid(e.to_string()))?;
+        self.view.logger = Some(l);
+        Ok(())
+    }
+
+    fn put_metrics(&mut self, m: MetricsConfig) -> Result<(), ApiError> {
+        self.pre_boot()?;
+        if self.metrics.is_initialized() {
+            return Err(ApiError::Invalid(
+                "Reinitialization of metrics not allowed.".into(),
+            ));
+        }
+        let path = m.metrics_path.clone();
+        let file = self.controller.on_owner(move || open_sink(&path))??;
+        self.metrics
+            .init(file)
+            .map_err(|e| ApiError::Invalid(e.to_string()))?;
+        self.view.metrics = Some(m);
+        Ok(())
+    }
+}
+
+/// The controller's configuration as the resources describe it; what they
+/// do not describe (consoles, seccomp, exit port) stays as it was.
+fn apply_view(view: &FullVmConfiguration, c: &mut VmConfig) -> Result<(), ApiError> {
+    if let Some(m) = &view.machine_config {
+        c.vcpus = u8::try_from(m.vcpu_count)
+            .map_err(|_| ApiError::Invalid(format!("Invalid number of vcpus: {}", m.vcpu_count)))?;
+        c.mem_mib = m.mem_size_mib;
+        c.ram_backing = match m.huge_pages {
+            HugePages::Hugetlbfs2M => RamBacking::HugePages,
+            _ if c.ram_backing == RamBacking::HugePages => RamBacking::Anonymous,
+            _ => c.ram_backing,
+        };
+    }
+    let mut cmdline = None;
+    if let Some(b) = &view.boot_source {
+        c.kernel = KernelSource::Path(PathBuf::from(&b.kernel_image_path));
+        c.initrd = b.initrd_path.as_ref().map(PathBuf::from);
+        cmdline = Some(
+            b.boot_args
+                .clone()
+                .unwrap_or_else(|| vmm_core::DEFAULT_CMDLINE.into()),
+        );
+    }
+    if !view.drives.is_empty() || cmdline.is_some() {
+        c.disks = view
+            .drives
+            .iter()
+            .map(|d| DiskConfig {
+                path: PathBuf::from(d.path_on_host.as_deref().unwrap_or_default()),
+                read_only: d.is_read_only.unwrap_or(false),
+                serial: Some(d.drive_id.clone()),
+                lock: true,
+            })
+            .collect();
+    }
+    if let Some(mut line) = cmdline {
+        if let Some(root) = view.drives.iter().find(|d| d.is_root_device) {
+            let dev = match &root.partuuid {
+                Some(uuid) => format!("root=PARTUUID={uuid}"),
+                None => "root=/dev/vda".to_string(),
+            };
+            let mode = if root.is_read_only.unwrap_or(false) {
+                "ro"
+            } else {
+                "rw"
+            };
+            line.push_str(&format!(" {dev} {mode}"));
+        }
+        c.cmdline = line;
+    }
+    c.rng = view.entropy.is_some() || c.rng;
+    Ok(())
+}
+
+fn metric_name(r: &ApiRequest) -> (&'static str, &'static str) {
+    match r {
+        ApiRequest::GetInstanceInfo => ("get_api_requests", "instance_info_count"),
+        ApiRequest::GetVersion => ("get_api_requests", "vmm_version_count"),
+        ApiRequest::GetMachineConfig => ("get_api_requests", "machine_cfg_count"),
+        ApiRequest::GetVmConfig => ("get_api_requests", "vm_config_count"),
+        ApiRequest::PutMachineConfig(_) => ("put_api_requests", "machine_cfg_count"),
+        ApiRequest::PatchMachineConfig(_) => ("patch_api_requests", "machine_cfg_count"),
+        ApiRequest::PutBootSource(_) => ("put_api_requests", "boot_source_count"),
+        ApiRequest::PutDrive(_) => ("put_api_requests", "drive_count"),
+        ApiRequest::PatchDrive(_) => ("patch_api_requests", "drive_count"),
+        ApiRequest::PutEntropy(_) => ("put_api_requests", "entropy_count"),
+        ApiRequest::Action(_) => ("put_api_requests", "actions_count"),
+        ApiRequest::PatchVm(_) => ("patch_api_requests", "vm_count"),
+        ApiRequest::PutLogger(_) => ("put_api_requests", "logger_count"),
+        ApiRequest::PutMetrics(_) => ("put_api_requests", "metrics_count"),
+    }
+}
+
+fn fail_name(count: &'static str) -> &'static str {
+    match count {
+        "machine_cfg_count" => "machine_cfg_fails",
+        "boot_source_count" => "boot_source_fails",
+        "drive_count" => "drive_fails",
+        "entropy_count" => "entropy_fails",
+        "actions_count" => "actions_fails",
+        "vm_count" => "vm_fails",
+        "logger_count" => "logger_fails",
+        "metrics_count" => "metrics_fails",
+        _ => "other_fails",
+    }
+}

@@ -1,0 +1,148 @@
+//! Counters the devices keep for the operator: lock-free, incremented on
+//! the device's own thread and read from any other (a metrics writer, an
+//! API). The names follow Firecracker's metrics so that dashboards built for
+//! it read ours.
+//!
+//! ```
+//! use vmm_devices::metrics::Counter;
+//!
+//! let c = Counter::default();
+//! c.add(3);
+//! assert_eq!(c.take_delta(), 3);
+//! c.inc();
+//! assert_eq!((c.get(), c.take_delta()), (4, 1));
+//! ```
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// A monotonic counter that also remembers what was last reported, so that
+/// a writer can report increments (Firecracker's metrics are increments
+/// since the last flush).
+#[derive(Debug, Default)]
+pub struct Counter {
+    value: AtomicU64,
+    reported: AtomicU64,
+}
+
+impl Counter {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    /// Adds `n`.
+    pub fn add(&self, n: u64) {
+        self.value.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The total since the device was made.
+    pub fn get(&self) -> u64 {
+        self.value.load(Ordering::Relaxed)
+    }
+
+    /// The increase since the last call, which is now reported.
+    pub fn take_delta(&self) -> u64 {
+        let now = self.get();
+        now.wrapping_sub(self.reported.swap(now, Ordering::Relaxed))
+    }
+}
+
+macro_rules! counters {
+    ($(#[$doc:meta])* $name:ident { $($(#[$fdoc:meta])* $field:ident,)* }) => {
+        $(#[$doc])*
+        #[derive(Debug, Default)]
+        pub struct $name {
+            $($(#[$fdoc])* pub $field: Counter,)*
+        }
+
+        impl $name {
+            /// Every counter with its name, for a writer.
+            pub fn counters(&self) -> Vec<(&'static str, &Counter)> {
+                vec![$((stringify!($field), &self.$field),)*]
+            }
+        }
+    };
+}
+
+counters!(
+    /// A virtio-blk device's counters.
+    BlockMetrics {
+        /// Reads completed.
+        read_count,
+        /// Bytes read for the guest.
+        read_bytes,
+        /// Writes completed.
+        write_count,
+        /// Bytes written for the guest.
+        write_bytes,
+        /// Flushes completed.
+        flush_count,
+        /// Requests the device refused (bad type, range, layout).
+        invalid_reqs_count,
+        /// Requests the host failed (the guest got an I/O error).
+        execute_fails,
+        /// Queue notifications handled.
+        queue_event_count,
+        /// Chains without a status byte or outside guest memory.
+        event_fails,
+    }
+);
+
+counters!(
+    /// A virtio-rng device's counters.
+    EntropyMetrics {
+        /// Requests answered.
+        entropy_event_count,
+        /// Random bytes given to the guest.
+        entropy_bytes,
+        /// Host getrandom failures.
+        host_rng_fails,
+        /// Chains the device could not answer.
+        entropy_event_fails,
+    }
+);
+
+counters!(
+    /// The serial port's counters.
+    UartMetrics {
+        /// Bytes the guest wrote.
+        write_count,
+        /// Bytes the guest wrote that the host lost.
+        missed_write_count,
+        /// Bytes of host input given to the guest.
+        read_count,
+    }
+);
+
+/// One device's counters.
+#[derive(Clone, Debug)]
+pub enum DeviceMetrics {
+    /// A virtio-blk device.
+    Block(Arc<BlockMetrics>),
+    /// A virtio-rng device.
+    Entropy(Arc<EntropyMetrics>),
+    /// The serial port.
+    Uart(Arc<UartMetrics>),
+}
+
+/// The counters of every device of a VM, by name (such as `block_rootfs`),
+/// shared by whoever builds the VM and whoever reports.
+#[derive(Clone, Debug, Default)]
+pub struct MetricsRegistry {
+    entries: Arc<Mutex<Vec<(String, DeviceMetrics)>>>,
+}
+
+impl MetricsRegistry {
+    /// Adds a device's counters under `name`.
+    pub fn register(&self, name: impl Into<String>, metrics: DeviceMetrics) {
+        if let Ok(mut e) = self.entries.lock() {
+            e.push((name.into(), metrics));
+        }
+    }
+
+    /// Every registered device, in registration order.
+    pub fn entries(&self) -> Vec<(String, DeviceMetrics)> {
+        self.entries.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+}
