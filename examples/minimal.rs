@@ -3,6 +3,11 @@
 //! `cargo run --example minimal` boots the embedded test guest, prints its
 //! serial output and exits with a status that tells the guest's status
 //! apart from the VMM's own. See `--help`.
+//!
+//! With `--api-sock PATH` it serves Firecracker's REST API on that socket
+//! and boots when a client sends `InstanceStart`; with `--config-file PATH`
+//! it boots at once from a Firecracker-shaped JSON description (and with
+//! `--api-sock` too, serves the post-boot calls).
 
 use std::io::{IsTerminal, Read};
 use std::os::fd::AsRawFd;
@@ -11,12 +16,15 @@ use std::process::ExitCode;
 use std::sync::{Arc, OnceLock};
 
 use clap::{Parser, ValueEnum};
+use vmm_kit::api::logger::ApiLogger;
+use vmm_kit::api::model::FullVmConfiguration;
+use vmm_kit::api::{Api, ApiServer};
 use vmm_kit::boot::{inspect_kernel, BootProtocol, ProtocolChoice};
 use vmm_kit::core::host_io::{get_termios, set_raw, set_termios};
 use vmm_kit::core::{
-    exit_status, seccomp, ConsoleConfig, DiskConfig, HostIo, KernelSource, SeccompPolicy,
-    SerialConfig, StopCause, ThreadKind, VmBuilder, VmConfig, VmEvent, VmEventSender, VmExit, Vmm,
-    VmmError, DEFAULT_CMDLINE,
+    exit_status, seccomp, ConsoleConfig, DiskConfig, HostIo, KernelSource, LifecycleError,
+    SeccompPolicy, SerialConfig, StopCause, ThreadKind, VmBuilder, VmConfig, VmController, VmEvent,
+    VmEventSender, VmExit, DEFAULT_CMDLINE,
 };
 use vmm_kit::devices::host_files::{open_input, InputKind, OutputMode};
 use vmm_kit::devices::legacy::DEBUG_EXIT_PORT;
@@ -29,7 +37,7 @@ Exit status (the guest's statuses are even, the VMM's own odd, so they never col
   1     the VMM could not build or run the VM (the reason is on stderr)
   3     bad command-line flags
   5     the guest crashed (triple fault, or a crash it reported)
-  7     stopped at the console with Ctrl-A x
+  7     stopped on request: Ctrl-A x at the console, InstanceStop over the API
   159   a VMM thread made a system call its seccomp filter forbids
   SIGINT, SIGTERM, SIGHUP: the VM stops in order (vCPUs out, pending disk
   requests finished, disks flushed, the terminal restored), then the VMM ends
@@ -128,6 +136,23 @@ struct Args {
     /// then exit without booting.
     #[arg(long, value_name = "PATH", conflicts_with_all = ["kernel", "initrd"])]
     inspect_kernel: Option<PathBuf>,
+    /// Serve Firecracker's REST API on this Unix socket. Without
+    /// --config-file, the VM boots when a client sends InstanceStart (the
+    /// flags above set the defaults; --kernel is not the test guest's
+    /// default here: PUT /boot-source gives the kernel).
+    #[arg(long, value_name = "PATH", conflicts_with = "no_api")]
+    api_sock: Option<PathBuf>,
+    /// Boot at once from a Firecracker-shaped JSON description
+    /// (boot-source, machine-config, drives, entropy, logger, metrics),
+    /// applied over the flags.
+    #[arg(long, value_name = "PATH")]
+    config_file: Option<PathBuf>,
+    /// Serve no API (the default without --api-sock).
+    #[arg(long)]
+    no_api: bool,
+    /// The instance id `GET /` reports.
+    #[arg(long, value_name = "ID", default_value = "anonymous-instance")]
+    id: String,
 }
 
 fn parse_port(s: &str) -> Result<u16, String> {
@@ -339,11 +364,15 @@ impl<R: Read> Read for Escape<R> {
     }
 }
 
-/// The VM `config` describes, its consoles on this process's stdio as
-/// `serial` says; with `raw`, stdin goes through the escape reader.
-fn build(config: &VmConfig, serial: &Serial, raw: bool) -> Result<Vmm, VmmError> {
-    let console_on_stdout = config.console == Some(ConsoleConfig::Host);
-    let events = Arc::new(OnceLock::new());
+/// The consoles' host I/O on this process's stdio, as `serial` says; with
+/// `raw`, stdin goes through the escape reader, which stops the VM through
+/// `events` once it is set.
+fn stdio(
+    console_on_stdout: bool,
+    serial: &Serial,
+    raw: bool,
+    events: &Arc<OnceLock<VmEventSender>>,
+) -> HostIo {
     let stdin: Box<dyn Read + Send> = if raw {
         Box::new(Escape {
             inner: std::io::stdin(),
@@ -360,7 +389,7 @@ fn build(config: &VmConfig, serial: &Serial, raw: bool) -> Result<Vmm, VmmError>
     } else {
         (None, None)
     };
-    let io = HostIo {
+    HostIo {
         serial_out: match serial {
             Serial::None => Box::new(std::io::sink()),
             _ => Box::new(std::io::stdout()),
@@ -369,18 +398,39 @@ fn build(config: &VmConfig, serial: &Serial, raw: bool) -> Result<Vmm, VmmError>
         console_out: Some(Box::new(std::io::stdout())),
         console_in,
         debugcon_out: Some(Box::new(std::io::stderr())),
-    };
-    let mut builder = VmBuilder::from_config(config, io)?;
+    }
+}
+
+/// What the reference VMM adds to every VM it builds: the orderly stop on
+/// SIGINT, SIGTERM and SIGHUP, and the escape reader's link to the VM.
+fn prepare(builder: &mut VmBuilder, events: &Arc<OnceLock<VmEventSender>>) {
     let _ = events.set(builder.events());
-    builder
-        .stop_on_signals(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
-        // Ending by the stopping signal needs its default action back.
-        .allow_syscalls(ThreadKind::Main, &[libc::SYS_rt_sigaction]);
-    let vmm = builder.build()?;
-    if let Some(path) = vmm.serial_pty() {
+    if let Some(path) = builder.serial_pty() {
         eprintln!("vmm: serial console on {}", path.display());
     }
-    Ok(vmm)
+    builder
+        .stop_on_signals(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
+        // Ending by the stopping signal needs its default action back;
+        // the API socket is removed at the end.
+        .allow_syscalls(
+            ThreadKind::Main,
+            &[libc::SYS_rt_sigaction, libc::SYS_unlink, libc::SYS_unlinkat],
+        );
+}
+
+/// Reads a Firecracker-shaped configuration file (at most 1 MiB).
+fn read_config_file(path: &std::path::Path) -> Result<FullVmConfiguration, String> {
+    let mut f = open_input("config file", path, InputKind::RegularFile, false)
+        .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    (&mut f)
+        .take(1 << 20)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if text.len() >= 1 << 20 {
+        return Err(format!("{}: larger than 1 MiB", path.display()));
+    }
+    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Ends the process by `signal`, as a program stopped by it should: its
@@ -401,8 +451,12 @@ fn main() -> ExitCode {
     // guest could repeat without end; our devices report the same events,
     // rate limited. RUST_LOG overrides this.
     let default_filter = "warn,virtio_queue=off";
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter))
-        .init();
+    let fallback =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter))
+            .build();
+    let level = fallback.filter();
+    // PUT /logger can redirect the log later; until then, stderr.
+    let _ = ApiLogger::install(Box::new(fallback), level);
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) if e.use_stderr() => {
@@ -417,6 +471,7 @@ fn main() -> ExitCode {
     if let Some(path) = &args.inspect_kernel {
         return inspect(path);
     }
+    let kernel_given = args.kernel.is_some();
     let config = VmConfig {
         mem_mib: args.mem,
         vcpus: args.vcpus,
@@ -459,11 +514,59 @@ fn main() -> ExitCode {
     };
     let interactive = (args.serial == Serial::Stdio || config.console == Some(ConsoleConfig::Host))
         && std::io::stdin().is_terminal();
-    let vmm = match build(&config, &args.serial, interactive) {
-        Ok(v) => v,
+    let console_on_stdout = config.console == Some(ConsoleConfig::Host);
+    let api_mode = args.api_sock.is_some() || args.config_file.is_some();
+    let mut config = config;
+    if api_mode && !kernel_given {
+        // The kernel comes from PUT /boot-source or the file's boot-source.
+        config.kernel = KernelSource::Bytes(&[]);
+    }
+    let controller = VmController::new(config);
+    let mut api = Api::new(controller.clone(), args.id.clone());
+    if let Some(path) = &args.config_file {
+        let applied = read_config_file(path).and_then(|c| api.apply(c).map_err(|e| e.to_string()));
+        if let Err(e) = applied {
+            eprintln!("error: {e}");
+            return ExitCode::from(exit_status::VMM_ERROR);
+        }
+    }
+    let metrics = api.metrics();
+    let socket = match &args.api_sock {
+        Some(path) => match ApiServer::bind(path) {
+            Ok(server) => {
+                let confine = !args.no_seccomp;
+                if let Err(e) = vmm_kit::api::spawn(server, api, confine) {
+                    report(&e);
+                    return ExitCode::from(exit_status::VMM_ERROR);
+                }
+                Some(path.clone())
+            }
+            Err(e) => {
+                report(&e);
+                return ExitCode::from(exit_status::VMM_ERROR);
+            }
+        },
+        None => None,
+    };
+    let events = Arc::new(OnceLock::new());
+    let io = || stdio(console_on_stdout, &args.serial, interactive, &events);
+    let started = if socket.is_some() && args.config_file.is_none() {
+        controller.serve_start(io, |b| prepare(b, &events))
+    } else {
+        controller.launch(io(), |b| prepare(b, &events))
+    };
+    let running = match started {
+        Ok(r) => r,
         Err(e) => {
             report(&e);
-            return ExitCode::from(exit_status::VMM_ERROR);
+            if let Some(p) = &socket {
+                let _ = std::fs::remove_file(p);
+            }
+            let status = match e {
+                LifecycleError::Config(_) => exit_status::USAGE,
+                _ => exit_status::VMM_ERROR,
+            };
+            return ExitCode::from(status);
         }
     };
     let terminal = if interactive {
@@ -475,8 +578,15 @@ fn main() -> ExitCode {
     } else {
         None
     };
-    let result = vmm.run();
+    let registry = controller.handle().ok().map(|h| h.metrics());
+    let result = controller.finish(running);
     drop(terminal);
+    if metrics.is_initialized() {
+        let _ = metrics.flush(registry.as_ref(), &Default::default());
+    }
+    if let Some(p) = &socket {
+        let _ = std::fs::remove_file(p);
+    }
     // Guest output was flushed by its own thread, within a bound; stdout's
     // lock may still be held by that thread if the host stalls it, so it is
     // not touched here.

@@ -8,6 +8,7 @@
 //! | [`boot`] | `vmm-boot` | kernel loading, boot parameters, boot CPU state |
 //! | [`devices`] | `vmm-devices` | device emulators: legacy PC devices, virtio and its transport |
 //! | [`core`] | `vmm-core` | KVM VM, vCPUs, the event loop, the [`VmBuilder`](vmm_core::VmBuilder) and [`Vmm`](vmm_core::Vmm) |
+//! | [`api`] | `vmm-api` | Firecracker's REST API over a Unix socket, on [`VmController`](vmm_core::VmController) |
 //! | [`testguest`] | `vmm-testguest` | the test guest image and its report parser |
 //!
 //! It also re-exports, at the versions the members use, every crate whose
@@ -20,6 +21,7 @@
 
 #![deny(missing_docs)]
 
+pub use vmm_api as api;
 pub use vmm_boot as boot;
 pub use vmm_core as core;
 pub use vmm_devices as devices;

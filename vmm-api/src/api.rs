@@ -249,6 +249,10 @@ impl Api {
                     "SendCtrlAltDel (the i8042 has no keyboard; stop the VM with SIGTERM)".into(),
                 ))
             }
+            ApiRequest::Action(ActionType::InstanceStop) => {
+                self.controller.stop()?;
+                Ok(None)
+            }
             ApiRequest::Action(ActionType::FlushMetrics) => {
                 self.flush_metrics()
                     .map_err(|e| ApiError::Invalid(e.to_string()))?;

@@ -56,7 +56,11 @@ pub enum ApiThreadError {
 /// accepting and polling sockets).
 pub fn spawn(server: ApiServer, api: Api, confine: bool) -> Result<(), ApiThreadError> {
     let filter = if confine {
-        Some(program_with(ThreadKind::Input, server::API_SYSCALLS, &[])?)
+        Some(program_with(
+            ThreadKind::Input,
+            server::API_SYSCALLS,
+            server::API_IOCTLS,
+        )?)
     } else {
         None
     };

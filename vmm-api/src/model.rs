@@ -187,6 +187,10 @@ pub enum ActionType {
     InstanceStart,
     /// Press Ctrl-Alt-Del on the guest's keyboard.
     SendCtrlAltDel,
+    /// This VMM's own: stop the VM in order (vCPUs out, pending disk
+    /// requests finished, disks flushed); the process then ends. Firecracker
+    /// has no such action (it is stopped by a signal).
+    InstanceStop,
 }
 
 /// `PUT /actions`.

@@ -437,8 +437,10 @@ impl Conn {
 }
 
 /// The system calls the API thread makes, beyond those every VMM thread
-/// may: accepting and polling its sockets, reading the time.
+/// may: accepting and polling its sockets, and kicking vCPUs out of the
+/// guest to pause them.
 pub const API_SYSCALLS: &[i64] = &[
+    libc::SYS_tgkill,
     libc::SYS_accept4,
     libc::SYS_poll,
     libc::SYS_ppoll,
@@ -446,6 +448,9 @@ pub const API_SYSCALLS: &[i64] = &[
     libc::SYS_sendto,
     libc::SYS_getrandom,
 ];
+
+/// The ioctls the API thread makes: making accepted sockets non-blocking.
+pub const API_IOCTLS: &[u64] = &[libc::FIONBIO];
 
 #[cfg(test)]
 mod tests {

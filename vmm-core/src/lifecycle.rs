@@ -158,15 +158,18 @@ struct Inner {
 #[derive(Clone)]
 pub struct VmController {
     inner: Arc<Mutex<Inner>>,
+    owner_thread: std::thread::ThreadId,
     requests: SyncSender<OwnerRequest>,
     owner: Arc<Mutex<Receiver<OwnerRequest>>>,
 }
 
 impl VmController {
-    /// A VM to be configured, starting from `config`.
+    /// A VM to be configured, starting from `config`. The calling thread
+    /// is the owner: the one that will build and start it.
     pub fn new(config: VmConfig) -> Self {
         let (requests, owner) = sync_channel(1);
         Self {
+            owner_thread: std::thread::current().id(),
             inner: Arc::new(Mutex::new(Inner {
                 config,
                 phase: Phase::NotStarted,
@@ -244,12 +247,16 @@ impl VmController {
 
     /// Runs `task` on the owner thread before the start (for work whose
     /// system calls only the owner's filter allows, such as opening a log
-    /// file) and returns its result.
+    /// file) and returns its result; on the owner thread itself, runs it
+    /// at once.
     pub fn on_owner<R: Send + 'static>(
         &self,
         task: impl FnOnce() -> R + Send + 'static,
     ) -> Result<R, LifecycleError> {
         self.pre_boot()?;
+        if std::thread::current().id() == self.owner_thread {
+            return Ok(task());
+        }
         let (tx, rx) = sync_channel(1);
         let task: Task = Box::new(move || {
             let _ = tx.send(task());
@@ -394,8 +401,7 @@ mod tests {
         let asker = c.clone();
         let t = std::thread::spawn(move || asker.start());
         let owner = c.clone();
-        // The owner serves one failing start, then is dropped by ending the
-        // test thread's wait through a second request.
+        // The serving thread outlives the test's checks; it is left blocked.
         let served = std::thread::spawn(move || owner.serve_start(HostIo::default, |_| {}));
         let outcome = t.join().unwrap();
         assert!(matches!(
@@ -403,8 +409,22 @@ mod tests {
             Err(LifecycleError::Config(ConfigError::NoKernel))
         ));
         assert_eq!(c.state(), LifecycleState::NotStarted);
-        // A task still runs on the owner.
-        assert_eq!(c.on_owner(|| 7).unwrap(), 7);
+        // A task asked for by another thread runs on the serving thread; on
+        // the owner's own thread, at once.
+        let asker = c.clone();
+        let (ran_on, asked_from) = std::thread::spawn(move || {
+            let ran_on = asker.on_owner(|| std::thread::current().id()).unwrap();
+            (ran_on, std::thread::current().id())
+        })
+        .join()
+        .unwrap();
+        assert_eq!(ran_on, served.thread().id());
+        assert_ne!(ran_on, asked_from);
+        let here = std::thread::current().id();
+        assert_eq!(
+            c.on_owner(move || std::thread::current().id()).unwrap(),
+            here
+        );
         drop(served);
     }
 }
