@@ -22,9 +22,9 @@ use vmm_kit::api::{Api, ApiServer};
 use vmm_kit::boot::{inspect_kernel, BootProtocol, ProtocolChoice};
 use vmm_kit::core::host_io::{get_termios, set_raw, set_termios};
 use vmm_kit::core::{
-    exit_status, seccomp, ConsoleConfig, DiskConfig, HostIo, KernelSource, LifecycleError,
-    SeccompPolicy, SerialConfig, StopCause, ThreadKind, VmBuilder, VmConfig, VmController, VmEvent,
-    VmEventSender, VmExit, DEFAULT_CMDLINE,
+    exit_status, seccomp, ConsoleConfig, DiskConfig, HostIo, KernelSource, SeccompPolicy,
+    SerialConfig, StopCause, ThreadKind, VmBuilder, VmConfig, VmController, VmEvent, VmEventSender,
+    VmExit, DEFAULT_CMDLINE,
 };
 use vmm_kit::devices::host_files::{open_input, InputKind, OutputMode};
 use vmm_kit::devices::legacy::DEBUG_EXIT_PORT;
@@ -562,11 +562,7 @@ fn main() -> ExitCode {
             if let Some(p) = &socket {
                 let _ = std::fs::remove_file(p);
             }
-            let status = match e {
-                LifecycleError::Config(_) => exit_status::USAGE,
-                _ => exit_status::VMM_ERROR,
-            };
-            return ExitCode::from(status);
+            return ExitCode::from(exit_status::VMM_ERROR);
         }
     };
     let terminal = if interactive {

@@ -18,7 +18,8 @@ use serde_json::{json, Value};
 /// One request on a fresh connection; the status and the body.
 fn call(sock: &Path, method: &str, path: &str, body: Option<Value>) -> (u16, String) {
     let mut s = UnixStream::connect(sock).expect("connect to the API socket");
-    s.set_read_timeout(Some(Duration::from_secs(30))).expect("test step");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("test step");
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
@@ -290,15 +291,24 @@ fn a_whole_lifecycle_over_the_socket() {
     );
     assert_eq!(code, 204);
     let lines = std::fs::read_to_string(&metrics).expect("test step");
-    let last: Value = serde_json::from_str(lines.lines().last().expect("test step")).expect("test step");
+    let last: Value =
+        serde_json::from_str(lines.lines().last().expect("test step")).expect("test step");
     assert!(last["utc_timestamp_ms"].as_u64().expect("test step") > 0);
-    assert!(last["put_api_requests"]["actions_count"].as_u64().expect("test step") >= 1);
+    assert!(
+        last["put_api_requests"]["actions_count"]
+            .as_u64()
+            .expect("test step")
+            >= 1
+    );
     assert!(last["put_api_requests"]["metrics_fails"].as_u64() == Some(1));
     assert!(
         last["block_rootfs"].is_object(),
         "per-drive counters: {last}"
     );
-    assert!(last["uart"]["write_count"].as_u64().expect("test step") > 0, "{last}");
+    assert!(
+        last["uart"]["write_count"].as_u64().expect("test step") > 0,
+        "{last}"
+    );
 
     let (code, _) = call(
         &sock,
@@ -455,7 +465,8 @@ fn bad_requests_get_400_with_a_message_and_the_vmm_lives_on() {
         ),
     ] {
         let mut s = UnixStream::connect(sock).expect("test step");
-        s.set_read_timeout(Some(Duration::from_secs(10))).expect("test step");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("test step");
         s.write_all(&raw).expect("test step");
         let mut resp = String::new();
         let _ = s.read_to_string(&mut resp);

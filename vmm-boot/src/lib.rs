@@ -177,9 +177,16 @@ where
     })
 }
 
-/// The command line as linux-loader holds it, after checking its length
-/// and characters.
-fn build_cmdline(s: &str) -> Result<Cmdline, BootError> {
+/// Checks a kernel command line's length and characters: what the boot
+/// protocols can carry (printable ASCII and spaces, NUL-terminated within
+/// the limit).
+///
+/// ```
+/// assert!(vmm_boot::check_cmdline("console=ttyS0 reboot=k").is_ok());
+/// let e = vmm_boot::check_cmdline("console=ttyS0\n").unwrap_err();
+/// assert!(e.to_string().contains("'\\n' at position 13"));
+/// ```
+pub fn check_cmdline(s: &str) -> Result<(), BootError> {
     if s.len() + 1 > CMDLINE_MAX_SIZE {
         return Err(BootError::CmdlineTooLong {
             len: s.len() + 1,
@@ -197,6 +204,13 @@ fn build_cmdline(s: &str) -> Result<Cmdline, BootError> {
             position: s[..at].chars().count(),
         });
     }
+    Ok(())
+}
+
+/// The command line as linux-loader holds it, after checking its length
+/// and characters.
+fn build_cmdline(s: &str) -> Result<Cmdline, BootError> {
+    check_cmdline(s)?;
     let mut c = Cmdline::new(CMDLINE_MAX_SIZE).map_err(BootError::Cmdline)?;
     if !s.trim().is_empty() {
         c.insert_str(s).map_err(BootError::Cmdline)?;

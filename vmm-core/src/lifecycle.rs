@@ -80,23 +80,28 @@ pub enum LifecycleError {
 }
 
 /// What is wrong with a configuration, found before anything is built.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// No kernel was given.
     #[error("no kernel is configured")]
     NoKernel,
-    /// The vCPU count is outside 1-254.
-    #[error("{0} vCPUs: the count must be 1-254")]
-    VcpuCount(u8),
+    /// Zero vCPUs.
+    #[error("a VM needs at least one vCPU")]
+    NoVcpus,
+    /// More vCPUs than xAPIC IDs allow.
+    #[error(
+        "{0} vCPUs requested; at most 254 are supported (8-bit xAPIC IDs, one kept for the IOAPIC)"
+    )]
+    TooManyVcpus(u8),
     /// Guest RAM is zero or too large.
     #[error("{0} MiB of guest RAM: it must be 1-{MAX_MEM_MIB} MiB")]
     MemSize(u64),
     /// Huge pages need whole 2 MiB pages.
     #[error("{0} MiB of guest RAM on 2 MiB huge pages: it must be a multiple of 2")]
     HugePageMultiple(u64),
-    /// The command line has a NUL or a control character.
-    #[error("the kernel command line has a control character at byte {0}")]
-    CmdlineCharacter(usize),
+    /// The command line is too long or has a character it cannot hold.
+    #[error(transparent)]
+    Cmdline(#[from] vmm_boot::BootError),
     /// Two disks share a path and one of them is writable.
     #[error("{0} is given as a disk twice")]
     DuplicateDisk(String),
@@ -107,8 +112,11 @@ impl VmConfig {
     /// RAM size, command-line characters, the kernel being given, disks
     /// named twice. Building checks the rest (files, KVM).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.vcpus == 0 || self.vcpus > 254 {
-            return Err(ConfigError::VcpuCount(self.vcpus));
+        if self.vcpus == 0 {
+            return Err(ConfigError::NoVcpus);
+        }
+        if self.vcpus > 254 {
+            return Err(ConfigError::TooManyVcpus(self.vcpus));
         }
         if self.mem_mib == 0 || self.mem_mib > MAX_MEM_MIB {
             return Err(ConfigError::MemSize(self.mem_mib));
@@ -116,9 +124,7 @@ impl VmConfig {
         if self.ram_backing == vmm_memory::RamBacking::HugePages && self.mem_mib % 2 != 0 {
             return Err(ConfigError::HugePageMultiple(self.mem_mib));
         }
-        if let Some(i) = self.cmdline.bytes().position(|b| b.is_ascii_control()) {
-            return Err(ConfigError::CmdlineCharacter(i));
-        }
+        vmm_boot::check_cmdline(&self.cmdline)?;
         for (i, d) in self.disks.iter().enumerate() {
             let twice = self.disks[..i]
                 .iter()
@@ -370,14 +376,14 @@ mod tests {
         let c = VmController::new(VmConfig::default());
         assert!(matches!(
             c.configure(|c| c.vcpus = 0),
-            Err(LifecycleError::Config(ConfigError::VcpuCount(0)))
+            Err(LifecycleError::Config(ConfigError::NoVcpus))
         ));
         assert!(matches!(
             c.configure(|c| {
                 c.mem_mib = 256;
                 c.cmdline = "console=ttyS0\n".into();
             }),
-            Err(LifecycleError::Config(ConfigError::CmdlineCharacter(13)))
+            Err(LifecycleError::Config(ConfigError::Cmdline(_)))
         ));
         assert_eq!(c.config().mem_mib, 128, "a refused edit changes nothing");
         c.configure(|c| c.vcpus = 4).unwrap();
