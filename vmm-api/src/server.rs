@@ -80,6 +80,23 @@ impl ApiServer {
         })
     }
 
+    /// Serves a socket already listening at `path` (one made before the
+    /// process confined itself, say).
+    pub fn from_listener(listener: UnixListener, path: &Path) -> Result<Self, ServerError> {
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| ServerError::Bind(path.to_path_buf(), e))?;
+        Ok(Self {
+            listener,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The listening socket.
+    pub fn into_listener(self) -> UnixListener {
+        self.listener
+    }
+
     /// The socket's path.
     pub fn path(&self) -> &Path {
         &self.path

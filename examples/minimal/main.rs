@@ -9,8 +9,11 @@
 //! it boots at once from a Firecracker-shaped JSON description (and with
 //! `--api-sock` too, serves the post-boot calls).
 
+mod jail;
+
 use std::io::{IsTerminal, Read};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, OnceLock};
@@ -153,6 +156,60 @@ struct Args {
     /// The instance id `GET /` reports.
     #[arg(long, value_name = "ID", default_value = "anonymous-instance")]
     id: String,
+    /// Run in a jail named ID (needs root): new PID, mount, IPC, UTS and
+    /// network namespaces, a read-only root holding only /dev/kvm,
+    /// /dev/net/tun and the files named by the flags and the config file,
+    /// cgroup limits, every other descriptor closed, then the VMM runs as
+    /// --jail-uid/--jail-gid. The launcher waits, relays signals, ends as
+    /// the VMM ends and removes the jail.
+    #[arg(long, value_name = "ID", requires_all = ["jail_uid", "jail_gid"])]
+    jail: Option<String>,
+    /// The user the jailed VMM runs as (not 0).
+    #[arg(long, value_name = "UID", requires = "jail")]
+    jail_uid: Option<u32>,
+    /// The group the jailed VMM runs as (not 0).
+    #[arg(long, value_name = "GID", requires = "jail")]
+    jail_gid: Option<u32>,
+    /// Where jail directories are made (each at DIR/ID).
+    #[arg(long, value_name = "DIR", default_value = jail::DEFAULT_BASE, requires = "jail")]
+    jail_base: PathBuf,
+    /// Join this network namespace (such as /var/run/netns/NAME) instead of
+    /// a new, empty one.
+    #[arg(long, value_name = "PATH", requires = "jail")]
+    jail_netns: Option<PathBuf>,
+    /// CPU time limit, in CPUs (0.5, 2).
+    #[arg(long, value_name = "CPUS", requires = "jail")]
+    jail_cpus: Option<f64>,
+    /// Memory limit of the jail (guest RAM counts once touched): 512M, 2G.
+    #[arg(long, value_name = "SIZE", value_parser = parse_bytes, requires = "jail")]
+    jail_memory: Option<u64>,
+    /// An I/O limit: "MAJ:MIN rbps=N wbps=N riops=N wiops=N". Repeatable.
+    #[arg(long, value_name = "LIMITS", requires = "jail")]
+    jail_io: Vec<String>,
+    /// One more host file or directory to show in the jail (read-only; with
+    /// `,rw`, writable): PATH[,rw]. Repeatable.
+    #[arg(long, value_name = "PATH[,rw]", requires = "jail")]
+    jail_bind: Vec<String>,
+}
+
+/// Bytes from `512M`, `2G`, `1024K` or a plain number of bytes.
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (512M, 2G)"))?;
+    let shift = match unit.trim() {
+        "" => 0,
+        "K" | "KiB" | "k" => 10,
+        "M" | "MiB" | "m" => 20,
+        "G" | "GiB" | "g" => 30,
+        other => return Err(format!("{s}: unknown unit {other:?} (use K, M or G)")),
+    };
+    n.checked_mul(1 << shift)
+        .filter(|&b| b > 0)
+        .ok_or(format!("{s}: not a usable size"))
 }
 
 fn parse_port(s: &str) -> Result<u16, String> {
@@ -433,6 +490,77 @@ fn read_config_file(path: &std::path::Path) -> Result<FullVmConfiguration, Strin
     serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// The files a jail shows the VMM: those its flags and config file name.
+fn jail_binds(args: &Args, file: Option<&FullVmConfiguration>) -> Vec<jail::Bind> {
+    let mut binds: Vec<jail::Bind> = Vec::new();
+    let mut add = |p: &std::path::Path, writable: bool, output: bool| {
+        let path = jail::absolute(p);
+        match binds.iter_mut().find(|b| b.path == path) {
+            Some(b) => b.writable |= writable,
+            None => binds.push(jail::Bind {
+                path,
+                writable,
+                output,
+            }),
+        }
+    };
+    let paths = |s: &Option<String>| s.as_deref().map(PathBuf::from);
+    for p in [&args.kernel, &args.initrd, &args.config_file]
+        .into_iter()
+        .flatten()
+    {
+        add(p, false, false);
+    }
+    for d in &args.disk {
+        add(&d.path, !d.read_only, false);
+    }
+    if let Serial::File(p, _) = &args.serial {
+        add(p, true, true);
+    }
+    if let Some(ConsoleConfig::File { path, .. }) = &args.console {
+        add(path, true, true);
+    }
+    if let Some(c) = file {
+        if let Some(b) = &c.boot_source {
+            add(std::path::Path::new(&b.kernel_image_path), false, false);
+            if let Some(i) = paths(&b.initrd_path) {
+                add(&i, false, false);
+            }
+        }
+        for d in &c.drives {
+            if let Some(p) = paths(&d.path_on_host) {
+                add(&p, !d.is_read_only.unwrap_or(false), false);
+            }
+        }
+        if let Some(l) = &c.logger {
+            add(std::path::Path::new(&l.log_path), true, true);
+        }
+        if let Some(m) = &c.metrics {
+            add(std::path::Path::new(&m.metrics_path), true, true);
+        }
+    }
+    for b in &args.jail_bind {
+        match b.strip_suffix(",rw") {
+            Some(p) => add(std::path::Path::new(p), true, false),
+            None => add(std::path::Path::new(b), false, false),
+        }
+    }
+    binds
+}
+
+/// The launcher's end: as the jailed VMM ended (by the signal it relayed,
+/// if that is what ended it).
+fn mirror(status: i32) -> ExitCode {
+    if libc::WIFSIGNALED(status) {
+        return die_by(libc::WTERMSIG(status));
+    }
+    let code = libc::WEXITSTATUS(status);
+    match jail::forwarded_signal() {
+        Some(s) if code == 128 + s => die_by(s),
+        _ => ExitCode::from(code as u8),
+    }
+}
+
 /// Ends the process by `signal`, as a program stopped by it should: its
 /// parent sees the signal, not an exit status that a guest could also
 /// produce.
@@ -470,6 +598,63 @@ fn main() -> ExitCode {
     };
     if let Some(path) = &args.inspect_kernel {
         return inspect(path);
+    }
+    let file_config = match args.config_file.as_deref().map(read_config_file) {
+        Some(Ok(c)) => Some(c),
+        Some(Err(e)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(exit_status::VMM_ERROR);
+        }
+        None => None,
+    };
+    // The API socket is made first, on the host's side of any jail.
+    let mut listener = match &args.api_sock {
+        Some(path) => match ApiServer::bind(path) {
+            Ok(server) => Some(server.into_listener()),
+            Err(e) => {
+                report(&e);
+                return ExitCode::from(exit_status::VMM_ERROR);
+            }
+        },
+        None => None,
+    };
+    if let Some(id) = &args.jail {
+        let keep_fd = listener.take().map(IntoRawFd::into_raw_fd);
+        let spec = jail::JailSpec {
+            id: id.clone(),
+            uid: args.jail_uid.unwrap_or(0),
+            gid: args.jail_gid.unwrap_or(0),
+            base: args.jail_base.clone(),
+            netns: args.jail_netns.clone(),
+            cpus: args.jail_cpus,
+            memory: args.jail_memory,
+            io: args.jail_io.clone(),
+            binds: jail_binds(&args, file_config.as_ref()),
+            keep_fd,
+        };
+        let entered = jail::enter(&spec);
+        if !matches!(entered, Ok(jail::Role::Jailed)) {
+            if let Some(fd) = keep_fd {
+                // SAFETY: the launcher's own copy of the listening socket,
+                // not used any more.
+                drop(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+            if let Some(p) = &args.api_sock {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        match entered {
+            Ok(jail::Role::Launcher(status)) => return mirror(status),
+            Ok(jail::Role::Jailed) => {
+                // SAFETY: the jail moved the listening socket to descriptor
+                // 3 and closed every other; this takes it over.
+                listener = keep_fd.map(|_| unsafe { UnixListener::from_raw_fd(3) });
+            }
+            Err(e) => {
+                report(&e);
+                return ExitCode::from(exit_status::VMM_ERROR);
+            }
+        }
     }
     let kernel_given = args.kernel.is_some();
     let config = VmConfig {
@@ -523,30 +708,29 @@ fn main() -> ExitCode {
     }
     let controller = VmController::new(config);
     let mut api = Api::new(controller.clone(), args.id.clone());
-    if let Some(path) = &args.config_file {
-        let applied = read_config_file(path).and_then(|c| api.apply(c).map_err(|e| e.to_string()));
-        if let Err(e) = applied {
-            eprintln!("error: {e}");
+    if let Some(c) = file_config {
+        if let Err(e) = api.apply(c) {
+            let path = args
+                .config_file
+                .as_deref()
+                .unwrap_or(std::path::Path::new(""));
+            eprintln!("error: {}: {e}", path.display());
             return ExitCode::from(exit_status::VMM_ERROR);
         }
     }
     let metrics = api.metrics();
-    let socket = match &args.api_sock {
-        Some(path) => match ApiServer::bind(path) {
-            Ok(server) => {
-                let confine = !args.no_seccomp;
-                if let Err(e) = vmm_kit::api::spawn(server, api, confine) {
-                    report(&e);
-                    return ExitCode::from(exit_status::VMM_ERROR);
-                }
-                Some(path.clone())
-            }
-            Err(e) => {
-                report(&e);
+    let socket = match (listener, &args.api_sock) {
+        (Some(listener), Some(path)) => {
+            let served = ApiServer::from_listener(listener, path)
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error>)
+                .and_then(|s| vmm_kit::api::spawn(s, api, !args.no_seccomp).map_err(|e| e.into()));
+            if let Err(e) = served {
+                report(&*e);
                 return ExitCode::from(exit_status::VMM_ERROR);
             }
-        },
-        None => None,
+            Some(path.clone())
+        }
+        _ => None,
     };
     let events = Arc::new(OnceLock::new());
     let io = || stdio(console_on_stdout, &args.serial, interactive, &events);
