@@ -323,6 +323,35 @@ fn a_whole_lifecycle_over_the_socket() {
 }
 
 #[test]
+fn send_ctrl_alt_del_reboots_the_guest_which_ends_the_vmm() {
+    let vmm = Vmm::start(&[]);
+    let sock = vmm.sock.clone();
+    let action = json!({"action_type": "SendCtrlAltDel"});
+    let (code, body) = call(&sock, "PUT", "/actions", Some(action.clone()));
+    assert_eq!(code, 400);
+    assert_eq!(
+        fault(&body),
+        "The requested operation is not supported before starting the microVM."
+    );
+    let boot = json!({
+        "kernel_image_path": vmm.kernel(),
+        "boot_args": "console=ttyS0 testguest.run=kbd",
+    });
+    assert_eq!(call(&sock, "PUT", "/boot-source", Some(boot)).0, 204);
+    let start = json!({"action_type": "InstanceStart"});
+    assert_eq!(call(&sock, "PUT", "/actions", Some(start)).0, 204);
+    vmm.wait_serial("testguest: kbd ready");
+    assert_eq!(call(&sock, "PUT", "/actions", Some(action)).0, 204);
+    vmm.wait_serial("testguest: kbd ctrl-alt-del");
+    let (status, err) = vmm.wait();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "the guest's reset ends the VMM: {err}"
+    );
+}
+
+#[test]
 fn a_signal_stops_an_api_started_vm_in_order() {
     let vmm = Vmm::start(&[]);
     let boot = json!({

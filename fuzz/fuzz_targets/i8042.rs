@@ -1,19 +1,25 @@
-//! The i8042 and the debug-exit port under any sequence of port accesses:
-//! a reset is signalled exactly for command 0xFE on port 0x64, and the exit
-//! status is the first byte written to the exit port.
+//! The i8042 and the debug-exit port under any sequence of port accesses
+//! and host key presses: a reset is signalled exactly for command 0xFE on
+//! port 0x64, the output buffer stays bounded and the status register says
+//! whether it holds a byte, and the exit status is the first byte written
+//! to the exit port.
 #![no_main]
 
 use arbitrary::Unstructured;
 use libfuzzer_sys::fuzz_target;
 use vm_device::bus::PioAddress;
 use vm_device::MutDevicePio;
-use vmm_devices::legacy::{DebugExit, DEBUG_EXIT_PORT, I8042, I8042_PORT};
+use vmm_devices::legacy::{DebugExit, DEBUG_EXIT_PORT, I8042, I8042_BUFFER_SIZE, I8042_PORT};
+use vmm_devices::persist::Persist;
 use vmm_devices::EventFdTrigger;
 use vmm_kit_fuzz::*;
 
 fuzz_target!(|data: &[u8]| {
     let mut u = Unstructured::new(data);
-    let mut kbd = I8042::new(EventFdTrigger::new().expect("eventfd"));
+    let mut kbd = I8042::new(
+        EventFdTrigger::new().expect("eventfd"),
+        EventFdTrigger::new().expect("eventfd"),
+    );
     let mut exits = 0u32;
     let mut exit = DebugExit::new(|_status| exits += 1);
     let mut resets = 0u64;
@@ -26,6 +32,13 @@ fuzz_target!(|data: &[u8]| {
         let width = [1usize, 2, 4, 3][usize::from(op >> 4) & 3];
         let v = [byte(&mut u), byte(&mut u), byte(&mut u), byte(&mut u)];
         let offset = u16::from(byte(&mut u) % 8);
+        if op & 0x40 != 0 {
+            // The host presses Ctrl-Alt-Del; refused only when full.
+            let before = kbd.save().output.len();
+            if kbd.press_ctrl_alt_del().is_err() {
+                assert!(before + 8 > I8042_BUFFER_SIZE, "refused with room");
+            }
+        }
         match op & 3 {
             0 => {
                 if offset == 4 && width == 1 && v[0] == 0xfe {
@@ -49,6 +62,9 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
+    let state = kbd.save();
+    assert!(state.output.len() <= I8042_BUFFER_SIZE);
+    assert_eq!(kbd.read(4) & 1 != 0, !state.output.is_empty(), "OBF says");
     assert_eq!(kbd.resets(), resets);
     assert_eq!(exit.status(), first_status);
     drop(exit);

@@ -242,12 +242,8 @@ impl Api {
                 Ok(None)
             }
             ApiRequest::Action(ActionType::SendCtrlAltDel) => {
-                // Post-boot only, as in Firecracker; then refused: the i8042
-                // here has no keyboard to press the keys on.
-                self.controller.handle()?;
-                Err(ApiError::NotSupported(
-                    "SendCtrlAltDel (the i8042 has no keyboard; stop the VM with SIGTERM)".into(),
-                ))
+                self.controller.send_ctrl_alt_del()?;
+                Ok(None)
             }
             ApiRequest::Action(ActionType::InstanceStop) => {
                 self.controller.stop()?;

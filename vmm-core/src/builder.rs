@@ -19,7 +19,7 @@ use vmm_devices::host_files::{
 };
 use vmm_devices::legacy::{
     DebugCon, DebugExit, Serial, COM1_IRQ, COM1_PORT, COM1_PORT_SIZE, DEBUGCON_PORT,
-    DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_SIZE, I8042, I8042_PORT, I8042_PORT_SIZE,
+    DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_SIZE, I8042, I8042_KBD_IRQ, I8042_PORT, I8042_PORT_SIZE,
 };
 use vmm_devices::virtio::block::Block;
 use vmm_devices::virtio::console::Console;
@@ -39,7 +39,7 @@ use crate::host_io::{BufferedOutput, OutputStatus, Pty};
 use crate::seccomp::{SeccompPolicy, ThreadFilters, ThreadKind};
 use crate::vcpu::Vcpu;
 use crate::vm::Vm;
-use crate::vmm::{HostThread, SerialDevice, Vmm, VmmError};
+use crate::vmm::{HostThread, KeyboardDevice, SerialDevice, Vmm, VmmError};
 
 /// How long a serial input pump waits for room in the UART's FIFO.
 const SERIAL_INPUT_RETRY: Duration = Duration::from_millis(2);
@@ -98,6 +98,12 @@ pub struct VmBuilder {
     events: VmEventSender,
     receiver: std::sync::mpsc::Receiver<VmEvent>,
     metrics: MetricsRegistry,
+}
+
+/// The legacy devices the running VM keeps hold of.
+struct LegacyDevices {
+    serial: Arc<Mutex<SerialDevice>>,
+    keyboard: Arc<Mutex<KeyboardDevice>>,
 }
 
 fn check_vcpus(n: u8) -> Result<(), VmmError> {
@@ -569,7 +575,7 @@ impl VmBuilder {
 
     /// The legacy PC devices every VM gets: COM1, the i8042 (for reset), the
     /// debug-exit port and, if asked, the debug console.
-    fn add_legacy_devices(&mut self) -> Result<Arc<Mutex<SerialDevice>>, VmmError> {
+    fn add_legacy_devices(&mut self) -> Result<LegacyDevices, VmmError> {
         let (_, irq) = self.interrupt_line(Some(COM1_IRQ))?;
         let out = std::mem::replace(&mut self.io.serial_out, Box::new(io::sink()));
         let out = self.buffered_output("serial output", out);
@@ -578,13 +584,12 @@ impl VmBuilder {
             .register("uart", DeviceMetrics::Uart(serial.metrics()));
         let serial = Arc::new(Mutex::new(serial));
         self.add_pio_device("COM1", COM1_PORT, COM1_PORT_SIZE, serial.clone())?;
-        let i8042 = I8042::new(self.events.trigger(|| VmEvent::ResetRequested));
-        self.add_pio_device(
-            "i8042",
-            I8042_PORT,
-            I8042_PORT_SIZE,
-            Arc::new(Mutex::new(i8042)),
-        )?;
+        let (_, kbd_irq) = self.interrupt_line(Some(I8042_KBD_IRQ))?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(
+            self.events.trigger(|| VmEvent::ResetRequested),
+            kbd_irq,
+        )));
+        self.add_pio_device("i8042", I8042_PORT, I8042_PORT_SIZE, i8042.clone())?;
         let events = self.events.clone();
         let exit = DebugExit::new(move |status| events.send(VmEvent::GuestStatus(status)));
         self.add_pio_device(
@@ -613,7 +618,10 @@ impl VmBuilder {
                 pump_serial_input(&mut input, &serial)
             });
         }
-        Ok(serial)
+        Ok(LegacyDevices {
+            serial,
+            keyboard: i8042,
+        })
     }
 
     /// Loads the kernel, creates the KVM VM and its vCPUs, and wires every
@@ -621,7 +629,7 @@ impl VmBuilder {
     pub fn build(mut self) -> Result<Vmm, VmmError> {
         check_vcpus(self.vcpus)?;
         warn_if_overcommitted(self.vcpus);
-        let serial = self.add_legacy_devices()?;
+        let LegacyDevices { serial, keyboard } = self.add_legacy_devices()?;
         let cmdline = self.full_cmdline();
         let rsdp = self.write_firmware_tables()?;
         let boot = self.load_kernel(&cmdline, Some(rsdp))?;
@@ -648,6 +656,7 @@ impl VmBuilder {
             receiver: self.receiver,
             metrics: self.metrics,
             serial,
+            keyboard,
             outputs: self.outputs,
             held: self.held,
             serial_pty: self.serial_pty,

@@ -360,6 +360,12 @@ impl VmController {
         Ok(self.handle()?.resume()?)
     }
 
+    /// Presses Ctrl-Alt-Del on the running guest's keyboard (see
+    /// [`VmHandle::send_ctrl_alt_del`]).
+    pub fn send_ctrl_alt_del(&self) -> Result<(), LifecycleError> {
+        Ok(self.handle()?.send_ctrl_alt_del()?)
+    }
+
     /// Asks the running VM to stop in order (see [`VmHandle::stop`]).
     pub fn stop(&self) -> Result<(), LifecycleError> {
         self.handle()?.stop();

@@ -8,19 +8,19 @@ use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
-use vmm_devices::metrics::MetricsRegistry;
 
 use libc::{c_int, c_void, siginfo_t};
 use vm_device::device_manager::IoManager;
 use vmm_boot::BootSetup;
-use vmm_devices::legacy::Serial;
+use vmm_devices::legacy::{KeyError, Serial, I8042};
+use vmm_devices::metrics::MetricsRegistry;
 use vmm_devices::EventFdTrigger;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::register_signal_handler;
 
 use crate::devices::{DeviceError, VirtioSlot};
 use crate::event_loop::{EventLoop, EventLoopError, Subscriber};
-use crate::events::{StopCause, VmEvent, VmEventSender, VmExit};
+use crate::events::{EventTrigger, StopCause, VmEvent, VmEventSender, VmExit};
 use crate::host_io::OutputStatus;
 use crate::seccomp::{self, spawn_confined, SeccompError, SeccompPolicy, SpawnError};
 use crate::seccomp::{ThreadFilters, ThreadKind};
@@ -34,6 +34,7 @@ const VCPU_TIMEOUT: Duration = Duration::from_secs(5);
 pub const OUTPUT_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub(crate) type SerialDevice = Serial<EventFdTrigger, Box<dyn Write + Send>>;
+pub(crate) type KeyboardDevice = I8042<EventTrigger, EventFdTrigger>;
 
 /// Why a VM could not be built or run.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +104,9 @@ pub enum ControlError {
     /// The device event loop did not pause.
     #[error("the device event loop did not pause")]
     EventLoop(#[from] EventLoopError),
+    /// A key could not be pressed.
+    #[error(transparent)]
+    Keyboard(#[from] KeyError),
 }
 
 /// A thread a device asked for, started with the VM.
@@ -129,6 +133,7 @@ pub(crate) struct Parts {
     pub receiver: Receiver<VmEvent>,
     pub metrics: MetricsRegistry,
     pub serial: Arc<Mutex<SerialDevice>>,
+    pub keyboard: Arc<Mutex<KeyboardDevice>>,
     pub outputs: Vec<(&'static str, OutputStatus)>,
     pub held: Vec<std::fs::File>,
     pub serial_pty: Option<PathBuf>,
@@ -147,6 +152,7 @@ struct Control {
     running: Mutex<Option<Running>>,
     events: VmEventSender,
     metrics: MetricsRegistry,
+    keyboard: Arc<Mutex<KeyboardDevice>>,
 }
 
 impl Control {
@@ -264,6 +270,26 @@ impl VmHandle {
         self.events.clone()
     }
 
+    /// Presses Ctrl-Alt-Del on the guest's keyboard (a Linux guest then
+    /// reboots, which ends the VM: an orchestrator's graceful stop).
+    pub fn send_ctrl_alt_del(&self) -> Result<(), ControlError> {
+        let running = self
+            .control
+            .running
+            .lock()
+            .map(|r| r.is_some())
+            .unwrap_or(false);
+        if !running {
+            return Err(ControlError::NotRunning);
+        }
+        let mut kbd = self
+            .control
+            .keyboard
+            .lock()
+            .map_err(|_| ControlError::NotRunning)?;
+        Ok(kbd.press_ctrl_alt_del()?)
+    }
+
     /// The counters of the VM's devices.
     pub fn metrics(&self) -> MetricsRegistry {
         self.control.metrics.clone()
@@ -289,6 +315,7 @@ impl Vmm {
             running: Mutex::new(None),
             events: parts.events.clone(),
             metrics: parts.metrics.clone(),
+            keyboard: parts.keyboard.clone(),
         });
         Self { parts, control }
     }

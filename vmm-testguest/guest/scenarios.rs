@@ -4,7 +4,9 @@
 use crate::bootinfo::BootInfo;
 use crate::cmdline::Args;
 use crate::virtio::Mode;
-use crate::{acpi, devices, harness, hostile, io, smp, EXIT_OK, EXIT_UNKNOWN_SCENARIO};
+use crate::{
+    acpi, devices, harness, hostile, io, smp, EXIT_FAILED, EXIT_OK, EXIT_UNKNOWN_SCENARIO,
+};
 
 /// Runs scenario `name`.
 pub fn run(name: &str, boot: &BootInfo, args: &Args) -> u8 {
@@ -23,6 +25,7 @@ pub fn run(name: &str, boot: &BootInfo, args: &Args) -> u8 {
                 core::hint::spin_loop();
             }
         }
+        "kbd" => kbd(),
         "blk" => devices::blk(boot, Mode::Poll),
         "blk-irq" => devices::blk(boot, Mode::Irq),
         "rng" => devices::rng(boot, Mode::Poll),
@@ -63,6 +66,71 @@ pub fn run(name: &str, boot: &BootInfo, args: &Args) -> u8 {
             report!("error unknown scenario \"{}\"", name);
             EXIT_UNKNOWN_SCENARIO
         }
+    }
+}
+
+/// The i8042's data and command/status ports.
+const KBD_DATA: u16 = 0x60;
+const KBD_COMMAND: u16 = 0x64;
+
+/// The next byte the controller has for us, if one comes soon.
+fn kbd_read() -> Option<u8> {
+    for _ in 0..1_000_000 {
+        if io::inb(KBD_COMMAND) & 1 != 0 {
+            return Some(io::inb(KBD_DATA));
+        }
+        core::hint::spin_loop();
+    }
+    None
+}
+
+/// Probes the i8042 and its keyboard as Linux's driver does (controller
+/// self test, command byte with translation on, keyboard reset), reports
+/// `kbd ready`, waits for Ctrl, Alt and Delete (scancode set 1), then asks
+/// for a reset, as Linux does on Ctrl-Alt-Del with `reboot=k`.
+fn kbd() -> u8 {
+    while io::inb(KBD_COMMAND) & 1 != 0 {
+        io::inb(KBD_DATA);
+    }
+    io::outb(KBD_COMMAND, 0xaa);
+    let selftest = kbd_read();
+    io::outb(KBD_COMMAND, 0x20);
+    let command_byte = kbd_read().unwrap_or(0);
+    io::outb(KBD_COMMAND, 0x60);
+    io::outb(KBD_DATA, command_byte | 0x40);
+    io::outb(KBD_DATA, 0xff);
+    let reset = (kbd_read(), kbd_read());
+    if selftest != Some(0x55) || reset != (Some(0xfa), Some(0xaa)) {
+        report!(
+            "kbd error selftest={:?} reset={:?}",
+            selftest,
+            reset
+        );
+        return EXIT_FAILED;
+    }
+    report!("kbd ready command_byte={:#x}", command_byte);
+    let (mut ctrl, mut alt, mut del, mut extended) = (false, false, false, false);
+    while !(ctrl && alt && del) {
+        if io::inb(KBD_COMMAND) & 1 == 0 {
+            core::hint::spin_loop();
+            continue;
+        }
+        match (extended, io::inb(KBD_DATA)) {
+            (_, 0xe0) => {
+                extended = true;
+                continue;
+            }
+            (false, 0x1d) => ctrl = true,
+            (false, 0x38) => alt = true,
+            (true, 0x53) => del = true,
+            _ => {}
+        }
+        extended = false;
+    }
+    report!("kbd ctrl-alt-del");
+    io::outb(KBD_COMMAND, 0xfe);
+    loop {
+        core::hint::spin_loop();
     }
 }
 

@@ -17,6 +17,8 @@
 //! - `exit`: ends with `testguest.exit`;
 //! - `reset`: asks for a reset through the i8042 (command 0xFE on port 0x64);
 //! - `spin`: reports, then loops at CPL3 forever (for stop and pause tests);
+//! - `kbd`: probes the i8042 and its keyboard, reports `kbd ready`, waits for
+//!   Ctrl-Alt-Del and then asks for a reset (what Linux does with `reboot=k`);
 //! - `blk`, `rng`, `console` and their interrupt-driven twins `blk-irq`,
 //!   `rng-irq`, `console-irq`: drive every virtio-mmio device of that type
 //!   named by `virtio_mmio.device=<size>@<addr>:<irq>` entries, polling the
