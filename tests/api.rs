@@ -283,6 +283,28 @@ fn a_whole_lifecycle_over_the_socket() {
     assert_eq!(cfg["machine-config"]["vcpu_count"], 2);
     assert!(cfg["boot-source"]["kernel_image_path"].is_string());
 
+    // The drive moves to another image while the guest runs.
+    let other = vmm.file("other.img");
+    std::fs::write(&other, vec![0u8; 2 << 20]).expect("test step");
+    let patch = |id: &str, path: &Path| {
+        call(
+            &sock,
+            "PATCH",
+            &format!("/drives/{id}"),
+            Some(json!({"drive_id": id, "path_on_host": path})),
+        )
+    };
+    let (code, body) = patch("rootfs", &other);
+    assert_eq!(code, 204, "{body}");
+    let (code, body) = patch("rootfs", &vmm.file("missing.img"));
+    assert_eq!(code, 400);
+    assert!(fault(&body).contains("missing.img"), "{body}");
+    let (code, body) = patch("nodisk", &other);
+    assert_eq!(code, 400);
+    assert!(fault(&body).contains("nodisk"), "{body}");
+    let (_, body) = call(&sock, "GET", "/vm/config", None);
+    assert!(body.contains("other.img"), "{body}");
+
     let (code, _) = call(
         &sock,
         "PUT",

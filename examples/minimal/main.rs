@@ -459,8 +459,10 @@ fn stdio(
 }
 
 /// What the reference VMM adds to every VM it builds: the orderly stop on
-/// SIGINT, SIGTERM and SIGHUP, and the escape reader's link to the VM.
-fn prepare(builder: &mut VmBuilder, events: &Arc<OnceLock<VmEventSender>>) {
+/// SIGINT, SIGTERM and SIGHUP, and the escape reader's link to the VM; with
+/// an API, the main thread may open disk images (`PATCH /drives` runs
+/// there).
+fn prepare(builder: &mut VmBuilder, events: &Arc<OnceLock<VmEventSender>>, api: bool) {
     let _ = events.set(builder.events());
     if let Some(path) = builder.serial_pty() {
         eprintln!("vmm: serial console on {}", path.display());
@@ -473,6 +475,19 @@ fn prepare(builder: &mut VmBuilder, events: &Arc<OnceLock<VmEventSender>>) {
             ThreadKind::Main,
             &[libc::SYS_rt_sigaction, libc::SYS_unlink, libc::SYS_unlinkat],
         );
+    if api {
+        builder.allow_syscalls(
+            ThreadKind::Main,
+            &[
+                libc::SYS_openat,
+                libc::SYS_newfstatat,
+                libc::SYS_fstat,
+                libc::SYS_statx,
+                libc::SYS_lseek,
+                libc::SYS_getdents64,
+            ],
+        );
+    }
 }
 
 /// Reads a Firecracker-shaped configuration file (at most 1 MiB).
@@ -735,9 +750,9 @@ fn main() -> ExitCode {
     let events = Arc::new(OnceLock::new());
     let io = || stdio(console_on_stdout, &args.serial, interactive, &events);
     let started = if socket.is_some() && args.config_file.is_none() {
-        controller.serve_start(io, |b| prepare(b, &events))
+        controller.serve_start(io, |b| prepare(b, &events, true))
     } else {
-        controller.launch(io(), |b| prepare(b, &events))
+        controller.launch(io(), |b| prepare(b, &events, socket.is_some()))
     };
     let running = match started {
         Ok(r) => r,

@@ -381,10 +381,17 @@ impl Api {
             )));
         }
         unsupported_limiter("drives", &d.rate_limiter)?;
-        if d.path_on_host.is_some() {
-            return Err(ApiError::NotSupported(
-                "changing a drive's backing file after the start".into(),
-            ));
+        if let Some(path) = &d.path_on_host {
+            self.controller
+                .replace_disk(&d.drive_id, std::path::Path::new(path))?;
+            if let Some(drive) = self
+                .view
+                .drives
+                .iter_mut()
+                .find(|o| o.drive_id == d.drive_id)
+            {
+                drive.path_on_host = Some(path.clone());
+            }
         }
         Ok(())
     }

@@ -98,6 +98,7 @@ pub struct VmBuilder {
     events: VmEventSender,
     receiver: std::sync::mpsc::Receiver<VmEvent>,
     metrics: MetricsRegistry,
+    disk_slots: Vec<crate::vmm::DiskSlot>,
 }
 
 /// The legacy devices the running VM keeps hold of.
@@ -171,6 +172,7 @@ impl VmBuilder {
             events,
             receiver,
             metrics: MetricsRegistry::default(),
+            disk_slots: Vec::new(),
         })
     }
 
@@ -333,7 +335,12 @@ impl VmBuilder {
         };
         self.inputs.push(input.clone());
         self.disks.push((input, disk.read_only));
-        self.add_virtio(block)
+        let handle = self.add_virtio(block)?;
+        self.disk_slots.push(crate::vmm::DiskSlot {
+            config: disk.clone(),
+            handle: handle.clone(),
+        });
+        Ok(handle)
     }
 
     /// Opens the kernel and initrd files now (without blocking, checked to
@@ -655,6 +662,7 @@ impl VmBuilder {
             events: self.events,
             receiver: self.receiver,
             metrics: self.metrics,
+            disks: self.disk_slots,
             serial,
             keyboard,
             outputs: self.outputs,

@@ -41,6 +41,19 @@ pub enum VmEvent {
     Paused,
     /// The VM runs again after a pause.
     Resumed,
+    /// Work for the thread that waits for the VM (it runs the task and
+    /// goes on waiting): what only that thread's filter allows, such as
+    /// opening a new disk image.
+    Run(OwnerTask),
+}
+
+/// A task for the thread that waits for the VM ([`VmEvent::Run`]).
+pub struct OwnerTask(pub Box<dyn FnOnce() + Send>);
+
+impl std::fmt::Debug for OwnerTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OwnerTask")
+    }
 }
 
 /// How a VM ended.
@@ -134,6 +147,7 @@ impl VmEvent {
                 StopReason::Requested => return None,
             },
             VmEvent::Paused | VmEvent::Resumed => return None,
+            VmEvent::Run(_) => return None,
         };
         Some(Ok(exit))
     }

@@ -37,7 +37,7 @@ pub use builder::VmBuilder;
 pub use config::{HostIo, KernelSource, SerialConfig, VmConfig, DEFAULT_CMDLINE};
 pub use devices::{ConsoleConfig, DeviceError, DiskConfig, Transport, VirtioHandle, VirtioSlot};
 pub use event_loop::{EventLoop, EventLoopError, Subscriber};
-pub use events::{exit_status, EventTrigger, StopCause, VmEvent, VmEventSender, VmExit};
+pub use events::{exit_status, EventTrigger, OwnerTask, StopCause, VmEvent, VmEventSender, VmExit};
 pub use lifecycle::{ConfigError, LifecycleError, LifecycleState, VmController};
 pub use seccomp::{SeccompPolicy, ThreadKind};
 pub use vcpu::{handle_exit, StopReason, Vcpu, VcpuEmulation, VcpuError, VcpuState};

@@ -251,15 +251,20 @@ impl VmController {
         rx.recv().map_err(|_| LifecycleError::NoOwner)?
     }
 
-    /// Runs `task` on the owner thread before the start (for work whose
-    /// system calls only the owner's filter allows, such as opening a log
-    /// file) and returns its result; on the owner thread itself, runs it
-    /// at once.
+    /// Runs `task` on the owner thread (for work whose system calls only
+    /// the owner's filter allows, such as opening a file) and returns its
+    /// result: before the start while it serves start requests, after it
+    /// while it waits for the VM ([`VmEvent::Run`](crate::VmEvent::Run));
+    /// on the owner thread itself, at once.
     pub fn on_owner<R: Send + 'static>(
         &self,
         task: impl FnOnce() -> R + Send + 'static,
     ) -> Result<R, LifecycleError> {
-        self.pre_boot()?;
+        let running = match &self.lock().phase {
+            Phase::NotStarted => None,
+            Phase::Running(h) => Some(h.events()),
+            Phase::Ended => return Err(LifecycleError::Ended),
+        };
         if std::thread::current().id() == self.owner_thread {
             return Ok(task());
         }
@@ -267,10 +272,23 @@ impl VmController {
         let task: Task = Box::new(move || {
             let _ = tx.send(task());
         });
-        self.requests
-            .send(OwnerRequest::Task(task))
-            .map_err(|_| LifecycleError::NoOwner)?;
+        match running {
+            None => self
+                .requests
+                .send(OwnerRequest::Task(task))
+                .map_err(|_| LifecycleError::NoOwner)?,
+            Some(events) => events.send(crate::VmEvent::Run(crate::events::OwnerTask(task))),
+        }
         rx.recv().map_err(|_| LifecycleError::NoOwner)
+    }
+
+    /// Puts the running VM's disk `id` on the image at `path`, on the owner
+    /// thread (see [`VmHandle::replace_disk`]).
+    pub fn replace_disk(&self, id: &str, path: &std::path::Path) -> Result<(), LifecycleError> {
+        let handle = self.handle()?;
+        let (id, path) = (id.to_string(), path.to_path_buf());
+        self.on_owner(move || handle.replace_disk(&id, &path))??;
+        Ok(())
     }
 
     /// On the owner thread: carries out [`on_owner`](Self::on_owner) tasks

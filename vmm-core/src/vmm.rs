@@ -107,6 +107,12 @@ pub enum ControlError {
     /// A key could not be pressed.
     #[error(transparent)]
     Keyboard(#[from] KeyError),
+    /// No disk has that id.
+    #[error("no disk has the id {0:?}")]
+    NoSuchDisk(String),
+    /// The new image cannot be used.
+    #[error(transparent)]
+    Disk(#[from] DeviceError),
 }
 
 /// A thread a device asked for, started with the VM.
@@ -134,6 +140,7 @@ pub(crate) struct Parts {
     pub metrics: MetricsRegistry,
     pub serial: Arc<Mutex<SerialDevice>>,
     pub keyboard: Arc<Mutex<KeyboardDevice>>,
+    pub disks: Vec<DiskSlot>,
     pub outputs: Vec<(&'static str, OutputStatus)>,
     pub held: Vec<std::fs::File>,
     pub serial_pty: Option<PathBuf>,
@@ -153,6 +160,15 @@ struct Control {
     events: VmEventSender,
     metrics: MetricsRegistry,
     keyboard: Arc<Mutex<KeyboardDevice>>,
+    disks: Vec<DiskSlot>,
+}
+
+/// A disk the VM was built with, for replacing its image.
+#[derive(Clone)]
+pub(crate) struct DiskSlot {
+    pub config: crate::devices::DiskConfig,
+    pub handle:
+        crate::devices::VirtioHandle<vmm_devices::virtio::block::Block<vmm_memory::GuestRam>>,
 }
 
 impl Control {
@@ -290,6 +306,48 @@ impl VmHandle {
         Ok(kbd.press_ctrl_alt_del()?)
     }
 
+    /// Puts the disk whose id (serial) is `id` on the image at `path`,
+    /// opened and locked as the disk was configured (read-only or not); the
+    /// guest sees a configuration change with the new capacity. This opens
+    /// a file: call it where the thread's seccomp filter allows that (see
+    /// [`VmEvent::Run`]).
+    pub fn replace_disk(&self, id: &str, path: &std::path::Path) -> Result<(), ControlError> {
+        let slot = self
+            .control
+            .disks
+            .iter()
+            .find(|d| d.config.serial.as_deref() == Some(id))
+            .ok_or_else(|| ControlError::NoSuchDisk(id.to_string()))?;
+        let ro = slot.config.read_only;
+        let host = |e| ControlError::Disk(DeviceError::Host(e));
+        let file = vmm_devices::host_files::open_input(
+            "disk image",
+            path,
+            vmm_devices::host_files::InputKind::FileOrBlockDevice,
+            !ro,
+        )
+        .map_err(host)?;
+        if slot.config.lock {
+            vmm_devices::host_files::lock_image(&file, path, ro).map_err(host)?;
+        }
+        let mut t = slot
+            .handle
+            .transport()
+            .lock()
+            .map_err(|_| ControlError::NotRunning)?;
+        let block = t
+            .device_as_mut::<vmm_devices::virtio::block::Block<vmm_memory::GuestRam>>()
+            .ok_or_else(|| ControlError::NoSuchDisk(id.to_string()))?;
+        block.replace_file(file).map_err(|source| {
+            ControlError::Disk(DeviceError::Disk {
+                path: path.to_path_buf(),
+                source,
+            })
+        })?;
+        t.config_changed();
+        Ok(())
+    }
+
     /// The counters of the VM's devices.
     pub fn metrics(&self) -> MetricsRegistry {
         self.control.metrics.clone()
@@ -316,6 +374,7 @@ impl Vmm {
             events: parts.events.clone(),
             metrics: parts.metrics.clone(),
             keyboard: parts.keyboard.clone(),
+            disks: parts.disks.clone(),
         });
         Self { parts, control }
     }
@@ -480,6 +539,10 @@ impl RunningVm {
             let Ok(event) = self.receiver.recv() else {
                 break Ok(VmExit::Stopped(StopCause::Requested));
             };
+            if let VmEvent::Run(task) = event {
+                (task.0)();
+                continue;
+            }
             log_event(&event);
             if let Some(outcome) = event.outcome() {
                 break outcome;

@@ -495,6 +495,16 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> MmioTransport<M> {
         self.device.as_mut()
     }
 
+    /// Tells the driver the device's configuration space changed (a disk
+    /// got a new size, say): the generation moves on and, once the driver
+    /// has set DRIVER_OK, a configuration-change interrupt is raised.
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if self.device.is_active() {
+            self.interrupt.signal_config_change();
+        }
+    }
+
     /// The device as its concrete type `D`, if it is one.
     pub fn device_as<D: VirtioDevice<M>>(&self) -> Option<&D> {
         let any: &dyn Any = self.device.as_ref();
@@ -961,6 +971,15 @@ mod tests {
     }
 
     const ALL: u32 = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+
+    #[test]
+    fn a_configuration_change_moves_the_generation_and_interrupts_a_live_driver() {
+        let (mut t, irq) = transport();
+        t.config_changed();
+        assert_eq!(r(&mut t, reg::CONFIG_GENERATION), 1);
+        assert!(irq.eventfd().read().is_err(), "no driver yet: no interrupt");
+        assert_eq!(r(&mut t, reg::INTERRUPT_STATUS) & INT_CONFIG, 0);
+    }
 
     #[test]
     fn identity_registers() {

@@ -444,6 +444,22 @@ impl<M> Block<M> {
         })
     }
 
+    /// Puts the disk on another image (opened as this disk was: read-only
+    /// or not), keeping its id and features; the capacity becomes the new
+    /// image's. Requests already answered stay answered; the next ones go
+    /// to the new image. The transport should then announce the
+    /// configuration change
+    /// ([`MmioTransport::config_changed`](crate::virtio::mmio::MmioTransport::config_changed)).
+    pub fn replace_file(&mut self, file: File) -> Result<(), BlockError> {
+        let size =
+            std::io::Seek::seek(&mut &file, std::io::SeekFrom::End(0)).map_err(BlockError::Size)?;
+        let capacity = size / SECTOR_SIZE;
+        self.backend.file = file;
+        self.backend.disk.capacity = capacity;
+        self.config.capacity = Le64::from(capacity);
+        Ok(())
+    }
+
     /// Capacity in 512-byte sectors.
     pub fn capacity_sectors(&self) -> u64 {
         self.backend.disk.capacity

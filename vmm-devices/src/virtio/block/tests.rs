@@ -391,6 +391,26 @@ fn config_space_advertises_capacity_seg_max_and_block_size() {
 }
 
 #[test]
+fn a_replaced_image_brings_its_capacity_and_takes_the_next_requests() {
+    let mem = memory();
+    let mut s = setup(&mem, false, false);
+    s.dev.replace_file(image(8 * 512)).unwrap();
+    assert_eq!(s.dev.capacity_sectors(), 8);
+    let dev: &dyn VirtioDevice<GuestMemoryMmap> = &s.dev;
+    let mut b8 = [0u8; 8];
+    dev.read_config(0, &mut b8);
+    assert_eq!(
+        u64::from_le_bytes(b8),
+        8,
+        "the driver reads the new capacity"
+    );
+    let (status, _) = s.request(VIRTIO_BLK_T_IN, 8, 512, true);
+    assert_eq!(u32::from(status), VIRTIO_BLK_S_IOERR, "past the new end");
+    let (status, _) = s.request(VIRTIO_BLK_T_IN, 7, 512, true);
+    assert_eq!(u32::from(status), VIRTIO_BLK_S_OK);
+}
+
+#[test]
 fn serial_longer_than_20_bytes_is_refused() {
     assert!(matches!(
         Block::<GuestMemoryMmap>::from_file(image(512), false, Some("123456789012345678901")),
