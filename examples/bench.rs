@@ -19,10 +19,16 @@
 //! - peak resident memory of the whole VMM process booting the test guest
 //!   (which touches about 1 MiB of its 128 MiB), against the floor's;
 //! - virtio notify to used-buffer round trips (one-byte virtio-rng requests),
-//!   polled and interrupt driven (no floor: QEMU is the peer).
+//!   polled and interrupt driven (no floor: QEMU is the peer);
+//! - the management API: process start to the API socket answering a first
+//!   request (`GET /`; QEMU: its QMP socket's greeting), and one request's
+//!   round trip on an open connection (`GET /`; QEMU: QMP `query-status`),
+//!   against the floor: this binary answering a fixed HTTP response on a
+//!   Unix socket.
 
-use std::io::{BufRead, BufReader, Cursor};
-use std::path::PathBuf;
+use std::io::{BufRead, BufReader, Cursor, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -48,7 +54,142 @@ struct Args {
     /// Internal: like --floor-boot, then stay up.
     #[arg(long, hide = true)]
     floor_boot_wait: bool,
+    /// Internal: answer every HTTP request on this Unix socket with a fixed
+    /// response (the API floor).
+    #[arg(long, hide = true, value_name = "PATH")]
+    floor_api: Option<PathBuf>,
 }
+
+/// The API floor: a process that binds a Unix socket and answers each
+/// request with a fixed response, on one thread.
+fn floor_api(path: &Path) {
+    let listener = UnixListener::bind(path).expect("bind");
+    for stream in listener.incoming() {
+        let Ok(mut s) = stream else { continue };
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        loop {
+            while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                buf.drain(..end + 4);
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}");
+            }
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+}
+
+/// One HTTP request on `s` and its whole answer.
+fn http_get(s: &mut UnixStream) -> bool {
+    if s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                return head.starts_with("http/1.1 200");
+            }
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// QMP: the greeting line, then capabilities negotiated.
+fn qmp_ready(s: &mut UnixStream) -> Option<BufReader<UnixStream>> {
+    let mut r = BufReader::new(s.try_clone().ok()?);
+    let mut line = String::new();
+    r.read_line(&mut line).ok()?;
+    if !line.contains("QMP") {
+        return None;
+    }
+    s.write_all(b"{\"execute\":\"qmp_capabilities\"}\n").ok()?;
+    line.clear();
+    r.read_line(&mut line).ok()?;
+    line.contains("return").then_some(r)
+}
+
+/// One QMP `query-status` round trip.
+fn qmp_query(s: &mut UnixStream, r: &mut BufReader<UnixStream>) -> bool {
+    if s.write_all(b"{\"execute\":\"query-status\"}\n").is_err() {
+        return false;
+    }
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match r.read_line(&mut line) {
+            Ok(0) | Err(_) => return false,
+            Ok(_) if line.starts_with("{\"return\"") => return true,
+            Ok(_) => {}
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Api {
+    Http,
+    Qmp,
+}
+
+/// Starts `cmd`, which serves `api` on `sock`; returns the milliseconds
+/// from its start to a first answer, and the median round trip of `calls`
+/// requests on one connection in microseconds.
+fn api_figures(cmd: &mut Command, sock: &Path, api: Api, calls: usize) -> (f64, f64) {
+    let _ = std::fs::remove_file(sock);
+    let t0 = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start");
+    let deadline = t0 + Duration::from_secs(20);
+    let (mut s, mut qmp) = loop {
+        assert!(Instant::now() < deadline, "the API socket never answered");
+        if let Ok(mut s) = UnixStream::connect(sock) {
+            match api {
+                Api::Http if http_get(&mut s) => break (s, None),
+                Api::Qmp => {
+                    if let Some(r) = qmp_ready(&mut s) {
+                        break (s, Some(r));
+                    }
+                }
+                _ => {}
+            }
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    let ready = t0.elapsed().as_secs_f64() * 1e3;
+    let mut each: Vec<f64> = (0..calls)
+        .map(|_| {
+            let t = Instant::now();
+            let ok = match (&mut qmp, api) {
+                (Some(r), Api::Qmp) => qmp_query(&mut s, r),
+                _ => http_get(&mut s),
+            };
+            assert!(ok, "an API call failed");
+            t.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    each.sort_by(f64::total_cmp);
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(sock);
+    (ready, each[each.len() / 2])
+}
+
 
 /// Median, minimum and maximum.
 #[derive(Clone, Copy)]
@@ -466,6 +607,10 @@ fn main() {
         floor_boot_child(args.floor_boot_wait);
         return;
     }
+    if let Some(path) = &args.floor_api {
+        floor_api(path);
+        return;
+    }
     let r = args.repeats.max(1);
     let tsc_ghz = tsc_ghz();
     let qemu = qemu_available();
@@ -663,6 +808,55 @@ fn main() {
             None,
         );
     }
+    let sock = std::env::temp_dir().join(format!("vmm-kit-bench-{}.sock", std::process::id()));
+    let sock_arg = sock.to_str().expect("utf-8 temp path").to_string();
+    let figures = |api: Api, cmd: &mut dyn FnMut() -> Command| -> (Stat, Stat) {
+        let runs: Vec<(f64, f64)> = (0..r).map(|_| api_figures(&mut cmd(), &sock, api, 200)).collect();
+        (
+            stat(runs.iter().map(|x| x.0).collect()),
+            stat(runs.iter().map(|x| x.1).collect()),
+        )
+    };
+    let ours = figures(Api::Http, &mut || {
+        let mut c = Command::new(minimal_bin());
+        c.args(["--api-sock", &sock_arg]);
+        c
+    });
+    let q = qemu.then(|| {
+        figures(Api::Qmp, &mut || {
+            let mut c = Command::new("qemu-system-x86_64");
+            c.args([
+                "-M",
+                "microvm",
+                "-enable-kvm",
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-S",
+                "-qmp",
+                &format!("unix:{sock_arg},server=on,wait=off"),
+            ]);
+            c
+        })
+    });
+    let floor = figures(Api::Http, &mut || {
+        let mut c = Command::new(std::env::current_exe().expect("bench binary"));
+        c.args(["--floor-api", &sock_arg]);
+        c
+    });
+    row(
+        "process start to the API answering (GET /; QEMU: QMP greeting), ms",
+        ours.0,
+        q.map(|q| q.0),
+        Some(floor.0),
+    );
+    row(
+        "API round trip on an open connection (GET /; QEMU: QMP query-status), us",
+        ours.1,
+        q.map(|q| q.1),
+        Some(floor.1),
+    );
     let whole = "testguest.run=hello,exit testguest.exit=0";
     let ours = measure(r, || {
         whole_run_ms(Command::new(minimal_bin()).args(["--cmdline", whole]))
