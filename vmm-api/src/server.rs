@@ -211,42 +211,62 @@ struct Conn {
     dead: bool,
 }
 
-/// What the head of the buffered bytes is.
-enum Parsed {
+/// What the head of a connection's buffered bytes is ([`frame`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame {
     /// Not a whole request yet.
-    Partial { expect_continue: bool },
+    Partial {
+        /// The client waits for `100 Continue` before it sends the body.
+        expect_continue: bool,
+    },
     /// A whole request, `len` bytes long.
     Request {
+        /// The method.
         method: String,
+        /// The path (with any query string).
         path: String,
+        /// The body.
         body: Vec<u8>,
+        /// Bytes of the buffer it took.
         len: usize,
+        /// The client asked to close the connection after the answer.
         close: bool,
     },
-    /// A request that cannot be served; answer and close.
+    /// A request that cannot be served: answer with this status and
+    /// message, and close.
     Refused(u16, String),
 }
 
-fn parse_http(buf: &[u8]) -> Parsed {
+/// Finds the first request in `buf` (HTTP/1.x, parsed by httparse): whole,
+/// partial, or refused for its size or form.
+///
+/// ```
+/// use vmm_api::server::{frame, Frame};
+///
+/// let f = frame(b"PUT /vm HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}GET / HTTP/1.1\r\n");
+/// assert!(matches!(f, Frame::Request { len: 41, .. }));
+/// assert!(matches!(frame(b"GET / HT"), Frame::Partial { .. }));
+/// ```
+pub fn frame(buf: &[u8]) -> Frame {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
-            return Parsed::Refused(431, format!("request head over {MAX_HEAD} bytes"))
+            return Frame::Refused(431, format!("request head over {MAX_HEAD} bytes"))
         }
         Ok(httparse::Status::Partial) => {
-            return Parsed::Partial {
+            return Frame::Partial {
                 expect_continue: false,
             }
         }
         Err(httparse::Error::TooManyHeaders) => {
-            return Parsed::Refused(431, format!("more than {MAX_HEADERS} headers"))
+            return Frame::Refused(431, format!("more than {MAX_HEADERS} headers"))
         }
-        Err(e) => return Parsed::Refused(400, format!("malformed HTTP request: {e}")),
+        Err(e) => return Frame::Refused(400, format!("malformed HTTP request: {e}")),
     };
     if head_len > MAX_HEAD {
-        return Parsed::Refused(431, format!("request head over {MAX_HEAD} bytes"));
+        return Frame::Refused(431, format!("request head over {MAX_HEAD} bytes"));
     }
     let mut content_length = 0usize;
     let mut close = req.version == Some(0);
@@ -257,10 +277,10 @@ fn parse_http(buf: &[u8]) -> Parsed {
         if h.name.eq_ignore_ascii_case("content-length") {
             content_length = match value.parse() {
                 Ok(n) => n,
-                Err(_) => return Parsed::Refused(400, format!("bad Content-Length {value:?}")),
+                Err(_) => return Frame::Refused(400, format!("bad Content-Length {value:?}")),
             };
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            return Parsed::Refused(
+            return Frame::Refused(
                 501,
                 "Transfer-Encoding is not supported; send Content-Length".into(),
             );
@@ -273,16 +293,16 @@ fn parse_http(buf: &[u8]) -> Parsed {
         }
     }
     if content_length > MAX_BODY {
-        return Parsed::Refused(
+        return Frame::Refused(
             413,
             format!("body of {content_length} bytes; at most {MAX_BODY}"),
         );
     }
     let total = head_len + content_length;
     if buf.len() < total {
-        return Parsed::Partial { expect_continue };
+        return Frame::Partial { expect_continue };
     }
-    Parsed::Request {
+    Frame::Request {
         method: req.method.unwrap_or("").to_string(),
         path: req.path.unwrap_or("").to_string(),
         body: buf[head_len..total].to_vec(),
@@ -385,15 +405,15 @@ impl Conn {
 
     fn serve(&mut self, api: &mut Api) {
         while !self.inbuf.is_empty() {
-            match parse_http(&self.inbuf) {
-                Parsed::Partial { expect_continue } => {
+            match frame(&self.inbuf) {
+                Frame::Partial { expect_continue } => {
                     if expect_continue && !self.continued {
                         self.continued = true;
                         self.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
                     }
                     break;
                 }
-                Parsed::Refused(status, message) => {
+                Frame::Refused(status, message) => {
                     let body = serde_json::to_string(&ErrorBody {
                         fault_message: message,
                     })
@@ -402,7 +422,7 @@ impl Conn {
                     self.inbuf.clear();
                     self.closing = true;
                 }
-                Parsed::Request {
+                Frame::Request {
                     method,
                     path,
                     body,
@@ -476,43 +496,43 @@ mod tests {
     #[test]
     fn heads_and_bodies_are_bounded_and_checked() {
         assert!(matches!(
-            parse_http(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
-            Parsed::Request {
+            frame(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Frame::Request {
                 len: 27,
                 close: false,
                 ..
             }
         ));
         assert!(matches!(
-            parse_http(b"GET / HTTP/1.0\r\n\r\n"),
-            Parsed::Request { close: true, .. }
+            frame(b"GET / HTTP/1.0\r\n\r\n"),
+            Frame::Request { close: true, .. }
         ));
         assert!(matches!(
-            parse_http(b"PUT /vm HTTP/1.1\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n{}"),
-            Parsed::Partial {
+            frame(b"PUT /vm HTTP/1.1\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n{}"),
+            Frame::Partial {
                 expect_continue: true
             }
         ));
         assert!(matches!(
-            parse_http(b"PUT /vm HTTP/1.1\r\nContent-Length: 999999\r\n\r\n"),
-            Parsed::Refused(413, _)
+            frame(b"PUT /vm HTTP/1.1\r\nContent-Length: 999999\r\n\r\n"),
+            Frame::Refused(413, _)
         ));
         assert!(matches!(
-            parse_http(b"PUT /vm HTTP/1.1\r\nContent-Length: -1\r\n\r\n"),
-            Parsed::Refused(400, _)
+            frame(b"PUT /vm HTTP/1.1\r\nContent-Length: -1\r\n\r\n"),
+            Frame::Refused(400, _)
         ));
         assert!(matches!(
-            parse_http(b"PUT /vm HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
-            Parsed::Refused(501, _)
+            frame(b"PUT /vm HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Frame::Refused(501, _)
         ));
         let long = format!("GET /{} HTTP/1.1\r\n", "a".repeat(MAX_HEAD));
         assert!(matches!(
-            parse_http(long.as_bytes()),
-            Parsed::Refused(431, _)
+            frame(long.as_bytes()),
+            Frame::Refused(431, _)
         ));
         assert!(matches!(
-            parse_http(b"\x00\x01garbage\r\n\r\n"),
-            Parsed::Refused(400, _)
+            frame(b"\x00\x01garbage\r\n\r\n"),
+            Frame::Refused(400, _)
         ));
     }
 }

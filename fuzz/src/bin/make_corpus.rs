@@ -194,6 +194,35 @@ fn main() {
     with_bz.extend_from_slice(&bz);
     write(dir, "boot_image", "bzimage", &with_bz);
     write(dir, "boot_image", "empty", &b);
+
+    // API requests: a pipelined boot sequence, a keep-alive pair, one refused.
+    let req = |method: &str, path: &str, body: &str| {
+        format!(
+            "{method} {path} HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let boot = [
+        req("PUT", "/machine-config", r#"{"vcpu_count": 2, "mem_size_mib": 256, "smt": false}"#),
+        req("PUT", "/boot-source", r#"{"kernel_image_path": "/k", "boot_args": "console=ttyS0"}"#),
+        req(
+            "PUT",
+            "/drives/rootfs",
+            r#"{"drive_id": "rootfs", "path_on_host": "/r", "is_root_device": true, "is_read_only": false}"#,
+        ),
+        req("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#),
+        req("PATCH", "/vm", r#"{"state": "Paused"}"#),
+    ]
+    .concat();
+    write(dir, "api_request", "boot", boot.as_bytes());
+    let pair = [req("GET", "/", ""), req("GET", "/vm/config", "")].concat();
+    write(dir, "api_request", "get", pair.as_bytes());
+    write(
+        dir,
+        "api_request",
+        "chunked",
+        b"PUT /logger HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+    );
 }
 
 fn vmm_testguest_image() -> &'static [u8] {
