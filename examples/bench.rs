@@ -83,7 +83,9 @@ fn floor_api(path: &Path) {
 
 /// One HTTP request on `s` and its whole answer.
 fn http_get(s: &mut UnixStream) -> bool {
-    if s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").is_err() {
+    if s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .is_err()
+    {
         return false;
     }
     let mut buf = Vec::new();
@@ -189,7 +191,6 @@ fn api_figures(cmd: &mut Command, sock: &Path, api: Api, calls: usize) -> (f64, 
     let _ = std::fs::remove_file(sock);
     (ready, each[each.len() / 2])
 }
-
 
 /// Median, minimum and maximum.
 #[derive(Clone, Copy)]
@@ -811,7 +812,9 @@ fn main() {
     let sock = std::env::temp_dir().join(format!("vmm-kit-bench-{}.sock", std::process::id()));
     let sock_arg = sock.to_str().expect("utf-8 temp path").to_string();
     let figures = |api: Api, cmd: &mut dyn FnMut() -> Command| -> (Stat, Stat) {
-        let runs: Vec<(f64, f64)> = (0..r).map(|_| api_figures(&mut cmd(), &sock, api, 200)).collect();
+        let runs: Vec<(f64, f64)> = (0..r)
+            .map(|_| api_figures(&mut cmd(), &sock, api, 200))
+            .collect();
         (
             stat(runs.iter().map(|x| x.0).collect()),
             stat(runs.iter().map(|x| x.1).collect()),

@@ -169,13 +169,13 @@ fn a_whole_lifecycle_over_the_socket() {
         fault(&body),
         "The requested operation is not supported before starting the microVM."
     );
-    let (code, _) = call(
-        &sock,
-        "PATCH",
-        "/drives/rootfs",
-        Some(json!({"drive_id": "rootfs"})),
-    );
+    let patch = json!({"drive_id": "rootfs", "path_on_host": "/tmp/x"});
+    let (code, body) = call(&sock, "PATCH", "/drives/rootfs", Some(patch));
     assert_eq!(code, 400);
+    assert_eq!(
+        fault(&body),
+        "The requested operation is not supported before starting the microVM."
+    );
     let (code, body) = call(
         &sock,
         "PUT",

@@ -140,7 +140,13 @@ pub fn parse_request(method: &str, path: &str, bytes: &[u8]) -> Result<ApiReques
         ("GET", ["version"]) => ApiRequest::GetVersion,
         ("GET", ["machine-config"]) => ApiRequest::GetMachineConfig,
         ("PUT", ["machine-config"]) => ApiRequest::PutMachineConfig(body("PUT", bytes)?),
-        ("PATCH", ["machine-config"]) => ApiRequest::PatchMachineConfig(body("PATCH", bytes)?),
+        ("PATCH", ["machine-config"]) => {
+            let update: MachineConfigUpdate = body("PATCH", bytes)?;
+            if update == MachineConfigUpdate::default() {
+                return Err(ApiError::EmptyBody("PATCH"));
+            }
+            ApiRequest::PatchMachineConfig(update)
+        }
         ("PUT", ["boot-source"]) => ApiRequest::PutBootSource(body("PUT", bytes)?),
         ("PUT", ["drives", id]) => {
             check_id(id)?;
@@ -152,6 +158,12 @@ pub fn parse_request(method: &str, path: &str, bytes: &[u8]) -> Result<ApiReques
             check_id(id)?;
             let drive: PartialDrive = body("PATCH", bytes)?;
             same_id(id, &drive.drive_id)?;
+            if drive.path_on_host.is_none() && drive.rate_limiter.is_none() {
+                return Err(ApiError::Invalid(
+                    "Please specify at least one property to patch: path_on_host, rate_limiter."
+                        .into(),
+                ));
+            }
             ApiRequest::PatchDrive(drive)
         }
         ("PUT", ["entropy"]) => ApiRequest::PutEntropy(body("PUT", bytes)?),
@@ -213,7 +225,11 @@ mod tests {
                 "/drives/root",
                 r#"{"drive_id": "root", "is_root_device": true, "path_on_host": "/r"}"#,
             ),
-            ("PATCH", "/drives/root", r#"{"drive_id": "root"}"#),
+            (
+                "PATCH",
+                "/drives/root",
+                r#"{"drive_id": "root", "path_on_host": "/x"}"#,
+            ),
             ("PUT", "/entropy", "{}"),
             ("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#),
             ("PATCH", "/vm", r#"{"state": "Resumed"}"#),
@@ -263,6 +279,13 @@ mod tests {
                 "does not match",
             ),
             ("PUT", "/drives/a%20b", "{}", "invalid id"),
+            ("PATCH", "/machine-config", "{}", "Empty PATCH request."),
+            (
+                "PATCH",
+                "/drives/a",
+                r#"{"drive_id": "a"}"#,
+                "at least one property",
+            ),
             (
                 "PUT",
                 "/actions",

@@ -526,10 +526,7 @@ mod tests {
             Frame::Refused(501, _)
         ));
         let long = format!("GET /{} HTTP/1.1\r\n", "a".repeat(MAX_HEAD));
-        assert!(matches!(
-            frame(long.as_bytes()),
-            Frame::Refused(431, _)
-        ));
+        assert!(matches!(frame(long.as_bytes()), Frame::Refused(431, _)));
         assert!(matches!(
             frame(b"\x00\x01garbage\r\n\r\n"),
             Frame::Refused(400, _)
