@@ -648,9 +648,18 @@ fn a_config_file_boots_without_a_socket() {
         String::from_utf8_lossy(&out.stderr)
     );
     let logged = std::fs::read_to_string(&log).expect("test step");
+    let line = logged
+        .lines()
+        .find(|l| l.contains("guest ended"))
+        .unwrap_or_else(|| panic!("the log went to the file: {logged}"));
+    // Firecracker's layout: time, [instance:thread:level] message.
     assert!(
-        logged.contains("[INFO] guest ended"),
-        "the log went to the file: {logged}"
+        line.contains(" [anonymous-instance:main:INFO] guest ended"),
+        "{line}"
+    );
+    assert!(
+        line.starts_with("20") && line.as_bytes()[10] == b'T',
+        "{line}"
     );
 
     // A file that is not the shape: refused, naming the file and the field.

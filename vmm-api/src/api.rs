@@ -410,7 +410,7 @@ impl Api {
         let path = l.log_path.clone();
         let file = self.controller.on_owner(move || open_sink(&path))??;
         logger
-            .configure(&l, file)
+            .configure(&l, file, &self.id)
             .map_err(|e| ApiError::Invalid(e.to_string()))?;
         self.view.logger = Some(l);
         Ok(())
