@@ -122,7 +122,7 @@ impl Vmm {
         }
     }
 
-    fn wait(mut self) -> (std::process::ExitStatus, String) {
+    fn wait(&mut self) -> (std::process::ExitStatus, String) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait().expect("test step") {
@@ -150,7 +150,7 @@ impl Drop for Vmm {
 
 #[test]
 fn a_whole_lifecycle_over_the_socket() {
-    let vmm = Vmm::start(&[]);
+    let mut vmm = Vmm::start(&[]);
     let sock = vmm.sock.clone();
     let disk = vmm.file("disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).expect("test step");
@@ -342,11 +342,18 @@ fn a_whole_lifecycle_over_the_socket() {
     let (status, err) = vmm.wait();
     assert_eq!(status.code(), Some(7), "stopped on request: {err}");
     assert!(!sock.exists(), "the socket is removed at the end");
+    // A last line at the end, with what happened since FlushMetrics.
+    let lines = std::fs::read_to_string(&metrics).expect("test step");
+    let last: Value =
+        serde_json::from_str(lines.lines().last().expect("a line")).expect("test step");
+    // FlushMetrics is counted once done, so in this line, with InstanceStop.
+    assert_eq!(last["put_api_requests"]["actions_count"], 2, "{last}");
+    assert!(last["block_rootfs"].is_object(), "{last}");
 }
 
 #[test]
 fn send_ctrl_alt_del_reboots_the_guest_which_ends_the_vmm() {
-    let vmm = Vmm::start(&[]);
+    let mut vmm = Vmm::start(&[]);
     let sock = vmm.sock.clone();
     let action = json!({"action_type": "SendCtrlAltDel"});
     let (code, body) = call(&sock, "PUT", "/actions", Some(action.clone()));
@@ -375,7 +382,7 @@ fn send_ctrl_alt_del_reboots_the_guest_which_ends_the_vmm() {
 
 #[test]
 fn a_signal_stops_an_api_started_vm_in_order() {
-    let vmm = Vmm::start(&[]);
+    let mut vmm = Vmm::start(&[]);
     let boot = json!({
         "kernel_image_path": vmm.kernel(),
         "boot_args": "console=ttyS0 testguest.run=spin",

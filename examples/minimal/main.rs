@@ -773,11 +773,12 @@ fn main() -> ExitCode {
     } else {
         None
     };
-    let registry = controller.handle().ok().map(|h| h.metrics());
     let result = controller.finish(running);
     drop(terminal);
     if metrics.is_initialized() {
-        let _ = metrics.flush(registry.as_ref(), &Default::default());
+        if let Err(e) = metrics.flush() {
+            log::warn!("{e}");
+        }
     }
     if let Some(p) = &socket {
         let _ = std::fs::remove_file(p);

@@ -6,6 +6,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde_json::Value;
 use vmm_core::{DiskConfig, KernelSource, LifecycleError, LifecycleState, VmConfig, VmController};
@@ -48,13 +49,35 @@ impl From<LifecycleError> for ApiError {
     }
 }
 
+/// Writes metrics lines (see [`Api::metrics`]).
+#[derive(Clone)]
+pub struct MetricsFlusher {
+    sink: MetricsSink,
+    counters: Arc<ApiCounters>,
+    controller: VmController,
+}
+
+impl MetricsFlusher {
+    /// Whether a destination is set.
+    pub fn is_initialized(&self) -> bool {
+        self.sink.is_initialized()
+    }
+
+    /// Writes one line: the devices' counters (once the VM runs) and the
+    /// API's.
+    pub fn flush(&self) -> Result<(), crate::metrics::MetricsError> {
+        self.sink
+            .flush(self.controller.metrics().as_ref(), &self.counters)
+    }
+}
+
 /// Firecracker's resources over a VM's lifecycle.
 pub struct Api {
     controller: VmController,
     id: String,
     view: FullVmConfiguration,
     boot_source_set: bool,
-    counters: ApiCounters,
+    counters: Arc<ApiCounters>,
     metrics: MetricsSink,
 }
 
@@ -114,7 +137,7 @@ impl Api {
             id: id.into(),
             view,
             boot_source_set,
-            counters: ApiCounters::default(),
+            counters: Arc::default(),
             metrics: MetricsSink::default(),
         }
     }
@@ -124,15 +147,20 @@ impl Api {
         &self.controller
     }
 
-    /// The metrics destination (shared: flush it at the end of a run too).
-    pub fn metrics(&self) -> MetricsSink {
-        self.metrics.clone()
+    /// What writes this API's metrics: the devices' and the API's
+    /// counters to the configured destination. Keep one to write the last
+    /// line at the end of a run, after the API thread is gone.
+    pub fn metrics(&self) -> MetricsFlusher {
+        MetricsFlusher {
+            sink: self.metrics.clone(),
+            counters: self.counters.clone(),
+            controller: self.controller.clone(),
+        }
     }
 
     /// Writes a metrics line now, if a destination is set.
     pub fn flush_metrics(&self) -> Result<(), crate::metrics::MetricsError> {
-        let registry = self.controller.handle().ok().map(|h| h.metrics());
-        self.metrics.flush(registry.as_ref(), &self.counters)
+        self.metrics().flush()
     }
 
     /// Applies a whole configuration (the config file's), as the matching

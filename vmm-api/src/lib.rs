@@ -34,7 +34,7 @@ pub mod model;
 pub mod request;
 pub mod server;
 
-pub use api::{Api, ApiResponse, APP_NAME, VERSION};
+pub use api::{Api, ApiResponse, MetricsFlusher, APP_NAME, VERSION};
 pub use request::{parse_request, ApiError, ApiRequest};
 pub use server::{ApiServer, ServerError};
 

@@ -157,6 +157,7 @@ enum OwnerRequest {
 struct Inner {
     config: VmConfig,
     phase: Phase,
+    metrics: Option<vmm_devices::metrics::MetricsRegistry>,
 }
 
 /// The lifecycle of one VM, shared by every thread that manages it (clones
@@ -179,6 +180,7 @@ impl VmController {
             inner: Arc::new(Mutex::new(Inner {
                 config,
                 phase: Phase::NotStarted,
+                metrics: None,
             })),
             requests,
             owner: Arc::new(Mutex::new(owner)),
@@ -194,6 +196,12 @@ impl VmController {
     /// the VM was built from after.
     pub fn config(&self) -> VmConfig {
         self.lock().config.clone()
+    }
+
+    /// The counters of the VM's devices, once it has started (and after
+    /// it ended).
+    pub fn metrics(&self) -> Option<vmm_devices::metrics::MetricsRegistry> {
+        self.lock().metrics.clone()
     }
 
     /// Where the VM is in its life.
@@ -339,7 +347,9 @@ impl VmController {
         let vmm = builder.build().map_err(LifecycleError::Start)?;
         let handle = vmm.handle();
         let running = vmm.start().map_err(LifecycleError::Start)?;
-        self.lock().phase = Phase::Running(handle);
+        let mut inner = self.lock();
+        inner.metrics = Some(handle.metrics());
+        inner.phase = Phase::Running(handle);
         Ok(running)
     }
 
