@@ -15,7 +15,11 @@ fuzz_target!(|data: &[u8]| {
     for _ in 0..16 {
         match frame(rest) {
             Frame::Partial { .. } => {
-                assert!(rest.len() <= MAX_HEAD + MAX_BODY, "partial at {} bytes", rest.len());
+                assert!(
+                    rest.len() <= MAX_HEAD + MAX_BODY,
+                    "partial at {} bytes",
+                    rest.len()
+                );
                 break;
             }
             Frame::Refused(status, msg) => {
@@ -30,7 +34,11 @@ fuzz_target!(|data: &[u8]| {
                 len,
                 ..
             } => {
-                assert!(len > 0 && len <= rest.len(), "claims {len} of {}", rest.len());
+                assert!(
+                    len > 0 && len <= rest.len(),
+                    "claims {len} of {}",
+                    rest.len()
+                );
                 assert!(body.len() <= MAX_BODY);
                 match parse_request(&method, &path, &body) {
                     Ok(ApiRequest::PutMachineConfig(m)) => {
