@@ -256,6 +256,51 @@ fn a_jailed_vmm_runs_confined_is_managed_from_the_host_and_leaves_nothing() {
 }
 
 #[test]
+fn a_jailed_vmm_boots_from_a_config_file_and_writes_its_log_inside() {
+    require_kvm();
+    let kernel = TempFile::new("guest.elf", vmm_kit::testguest::IMAGE);
+    let dir = kernel.path.parent().expect("dir").to_path_buf();
+    let log = dir.join("vmm.log");
+    let metrics = dir.join("metrics.json");
+    let config = format!(
+        r#"{{"boot-source": {{"kernel_image_path": "{}",
+             "boot_args": "console=ttyS0 testguest.run=hello,exit testguest.exit=9"}},
+            "machine-config": {{"vcpu_count": 2, "mem_size_mib": 96}},
+            "logger": {{"log_path": "{}", "level": "Info"}},
+            "metrics": {{"metrics_path": "{}"}}}}"#,
+        kernel.arg(),
+        log.display(),
+        metrics.display()
+    );
+    let cfg = dir.join("vm.json");
+    std::fs::write(&cfg, config).expect("config");
+    let out = Command::new(minimal_bin())
+        .args(["--jail", &format!("cfg-{}", std::process::id())])
+        .args(["--jail-uid", "65534", "--jail-gid", "65534"])
+        .arg("--jail-base")
+        .arg(dir.join("jails"))
+        .arg("--config-file")
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(18),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("mem_mib=96"), "{text}");
+    // The outputs were made for the jail's user and written from inside.
+    let logged = std::fs::read_to_string(&log).expect("log");
+    assert!(logged.contains("guest ended"), "{logged}");
+    assert_eq!(std::fs::metadata(&log).expect("log").uid(), NOBODY);
+    let lines = std::fs::read_to_string(&metrics).expect("metrics");
+    assert!(lines.contains("\"uart\""), "{lines}");
+}
+
+#[test]
 fn a_jail_is_refused_with_a_reason() {
     let base = TempFile::new("x", b"");
     let b = base.path.parent().expect("dir").join("jails");
