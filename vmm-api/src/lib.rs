@@ -7,7 +7,7 @@
 //! - [`request::parse_request`]: method, path and body to a typed
 //!   [`ApiRequest`], pure;
 //! - [`Api`]: the resources (`/machine-config`, `/boot-source`, `/drives`,
-//!   ...) applied to a [`VmController`], with Firecracker's pre-boot and
+//!   ...) applied to a [`VmController`](vmm_core::VmController), with Firecracker's pre-boot and
 //!   post-boot rules and `fault_message` errors;
 //! - [`ApiServer`]: HTTP/1.1 on a Unix socket, one thread, bounded and
 //!   non-blocking, with its own seccomp filter ([`spawn`]).

@@ -5,7 +5,7 @@
 //! read its answers stops being read; connections beyond
 //! [`MAX_CONNECTIONS`] push out the longest-idle one. Nothing a client does
 //! blocks the loop, and the loop never touches the VM's threads except
-//! through [`Api`](crate::Api).
+//! through [`Api`].
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
