@@ -398,6 +398,17 @@ fn a_signal_stops_an_api_started_vm_in_order() {
 }
 
 #[test]
+fn a_signal_before_the_start_removes_the_socket() {
+    let mut vmm = Vmm::start(&[]);
+    assert_eq!(state(&vmm.sock), "Not started");
+    // SAFETY: sending SIGTERM to the child this test started.
+    unsafe { libc::kill(vmm.child.id() as i32, libc::SIGTERM) };
+    let (status, err) = vmm.wait();
+    assert_eq!(status.signal(), Some(libc::SIGTERM), "{err}");
+    assert!(!vmm.sock.exists(), "the socket is removed");
+}
+
+#[test]
 fn bad_requests_get_400_with_a_message_and_the_vmm_lives_on() {
     let vmm = Vmm::start(&[]);
     let sock = &vmm.sock;

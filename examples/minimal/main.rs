@@ -563,6 +563,38 @@ fn jail_binds(args: &Args, file: Option<&FullVmConfiguration>) -> Vec<jail::Bind
     binds
 }
 
+/// The API socket a stop signal removes while no VM runs yet.
+static PENDING_SOCKET: OnceLock<std::ffi::CString> = OnceLock::new();
+
+extern "C" fn remove_socket_and_end(signal: libc::c_int) {
+    if let Some(path) = PENDING_SOCKET.get() {
+        // SAFETY: unlink(2) on a NUL-terminated path set before the handler
+        // was installed; async-signal-safe.
+        unsafe { libc::unlink(path.as_ptr()) };
+    }
+    // SAFETY: restoring the default action and raising the signal again,
+    // both async-signal-safe, so that the process ends by it.
+    unsafe {
+        libc::signal(signal, libc::SIG_DFL);
+        libc::raise(signal);
+    }
+}
+
+/// Until the VM starts (and installs its own orderly stop), SIGINT, SIGTERM
+/// and SIGHUP remove the API socket and end the process by the signal.
+fn remove_socket_on_signals(path: Option<&std::path::Path>) {
+    let Some(path) = path else { return };
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    let _ = PENDING_SOCKET.set(c);
+    for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: installing a handler that only calls async-signal-safe
+        // functions.
+        unsafe { libc::signal(s, remove_socket_and_end as *const () as libc::sighandler_t) };
+    }
+}
+
 /// The launcher's end: as the jailed VMM ended (by the signal it relayed,
 /// if that is what ended it).
 fn mirror(status: i32) -> ExitCode {
@@ -633,6 +665,10 @@ fn main() -> ExitCode {
         },
         None => None,
     };
+    if args.jail.is_none() {
+        // In a jail, the launcher removes it.
+        remove_socket_on_signals(args.api_sock.as_deref());
+    }
     if let Some(id) = &args.jail {
         let keep_fd = listener.take().map(IntoRawFd::into_raw_fd);
         let spec = jail::JailSpec {

@@ -40,6 +40,34 @@ pub use server::{ApiServer, ServerError};
 
 use vmm_core::seccomp::{program_with, spawn_confined, SpawnError, ThreadKind};
 
+/// SIGINT, SIGTERM and SIGHUP blocked on this thread for as long as this
+/// lives.
+struct BlockedStopSignals(libc::sigset_t);
+
+impl BlockedStopSignals {
+    fn new() -> Self {
+        // SAFETY: sigset_t is plain data that sigemptyset initialises;
+        // pthread_sigmask reads `set` and writes `old`, both live locals.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                libc::sigaddset(&mut set, s);
+            }
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+            Self(old)
+        }
+    }
+}
+
+impl Drop for BlockedStopSignals {
+    fn drop(&mut self) {
+        // SAFETY: restoring the mask saved in `new`.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut()) };
+    }
+}
+
 /// Why the API thread could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiThreadError {
@@ -53,8 +81,12 @@ pub enum ApiThreadError {
 
 /// Starts the API thread serving `api` on `server`; with `confine`, under
 /// its own seccomp filter (the calls every VMM thread may make, plus
-/// accepting and polling sockets).
+/// accepting and polling sockets). The thread blocks SIGINT, SIGTERM and
+/// SIGHUP, so that the process's handlers for them run elsewhere, under a
+/// filter that allows what they do.
 pub fn spawn(server: ApiServer, api: Api, confine: bool) -> Result<(), ApiThreadError> {
+    // The thread inherits the signal mask of the thread that creates it.
+    let _blocked = BlockedStopSignals::new();
     let filter = if confine {
         Some(program_with(
             ThreadKind::Input,
