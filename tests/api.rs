@@ -331,6 +331,10 @@ fn a_whole_lifecycle_over_the_socket() {
         last["uart"]["write_count"].as_u64().expect("test step") > 0,
         "{last}"
     );
+    assert!(
+        last["vcpu"]["exit_io_out"].as_u64().expect("test step") > 0,
+        "{last}"
+    );
 
     let (code, _) = call(
         &sock,

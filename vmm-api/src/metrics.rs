@@ -83,6 +83,7 @@ pub fn snapshot(devices: Option<&MetricsRegistry>, api: &ApiCounters) -> Value {
                 }
                 DeviceMetrics::Entropy(e) => counters_json(&e.counters()),
                 DeviceMetrics::Uart(u) => counters_json(&u.counters()),
+                DeviceMetrics::Vcpu(v) => counters_json(&v.counters()),
             };
             out.insert(name, Value::Object(fields));
         }

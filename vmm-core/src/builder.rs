@@ -698,9 +698,13 @@ impl VmBuilder {
     /// The vCPUs: the first set up with the boot protocol's state, the
     /// others waiting for the guest's INIT and startup IPIs.
     fn create_vcpus(&self, vm: &Vm, boot: &BootSetup) -> Result<Vec<Vcpu>, VmmError> {
+        let metrics = std::sync::Arc::new(vmm_devices::metrics::VcpuMetrics::default());
+        self.metrics
+            .register("vcpu", DeviceMetrics::Vcpu(metrics.clone()));
         (0..self.vcpus)
             .map(|id| {
-                let vcpu = vm.create_vcpu(id)?;
+                let mut vcpu = vm.create_vcpu(id)?;
+                vcpu.set_metrics(metrics.clone());
                 let state = (id == 0).then_some(&boot.cpu);
                 vcpu.configure(vm.kvm(), self.vcpus, state)?;
                 Ok(vcpu)

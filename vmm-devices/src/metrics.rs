@@ -115,9 +115,27 @@ counters!(
     }
 );
 
+counters!(
+    /// The vCPUs' counters (all vCPUs of a VM together).
+    VcpuMetrics {
+        /// Port reads that left the guest.
+        exit_io_in,
+        /// Port writes that left the guest.
+        exit_io_out,
+        /// MMIO reads that left the guest.
+        exit_mmio_read,
+        /// MMIO writes that left the guest.
+        exit_mmio_write,
+        /// `KVM_RUN` failures and exits the VMM cannot handle.
+        failures,
+    }
+);
+
 /// One device's counters.
 #[derive(Clone, Debug)]
 pub enum DeviceMetrics {
+    /// The vCPUs.
+    Vcpu(Arc<VcpuMetrics>),
     /// A virtio-blk device.
     Block(Arc<BlockMetrics>),
     /// A virtio-rng device.

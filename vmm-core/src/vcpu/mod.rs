@@ -9,7 +9,7 @@ use std::fmt;
 use kvm_bindings::{
     kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs, KVM_MAX_CPUID_ENTRIES,
 };
-use kvm_ioctls::{Kvm, VcpuFd};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use vm_device::device_manager::IoManager;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_boot::{BootCpuState, Segment};
@@ -110,6 +110,7 @@ fn setup_err(what: &'static str) -> impl FnOnce(errno::Error) -> VcpuError {
 pub struct Vcpu {
     id: u8,
     fd: VcpuFd,
+    metrics: std::sync::Arc<vmm_devices::metrics::VcpuMetrics>,
 }
 
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
@@ -212,7 +213,16 @@ pub fn cpuid_entry_for(e: &mut kvm_bindings::kvm_cpuid_entry2, id: u8, vcpus: u8
 
 impl Vcpu {
     pub(crate) fn new(id: u8, fd: VcpuFd) -> Self {
-        Self { id, fd }
+        Self {
+            id,
+            fd,
+            metrics: Default::default(),
+        }
+    }
+
+    /// Counts this vCPU's exits into `metrics` (shared by a VM's vCPUs).
+    pub fn set_metrics(&mut self, metrics: std::sync::Arc<vmm_devices::metrics::VcpuMetrics>) {
+        self.metrics = metrics;
     }
 
     /// The vCPU index.
@@ -306,7 +316,19 @@ impl Vcpu {
         bus: &IoManager,
         mem: &M,
     ) -> Result<VcpuEmulation, VcpuError> {
-        let result = handle_exit(self.fd.run(), bus);
+        let exit = self.fd.run();
+        let m = &self.metrics;
+        match &exit {
+            Ok(VcpuExit::IoIn(..)) => m.exit_io_in.inc(),
+            Ok(VcpuExit::IoOut(..)) => m.exit_io_out.inc(),
+            Ok(VcpuExit::MmioRead(..)) => m.exit_mmio_read.inc(),
+            Ok(VcpuExit::MmioWrite(..)) => m.exit_mmio_write.inc(),
+            _ => {}
+        }
+        let result = handle_exit(exit, bus);
+        if result.is_err() {
+            self.metrics.failures.inc();
+        }
         match result {
             Err(VcpuError::InternalError(_)) => {
                 Err(VcpuError::InternalError(self.internal_error_info(mem)))
