@@ -703,6 +703,22 @@ fn a_config_file_boots_without_a_socket() {
         "{err}"
     );
 
+    // One the API refuses (a section not offered yet): no socket left behind.
+    std::fs::write(&cfg, r#"{"vsock": {"guest_cid": 3, "uds_path": "/tmp/v"}}"#).expect("cfg");
+    let sock = dir.join("api.sock");
+    let out = Command::new(minimal_bin())
+        .arg("--config-file")
+        .arg(&cfg)
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .output()
+        .expect("test step");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("vsock is not supported"), "{err}");
+    assert!(!sock.exists(), "the socket is removed");
+
     let out = Command::new(minimal_bin())
         .args(["--no-api", "--api-sock", "/tmp/x.sock"])
         .stdin(Stdio::null())

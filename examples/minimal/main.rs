@@ -766,6 +766,9 @@ fn main() -> ExitCode {
                 .as_deref()
                 .unwrap_or(std::path::Path::new(""));
             eprintln!("error: {}: {e}", path.display());
+            if let Some(p) = &args.api_sock {
+                let _ = std::fs::remove_file(p);
+            }
             return ExitCode::from(exit_status::VMM_ERROR);
         }
     }
@@ -777,6 +780,7 @@ fn main() -> ExitCode {
                 .and_then(|s| vmm_kit::api::spawn(s, api, !args.no_seccomp).map_err(|e| e.into()));
             if let Err(e) = served {
                 report(&*e);
+                let _ = std::fs::remove_file(path);
                 return ExitCode::from(exit_status::VMM_ERROR);
             }
             Some(path.clone())
