@@ -34,9 +34,20 @@ fuzz_target!(|data: &[u8]| {
         let offset = u16::from(byte(&mut u) % 8);
         if op & 0x40 != 0 {
             // The host presses Ctrl-Alt-Del; refused only when full.
-            let before = kbd.save().output.len();
+            let before = kbd.save();
+            // Eight bytes in scancode set 1 (translation on), eleven in set 2.
+            let needed = if before.command_byte & 0x40 != 0 {
+                8
+            } else {
+                11
+            };
             if kbd.press_ctrl_alt_del().is_err() {
-                assert!(before + 8 > I8042_BUFFER_SIZE, "refused with room");
+                assert!(
+                    before.output.len() + needed > I8042_BUFFER_SIZE,
+                    "refused with room"
+                );
+            } else {
+                assert_eq!(kbd.save().output.len(), before.output.len() + needed);
             }
         }
         match op & 3 {
