@@ -216,6 +216,18 @@ fn a_whole_lifecycle_over_the_socket() {
         "is_read_only": false,
     });
     assert_eq!(call(&sock, "PUT", "/drives/rootfs", Some(drive)).0, 204);
+    // A second drive, read-only, whose id is longer than a virtio-blk id.
+    let scratch = vmm.file("scratch.img");
+    std::fs::write(&scratch, vec![0u8; 1 << 20]).expect("test step");
+    let long = "scratch_drive_with_a_long_name";
+    let drive = json!({
+        "drive_id": long,
+        "path_on_host": scratch,
+        "is_root_device": false,
+        "is_read_only": true,
+    });
+    let (code, body) = call(&sock, "PUT", &format!("/drives/{long}"), Some(drive));
+    assert_eq!(code, 204, "{body}");
     assert_eq!(call(&sock, "PUT", "/entropy", Some(json!({}))).0, 204);
     let m = json!({"metrics_path": metrics});
     assert_eq!(call(&sock, "PUT", "/metrics", Some(m.clone())).0, 204);
@@ -240,6 +252,10 @@ fn a_whole_lifecycle_over_the_socket() {
     assert!(
         serial.contains("rootfs"),
         "the guest read the drive's id: {serial}"
+    );
+    assert!(
+        serial.contains("ro=1 capacity=2048 id=scratch_drive_with_a "),
+        "the guest reads the first 20 bytes of a long drive id: {serial}"
     );
 
     // Pre-boot calls are refused after the start.

@@ -369,13 +369,6 @@ impl Api {
             .path_on_host
             .clone()
             .ok_or_else(|| ApiError::Invalid("a drive needs path_on_host".into()))?;
-        if d.drive_id.len() > 20 {
-            return Err(ApiError::Invalid(format!(
-                "drive_id {:?} is {} bytes; the guest reads it as the disk's id: at most 20",
-                d.drive_id,
-                d.drive_id.len()
-            )));
-        }
         self.controller
             .on_owner(move || check_file("drive", &path, true))??;
         let mut view = self.view.clone();
@@ -491,7 +484,9 @@ fn apply_view(view: &FullVmConfiguration, c: &mut VmConfig) -> Result<(), ApiErr
             .map(|d| DiskConfig {
                 path: PathBuf::from(d.path_on_host.as_deref().unwrap_or_default()),
                 read_only: d.is_read_only.unwrap_or(false),
-                serial: Some(d.drive_id.clone()),
+                // The guest reads the first 20 bytes as the disk's id.
+                serial: Some(d.drive_id.chars().take(20).collect()),
+                name: Some(d.drive_id.clone()),
                 lock: true,
             })
             .collect();

@@ -322,7 +322,7 @@ impl VmBuilder {
         }
         let block =
             Block::from_file(file, disk.read_only, disk.serial.as_deref()).map_err(disk_err)?;
-        let name = match &disk.serial {
+        let name = match disk.name.as_ref().or(disk.serial.as_ref()) {
             Some(id) => format!("block_{id}"),
             None => format!("block_{}", self.disks.len()),
         };

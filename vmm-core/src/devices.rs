@@ -32,6 +32,11 @@ pub struct DiskConfig {
     pub read_only: bool,
     /// The id the guest reads with GET_ID (at most 20 bytes).
     pub serial: Option<String>,
+    /// The name a manager knows the disk by (such as Firecracker's
+    /// `drive_id`, which may be longer than a serial): what
+    /// [`VmHandle::replace_disk`](crate::VmHandle::replace_disk) and the
+    /// metrics (`block_<name>`) use. Without it, the serial is the name.
+    pub name: Option<String>,
     /// Take an OFD lock on the image (shared when read-only, exclusive
     /// otherwise), so that no other VMM writes it meanwhile.
     pub lock: bool,
@@ -44,6 +49,7 @@ impl DiskConfig {
             path: path.into(),
             read_only: false,
             serial: None,
+            name: None,
             lock: true,
         }
     }

@@ -316,7 +316,14 @@ impl VmHandle {
             .control
             .disks
             .iter()
-            .find(|d| d.config.serial.as_deref() == Some(id))
+            .find(|d| {
+                d.config
+                    .name
+                    .as_ref()
+                    .or(d.config.serial.as_ref())
+                    .map(String::as_str)
+                    == Some(id)
+            })
             .ok_or_else(|| ControlError::NoSuchDisk(id.to_string()))?;
         let ro = slot.config.read_only;
         let host = |e| ControlError::Disk(DeviceError::Host(e));
