@@ -29,6 +29,7 @@ mod events;
 pub mod host_io;
 pub mod lifecycle;
 pub mod seccomp;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 mod vmm;

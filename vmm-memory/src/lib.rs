@@ -30,6 +30,7 @@
 mod allocator;
 pub mod layout;
 mod ram;
+pub mod snapshot;
 
 pub use allocator::{AllocatorError, ResourceAllocator};
 pub use layout::{AddressMap, GuestRange, LayoutError, Size};

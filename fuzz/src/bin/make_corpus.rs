@@ -217,6 +217,15 @@ fn main() {
     write(dir, "api_request", "boot", boot.as_bytes());
     let pair = [req("GET", "/", ""), req("GET", "/vm/config", "")].concat();
     write(dir, "api_request", "get", pair.as_bytes());
+    // Snapshot state files: a small valid one, and its payload alone.
+    let payload = br#"{"clock": 12, "devices": [{"type": "rng", "state": {}}], "vcpus": [1, 2]}"#;
+    let mut file = b"VMMKSNAP".to_vec();
+    file.extend_from_slice(&1u32.to_le_bytes());
+    file.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    file.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    file.extend_from_slice(payload);
+    write(dir, "snapshot_state", "file", &file);
+    write(dir, "snapshot_state", "payload", payload);
     write(
         dir,
         "api_request",

@@ -1,0 +1,46 @@
+//! The snapshot state decoder under any file: a corrupted, truncated,
+//! foreign or hostile state file is an error, never a panic or an
+//! allocation beyond the bound. Bytes that pass are checked the way a
+//! restore checks them (a vCPU's and a VM's state validated), and a state
+//! that decodes encodes and decodes again. The input is tried both as a
+//! whole file and as a payload under a correct header, so the fuzzer gets
+//! past the checksum to the JSON.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use vmm_core::snapshot::{decode, encode, StateFileError, HEADER_BYTES, MAX_STATE_BYTES};
+use vmm_core::{VcpuState, VmState};
+
+fn wrap(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
+    out.extend_from_slice(b"VMMKSNAP");
+    out.extend_from_slice(&1u32.to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+fn check(bytes: &[u8]) {
+    match decode::<serde_json::Value>(bytes) {
+        Ok(v) => {
+            // (Values, not bytes, are compared by the unit tests: JSON
+            // floats need not survive a round trip exactly.)
+            let again = encode(&v).expect("a decoded state encodes");
+            decode::<serde_json::Value>(&again).expect("and decodes again");
+        }
+        Err(StateFileError::TooLarge(n)) => assert!(n > MAX_STATE_BYTES),
+        Err(_) => {}
+    }
+    if let Ok(s) = decode::<VcpuState>(bytes) {
+        let _ = s.validate(0);
+    }
+    if let Ok(s) = decode::<VmState>(bytes) {
+        let _ = s.validate();
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    check(data);
+    check(&wrap(data));
+});
