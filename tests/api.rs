@@ -401,6 +401,36 @@ fn send_ctrl_alt_del_reboots_the_guest_which_ends_the_vmm() {
 }
 
 #[test]
+fn api_drives_join_the_disks_of_the_flags_the_root_device_first() {
+    let cli = TempFile::new("cli.img", &vec![0u8; 1 << 20]);
+    let cli_disk = format!("{},id=cli", cli.arg());
+    let mut vmm = Vmm::start(&["--disk", &cli_disk]);
+    let sock = vmm.sock.clone();
+    let root = vmm.file("root.img");
+    std::fs::write(&root, vec![0u8; 2 << 20]).expect("test step");
+    let boot = json!({
+        "kernel_image_path": vmm.kernel(),
+        "boot_args": "console=ttyS0 testguest.run=blk,exit",
+    });
+    assert_eq!(call(&sock, "PUT", "/boot-source", Some(boot)).0, 204);
+    let drive = json!({"drive_id": "rootfs", "path_on_host": root, "is_root_device": true});
+    assert_eq!(call(&sock, "PUT", "/drives/rootfs", Some(drive)).0, 204);
+    let start = json!({"action_type": "InstanceStart"});
+    assert_eq!(call(&sock, "PUT", "/actions", Some(start)).0, 204);
+    let (status, err) = vmm.wait();
+    assert_eq!(status.code(), Some(0), "{err}");
+    let serial = std::fs::read_to_string(&vmm.serial).expect("test step");
+    assert!(
+        serial.contains("dev=0 ro=0 capacity=4096 id=rootfs"),
+        "{serial}"
+    );
+    assert!(
+        serial.contains("dev=1 ro=0 capacity=2048 id=cli"),
+        "{serial}"
+    );
+}
+
+#[test]
 fn a_signal_stops_an_api_started_vm_in_order() {
     let mut vmm = Vmm::start(&[]);
     let boot = json!({

@@ -77,6 +77,8 @@ pub struct Api {
     id: String,
     view: FullVmConfiguration,
     boot_source_set: bool,
+    /// The disks the controller had before any `PUT /drives`.
+    base_disks: Vec<DiskConfig>,
     counters: Arc<ApiCounters>,
     metrics: MetricsSink,
 }
@@ -137,6 +139,7 @@ impl Api {
             id: id.into(),
             view,
             boot_source_set,
+            base_disks: config.disks.clone(),
             counters: Arc::default(),
             metrics: MetricsSink::default(),
         }
@@ -298,7 +301,8 @@ impl Api {
 
     /// Applies the current resources to the controller's configuration.
     fn commit(&mut self, view: FullVmConfiguration) -> Result<(), ApiError> {
-        let edit = |c: &mut VmConfig| -> Result<(), ApiError> { apply_view(&view, c) };
+        let base = &self.base_disks;
+        let edit = |c: &mut VmConfig| -> Result<(), ApiError> { apply_view(&view, base, c) };
         self.controller.try_configure(edit)??;
         self.view = view;
         Ok(())
@@ -456,7 +460,11 @@ impl Api {
 
 /// The controller's configuration as the resources describe it; what they
 /// do not describe (consoles, seccomp, exit port) stays as it was.
-fn apply_view(view: &FullVmConfiguration, c: &mut VmConfig) -> Result<(), ApiError> {
+fn apply_view(
+    view: &FullVmConfiguration,
+    base_disks: &[DiskConfig],
+    c: &mut VmConfig,
+) -> Result<(), ApiError> {
     if let Some(m) = &view.machine_config {
         c.vcpus = u8::try_from(m.vcpu_count)
             .map_err(|_| ApiError::Invalid(format!("Invalid number of vcpus: {}", m.vcpu_count)))?;
@@ -477,20 +485,21 @@ fn apply_view(view: &FullVmConfiguration, c: &mut VmConfig) -> Result<(), ApiErr
                 .unwrap_or_else(|| vmm_core::DEFAULT_CMDLINE.into()),
         );
     }
-    if !view.drives.is_empty() || cmdline.is_some() {
-        c.disks = view
-            .drives
-            .iter()
-            .map(|d| DiskConfig {
-                path: PathBuf::from(d.path_on_host.as_deref().unwrap_or_default()),
-                read_only: d.is_read_only.unwrap_or(false),
-                // The guest reads the first 20 bytes as the disk's id.
-                serial: Some(d.drive_id.chars().take(20).collect()),
-                name: Some(d.drive_id.clone()),
-                lock: true,
-            })
-            .collect();
-    }
+    // The API's drives first (the root device is /dev/vda), then the disks
+    // the controller was created with.
+    c.disks = view
+        .drives
+        .iter()
+        .map(|d| DiskConfig {
+            path: PathBuf::from(d.path_on_host.as_deref().unwrap_or_default()),
+            read_only: d.is_read_only.unwrap_or(false),
+            // The guest reads the first 20 bytes as the disk's id.
+            serial: Some(d.drive_id.chars().take(20).collect()),
+            name: Some(d.drive_id.clone()),
+            lock: true,
+        })
+        .chain(base_disks.iter().cloned())
+        .collect();
     if let Some(mut line) = cmdline {
         if let Some(root) = view.drives.iter().find(|d| d.is_root_device) {
             let dev = match &root.partuuid {
