@@ -222,9 +222,9 @@ fn build_cmdline(s: &str) -> Result<Cmdline, BootError> {
 mod tests {
     use super::*;
     use std::io::Cursor;
-    use vm_memory::{Bytes, GuestMemoryMmap};
+    use vm_memory::Bytes;
 
-    fn setup() -> (AddressMap, GuestMemoryMmap) {
+    fn setup() -> (AddressMap, vmm_memory::GuestRam) {
         let map = AddressMap::new(32 << 20).unwrap();
         let mem = vmm_memory::create_guest_ram(&map, vmm_memory::RamBacking::Anonymous).unwrap();
         (map, mem)
@@ -233,7 +233,7 @@ mod tests {
     fn boot(
         protocol: ProtocolChoice,
         cmdline: &str,
-    ) -> Result<(BootSetup, GuestMemoryMmap), BootError> {
+    ) -> Result<(BootSetup, vmm_memory::GuestRam), BootError> {
         let (map, mem) = setup();
         let config = BootConfig {
             protocol,

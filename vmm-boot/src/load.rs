@@ -184,9 +184,8 @@ mod tests {
     use super::*;
     use crate::test_utils::{tiny_bzimage, tiny_elf};
     use std::io::Cursor;
-    use vm_memory::GuestMemoryMmap;
 
-    fn setup(mib: u64) -> (AddressMap, GuestMemoryMmap) {
+    fn setup(mib: u64) -> (AddressMap, vmm_memory::GuestRam) {
         let map = AddressMap::new(mib << 20).unwrap();
         let mem = vmm_memory::create_guest_ram(&map, vmm_memory::RamBacking::Anonymous).unwrap();
         (map, mem)

@@ -5,12 +5,16 @@ use std::fs::File;
 use std::io;
 use std::os::fd::FromRawFd;
 
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
 use crate::layout::AddressMap;
 
-/// Guest RAM as vm-memory sees it: one mmap region per RAM range of the map.
-pub type GuestRam = GuestMemoryMmap<()>;
+/// Guest RAM as vm-memory sees it: one mmap region per RAM range of the map,
+/// each with a bitmap of the pages the VMM's own code (devices, boot
+/// loading) wrote, one bit per 4 KiB page; with KVM's dirty log for what the
+/// guest wrote, it tells which pages a diff snapshot must save.
+pub type GuestRam = GuestMemoryMmap<AtomicBitmap>;
 
 /// Size of the huge pages used by [`RamBacking::HugePages`].
 pub const HUGE_PAGE_SIZE: u64 = 2 << 20;

@@ -11,6 +11,11 @@
 //! the process (the file never changes); or copies it into anonymous RAM at
 //! once ([`load_eager`]), skipping the holes.
 //!
+//! A *diff* layer ([`write_pages`]) holds only the pages written since the
+//! previous snapshot (every one of them written, zero or not, so that its
+//! data extents are exactly those pages); layers apply over a base in order
+//! ([`apply_layer`] onto RAM, [`merge_layer`] onto a base file).
+//!
 //! ```
 //! use vm_memory::{Bytes, GuestAddress};
 //! use vmm_memory::snapshot::{map_private, write_sparse};
@@ -38,6 +43,8 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::bitmap::NewBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
@@ -158,7 +165,7 @@ pub fn map_private(map: &AddressMap, file: &File) -> Result<GuestRam, MemoryFile
             ))
         })?;
         let handle = file.try_clone().map_err(MemoryFileError::Read)?;
-        let region = MmapRegionBuilder::new(size)
+        let region = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
             .with_file_offset(FileOffset::new(handle, offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
@@ -210,6 +217,133 @@ pub fn load_eager(
         file_offset += r.len();
     }
     Ok(ram)
+}
+
+/// The data extents of `file` within `[from, to)`, as `(start, end)` file
+/// offsets (holes skipped).
+fn data_extents(file: &File, from: u64, to: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut at = from;
+    while at < to {
+        let Some(data) = seek(file, at, libc::SEEK_DATA).filter(|&d| d < to) else {
+            break;
+        };
+        let end = seek(file, data, libc::SEEK_HOLE).unwrap_or(to).min(to);
+        out.push((data, end));
+        at = end;
+    }
+    out
+}
+
+/// Writes the pages of `ram` marked in `dirty` (one bitmap per region, in
+/// region order, one bit per [`PAGE_SIZE`] page, as KVM's dirty log and
+/// vm-memory's bitmaps give them) into `file` at their offsets in the file
+/// layout, every marked page written even if it is zero; the file is sized
+/// to the RAM, the rest left as holes. Returns the bytes written.
+pub fn write_pages(
+    ram: &GuestRam,
+    dirty: &[Vec<u64>],
+    file: &File,
+) -> Result<u64, MemoryFileError> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut file_offset = 0u64;
+    let mut written = 0u64;
+    for (region, bits) in ram
+        .iter()
+        .zip(dirty.iter().chain(std::iter::repeat(&Vec::new())))
+    {
+        let base = region.start_addr().0;
+        let pages = region.len() / PAGE_SIZE as u64;
+        let marked = |p: u64| {
+            bits.get((p / 64) as usize)
+                .is_some_and(|w| w & (1 << (p % 64)) != 0)
+        };
+        let mut p = 0u64;
+        while p < pages {
+            if !marked(p) {
+                p += 1;
+                continue;
+            }
+            let start = p;
+            while p < pages && marked(p) && (p - start) < (CHUNK / PAGE_SIZE) as u64 {
+                p += 1;
+            }
+            let len = ((p - start) * PAGE_SIZE as u64) as usize;
+            let addr = base + start * PAGE_SIZE as u64;
+            ram.read_slice(&mut buf[..len], GuestAddress(addr))
+                .map_err(|_| MemoryFileError::ReadRam { addr })?;
+            file.write_all_at(&buf[..len], file_offset + start * PAGE_SIZE as u64)
+                .map_err(MemoryFileError::Write)?;
+            written += len as u64;
+        }
+        file_offset += region.len();
+    }
+    file.set_len(file_offset).map_err(MemoryFileError::Write)?;
+    Ok(written)
+}
+
+/// The pages the VMM's own code wrote in each region of `ram` since the
+/// last call (vm-memory's bitmaps, one per region, in region order), and
+/// clears them: with KVM's dirty log, what a diff layer saves.
+pub fn take_written_pages(ram: &GuestRam) -> Vec<Vec<u64>> {
+    ram.iter().map(|r| (**r).bitmap().get_and_reset()).collect()
+}
+
+/// Copies the data of a diff layer `file` into `ram` (laid out by `map`),
+/// over what is there: the layer's pages win. Returns the bytes copied.
+pub fn apply_layer(map: &AddressMap, ram: &GuestRam, file: &File) -> Result<u64, MemoryFileError> {
+    check_size(map, file)?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut file_offset = 0u64;
+    let mut copied = 0u64;
+    for r in map.ram() {
+        for (start, end) in data_extents(file, file_offset, file_offset + r.len()) {
+            let mut pos = start;
+            while pos < end {
+                let n = ((end - pos) as usize).min(CHUNK);
+                file.read_exact_at(&mut buf[..n], pos)
+                    .map_err(MemoryFileError::Read)?;
+                let addr = r.start() + (pos - file_offset);
+                ram.write_slice(&buf[..n], GuestAddress(addr))
+                    .map_err(|_| MemoryFileError::ReadRam { addr })?;
+                pos += n as u64;
+                copied += n as u64;
+            }
+        }
+        file_offset += r.len();
+    }
+    Ok(copied)
+}
+
+/// Merges the diff layer `layer` into `base` (a full memory file of the
+/// same size): afterwards `base` is what restoring both would give. Returns
+/// the bytes copied.
+pub fn merge_layer(base: &File, layer: &File) -> Result<u64, MemoryFileError> {
+    let size = base.metadata().map_err(MemoryFileError::Read)?.len();
+    let actual = layer.metadata().map_err(MemoryFileError::Read)?.len();
+    if actual != size {
+        return Err(MemoryFileError::Size {
+            expected: size,
+            actual,
+        });
+    }
+    let mut buf = vec![0u8; CHUNK];
+    let mut copied = 0u64;
+    for (start, end) in data_extents(layer, 0, size) {
+        let mut pos = start;
+        while pos < end {
+            let n = ((end - pos) as usize).min(CHUNK);
+            layer
+                .read_exact_at(&mut buf[..n], pos)
+                .map_err(MemoryFileError::Read)?;
+            base.write_all_at(&buf[..n], pos)
+                .map_err(MemoryFileError::Write)?;
+            pos += n as u64;
+            copied += n as u64;
+        }
+    }
+    base.sync_data().map_err(MemoryFileError::Write)?;
+    Ok(copied)
 }
 
 /// `lseek(fd, at, whence)`; `None` past the data (ENXIO).
@@ -283,6 +417,55 @@ mod tests {
                 0
             );
         }
+    }
+
+    #[test]
+    fn diff_layers_carry_written_zero_pages_and_apply_or_merge_alike() {
+        let map = AddressMap::new(MMIO_GAP_START + (4 << 20)).unwrap();
+        let ram = create_guest_ram(&map, RamBacking::Anonymous).unwrap();
+        ram.write_slice(&[5u8; 2 * PAGE_SIZE], GuestAddress(0x3000))
+            .unwrap();
+        let base = temp_file();
+        write_sparse(&ram, &base).unwrap();
+        // vm-memory marked what was written through it; start a new epoch.
+        let first = ram.iter().next().unwrap();
+        assert!((**first).bitmap().is_addr_set(0x3000));
+        take_written_pages(&ram);
+        // Since the base: a page zeroed, a page written in the high range.
+        ram.write_slice(&[0u8; PAGE_SIZE], GuestAddress(0x3000))
+            .unwrap();
+        ram.write_obj(9u32, GuestAddress(HIGH_RAM_START + 0x2000))
+            .unwrap();
+        let dirty = take_written_pages(&ram);
+        let layer = temp_file();
+        let written = write_pages(&ram, &dirty, &layer).unwrap();
+        assert_eq!(written, 2 * PAGE_SIZE as u64, "the zeroed page too");
+        // Onto RAM mapped from the base ...
+        let restored = map_private(&map, &base).unwrap();
+        assert_eq!(restored.read_obj::<u8>(GuestAddress(0x3000)).unwrap(), 5);
+        apply_layer(&map, &restored, &layer).unwrap();
+        // ... and merged into the base file: the same guest memory.
+        merge_layer(&base, &layer).unwrap();
+        let merged = map_private(&map, &base).unwrap();
+        for ram in [&restored, &merged] {
+            assert_eq!(ram.read_obj::<u8>(GuestAddress(0x3000)).unwrap(), 0);
+            assert_eq!(ram.read_obj::<u8>(GuestAddress(0x4000)).unwrap(), 5);
+            assert_eq!(
+                ram.read_obj::<u32>(GuestAddress(HIGH_RAM_START + 0x2000))
+                    .unwrap(),
+                9
+            );
+        }
+        let short = temp_file();
+        short.set_len(4096).unwrap();
+        assert!(matches!(
+            merge_layer(&base, &short),
+            Err(MemoryFileError::Size { .. })
+        ));
+        assert!(matches!(
+            apply_layer(&map, &restored, &short),
+            Err(MemoryFileError::Size { .. })
+        ));
     }
 
     #[test]
