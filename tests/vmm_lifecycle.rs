@@ -31,10 +31,8 @@ fn library_vmm_runs_the_guest_and_returns_its_status() {
         HostIo::serial(Box::new(out.clone())),
     )
     .expect("build");
-    assert_eq!(
-        vmm.boot_setup().cpu.rip,
-        vmm.boot_setup().kernel.pvh_entry.expect("pvh note")
-    );
+    let boot = vmm.boot_setup().expect("a booted VM has a boot setup");
+    assert_eq!(boot.cpu.rip, boot.kernel.pvh_entry.expect("pvh note"));
     assert_eq!(vmm.run().expect("run"), VmExit::GuestStatus(7));
     let reports = parse_output(&out.text());
     assert_eq!(

@@ -24,6 +24,7 @@ use vmm_kit::api::model::FullVmConfiguration;
 use vmm_kit::api::{Api, ApiServer};
 use vmm_kit::boot::{inspect_kernel, BootProtocol, ProtocolChoice};
 use vmm_kit::core::host_io::{get_termios, set_raw, set_termios};
+use vmm_kit::core::snapshot::{read_state_file, RestoreConfig, SnapshotState};
 use vmm_kit::core::{
     exit_status, seccomp, ConsoleConfig, DiskConfig, HostIo, KernelSource, SeccompPolicy,
     SerialConfig, StopCause, ThreadKind, VmBuilder, VmConfig, VmController, VmEvent, VmEventSender,
@@ -190,6 +191,76 @@ struct Args {
     /// `,rw`, writable): PATH[,rw]. Repeatable.
     #[arg(long, value_name = "PATH[,rw]", requires = "jail")]
     jail_bind: Vec<String>,
+    /// Restore the snapshot whose state file this is, instead of booting
+    /// (the machine is the snapshot's: --kernel, --mem, --vcpus, --disk,
+    /// --rng are not used; the host's side, --serial, --console, seccomp,
+    /// still is). Needs --restore-memory.
+    #[arg(long, value_name = "STATE", requires = "restore_memory", conflicts_with_all = ["kernel", "initrd", "config_file", "disk"])]
+    restore: Option<PathBuf>,
+    /// A memory file of the snapshot: the full snapshot's first, then each
+    /// diff snapshot's in the order they were taken. Repeatable.
+    #[arg(long, value_name = "PATH", requires = "restore")]
+    restore_memory: Vec<PathBuf>,
+    /// Copy the snapshot's memory in at once (into --memory-backing RAM)
+    /// instead of mapping the file and reading pages as the guest touches
+    /// them.
+    #[arg(long, requires = "restore")]
+    restore_eager: bool,
+    /// Put the snapshot's disk ID on another image of the same size (each
+    /// clone its own copy): ID=PATH. Repeatable.
+    #[arg(long, value_name = "ID=PATH", requires = "restore", value_parser = parse_disk_override)]
+    restore_disk: Vec<(String, PathBuf)>,
+    /// Restore paused (resume with the API's PATCH /vm).
+    #[arg(long, requires = "restore")]
+    restore_paused: bool,
+    /// Track the pages the guest writes, so that diff snapshots can be
+    /// taken (PUT /snapshot/create with snapshot_type Diff).
+    #[arg(long)]
+    track_dirty_pages: bool,
+    /// Merge diff snapshot memory files into a full one, in order, then
+    /// exit: BASE LAYER [LAYER...]. BASE is changed in place.
+    #[arg(long, value_name = "FILE", num_args = 2.., conflicts_with_all = ["kernel", "restore", "api_sock", "config_file"])]
+    merge_memory: Vec<PathBuf>,
+}
+
+fn parse_disk_override(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((id, path)) if !id.is_empty() && !path.is_empty() => {
+            Ok((id.to_string(), PathBuf::from(path)))
+        }
+        _ => Err("expected ID=PATH".into()),
+    }
+}
+
+/// `--merge-memory BASE LAYER...`: each layer's pages into BASE, in order.
+fn merge_memory(files: &[PathBuf]) -> ExitCode {
+    let open = |p: &PathBuf, write: bool| {
+        open_input("memory file", p, InputKind::RegularFile, write).map_err(|e| e.to_string())
+    };
+    let result = (|| -> Result<u64, String> {
+        let base = open(&files[0], true)?;
+        let mut copied = 0;
+        for layer in &files[1..] {
+            let l = open(layer, false)?;
+            copied += vmm_kit::memory::snapshot::merge_layer(&base, &l)
+                .map_err(|e| format!("{}: {e}", layer.display()))?;
+        }
+        Ok(copied)
+    })();
+    match result {
+        Ok(copied) => {
+            eprintln!(
+                "merged {} layer(s) into {}: {copied} bytes",
+                files.len() - 1,
+                files[0].display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(exit_status::VMM_ERROR)
+        }
+    }
 }
 
 /// Bytes from `512M`, `2G`, `1024K` or a plain number of bytes.
@@ -461,7 +532,7 @@ fn stdio(
 /// What the reference VMM adds to every VM it builds: the orderly stop on
 /// SIGINT, SIGTERM and SIGHUP, and the escape reader's link to the VM; with
 /// an API, the main thread may open disk images (`PATCH /drives` runs
-/// there).
+/// there) and write snapshot files (`PUT /snapshot/create` too).
 fn prepare(builder: &mut VmBuilder, events: &Arc<OnceLock<VmEventSender>>, api: bool) {
     let _ = events.set(builder.events());
     if let Some(path) = builder.serial_pty() {
@@ -476,6 +547,7 @@ fn prepare(builder: &mut VmBuilder, events: &Arc<OnceLock<VmEventSender>>, api: 
             &[libc::SYS_rt_sigaction, libc::SYS_unlink, libc::SYS_unlinkat],
         );
     if api {
+        // PATCH /drives opens images; PUT /snapshot/create writes files.
         builder.allow_syscalls(
             ThreadKind::Main,
             &[
@@ -485,6 +557,11 @@ fn prepare(builder: &mut VmBuilder, events: &Arc<OnceLock<VmEventSender>>, api: 
                 libc::SYS_statx,
                 libc::SYS_lseek,
                 libc::SYS_getdents64,
+                libc::SYS_pwrite64,
+                libc::SYS_ftruncate,
+                libc::SYS_rename,
+                libc::SYS_renameat,
+                libc::SYS_renameat2,
             ],
         );
     }
@@ -552,6 +629,27 @@ fn jail_binds(args: &Args, file: Option<&FullVmConfiguration>) -> Vec<jail::Bind
         }
         if let Some(m) = &c.metrics {
             add(std::path::Path::new(&m.metrics_path), true, true);
+        }
+    }
+    if let Some(state) = &args.restore {
+        add(state, false, false);
+        for m in &args.restore_memory {
+            add(m, false, false);
+        }
+        // The snapshot's own disks, unless another image replaces them.
+        if let Ok(st) = read_state_file::<SnapshotState>(state) {
+            for d in &st.machine.disks {
+                let replaced = args
+                    .restore_disk
+                    .iter()
+                    .any(|(id, _)| d.id() == Some(id.as_str()));
+                if !replaced {
+                    add(&d.path, !d.read_only, false);
+                }
+            }
+        }
+        for (_, p) in &args.restore_disk {
+            add(p, true, false);
         }
     }
     for b in &args.jail_bind {
@@ -645,6 +743,9 @@ fn main() -> ExitCode {
     };
     if let Some(path) = &args.inspect_kernel {
         return inspect(path);
+    }
+    if !args.merge_memory.is_empty() {
+        return merge_memory(&args.merge_memory);
     }
     let file_config = match args.config_file.as_deref().map(read_config_file) {
         Some(Ok(c)) => Some(c),
@@ -741,6 +842,14 @@ fn main() -> ExitCode {
         },
         debugcon: args.debugcon,
         virtio_cmdline: !args.no_virtio_cmdline,
+        track_dirty_pages: args.track_dirty_pages,
+        restore: args.restore.as_ref().map(|state| RestoreConfig {
+            state_path: state.clone(),
+            memory: args.restore_memory.clone(),
+            eager: args.restore_eager,
+            disks: args.restore_disk.clone(),
+            resume: !args.restore_paused,
+        }),
         // This process runs one VM: confine its main thread too.
         seccomp: if args.no_seccomp {
             SeccompPolicy::Disabled
@@ -789,7 +898,7 @@ fn main() -> ExitCode {
     };
     let events = Arc::new(OnceLock::new());
     let io = || stdio(console_on_stdout, &args.serial, interactive, &events);
-    let started = if socket.is_some() && args.config_file.is_none() {
+    let started = if socket.is_some() && args.config_file.is_none() && args.restore.is_none() {
         controller.serve_start(io, |b| prepare(b, &events, true))
     } else {
         controller.launch(io(), |b| prepare(b, &events, socket.is_some()))

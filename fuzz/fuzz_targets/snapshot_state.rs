@@ -1,14 +1,17 @@
 //! The snapshot state decoder under any file: a corrupted, truncated,
 //! foreign or hostile state file is an error, never a panic or an
 //! allocation beyond the bound. Bytes that pass are checked the way a
-//! restore checks them (a vCPU's and a VM's state validated), and a state
+//! restore checks them (a vCPU's, a VM's and a whole snapshot's state
+//! validated, the last with the invariants a restore relies on), and a state
 //! that decodes encodes and decodes again. The input is tried both as a
 //! whole file and as a payload under a correct header, so the fuzzer gets
 //! past the checksum to the JSON.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vmm_core::snapshot::{decode, encode, StateFileError, HEADER_BYTES, MAX_STATE_BYTES};
+use vmm_core::snapshot::{
+    decode, encode, SnapshotState, StateFileError, HEADER_BYTES, MAX_STATE_BYTES,
+};
 use vmm_core::{VcpuState, VmState};
 
 fn wrap(payload: &[u8]) -> Vec<u8> {
@@ -37,6 +40,21 @@ fn check(bytes: &[u8]) {
     }
     if let Ok(s) = decode::<VmState>(bytes) {
         let _ = s.validate();
+    }
+    if let Ok(s) = decode::<SnapshotState>(bytes) {
+        // A whole state that passes holds together the way a restore
+        // relies on before it builds anything.
+        if s.validate().is_ok() {
+            assert_eq!(s.vcpus.len(), usize::from(s.machine.vcpus));
+            assert_eq!(s.memory.size_bytes, s.machine.mem_mib << 20);
+            assert!(s.memory.layers >= 1);
+            assert!(
+                s.virtio.len()
+                    >= s.machine.disks.len()
+                        + usize::from(s.machine.rng)
+                        + usize::from(s.machine.console)
+            );
+        }
     }
 }
 

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod api;
+
 use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::path::PathBuf;

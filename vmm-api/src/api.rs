@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde_json::Value;
+use vmm_core::snapshot::{RestoreConfig, SnapshotKind, SnapshotRequest};
 use vmm_core::{DiskConfig, KernelSource, LifecycleError, LifecycleState, VmConfig, VmController};
 use vmm_memory::RamBacking;
 
@@ -81,6 +82,9 @@ pub struct Api {
     base_disks: Vec<DiskConfig>,
     counters: Arc<ApiCounters>,
     metrics: MetricsSink,
+    /// A boot resource (machine, boot source, drive, entropy) was set
+    /// through the API: a snapshot can no longer be loaded.
+    boot_configured: bool,
 }
 
 fn unsupported_limiter(what: &str, limiter: &Option<Value>) -> Result<(), ApiError> {
@@ -142,6 +146,7 @@ impl Api {
             base_disks: config.disks.clone(),
             counters: Arc::default(),
             metrics: MetricsSink::default(),
+            boot_configured: false,
         }
     }
 
@@ -217,6 +222,22 @@ impl Api {
     }
 
     fn dispatch(&mut self, request: ApiRequest) -> ApiResponse {
+        let boot_resource = matches!(
+            request,
+            ApiRequest::PutMachineConfig(_)
+                | ApiRequest::PatchMachineConfig(_)
+                | ApiRequest::PutBootSource(_)
+                | ApiRequest::PutDrive(_)
+                | ApiRequest::PutEntropy(_)
+        );
+        let out = self.dispatch_inner(request);
+        if boot_resource && out.is_ok() {
+            self.boot_configured = true;
+        }
+        out
+    }
+
+    fn dispatch_inner(&mut self, request: ApiRequest) -> ApiResponse {
         match request {
             ApiRequest::GetInstanceInfo => Ok(Some(serde_json::to_value(InstanceInfo {
                 app_name: APP_NAME.into(),
@@ -296,7 +317,102 @@ impl Api {
             ApiRequest::GetVmConfig => Ok(Some(serde_json::to_value(&self.view)?)),
             ApiRequest::PutLogger(l) => self.put_logger(l).map(|_| None),
             ApiRequest::PutMetrics(m) => self.put_metrics(m).map(|_| None),
+            ApiRequest::CreateSnapshot(c) => self.create_snapshot(c).map(|_| None),
+            ApiRequest::LoadSnapshot(l) => self.load_snapshot(l).map(|_| None),
         }
+    }
+
+    /// `PUT /snapshot/create`: the paused VM to a state and a memory file.
+    fn create_snapshot(&mut self, c: SnapshotCreateParams) -> Result<(), ApiError> {
+        match self.controller.state() {
+            LifecycleState::NotStarted => return Err(LifecycleError::BeforeStart.into()),
+            LifecycleState::Running => {
+                return Err(ApiError::Invalid(
+                    "Cannot create a snapshot of a running microVM: pause it first (PATCH /vm {\"state\": \"Paused\"})."
+                        .into(),
+                ))
+            }
+            LifecycleState::Paused | LifecycleState::Ended => {}
+        }
+        let info = self.controller.snapshot(SnapshotRequest {
+            state_path: PathBuf::from(&c.snapshot_path),
+            memory_path: PathBuf::from(&c.mem_file_path),
+            kind: match c.snapshot_type {
+                SnapshotType::Full => SnapshotKind::Full,
+                SnapshotType::Diff => SnapshotKind::Diff,
+            },
+        })?;
+        log::info!(
+            "snapshot {} ({:?}): {} bytes of memory in {:?}",
+            c.snapshot_path,
+            c.snapshot_type,
+            info.memory_bytes,
+            info.duration
+        );
+        Ok(())
+    }
+
+    /// `PUT /snapshot/load`: restores a snapshot in this fresh process,
+    /// before anything but the logger and metrics was configured.
+    fn load_snapshot(&mut self, l: SnapshotLoadParams) -> Result<(), ApiError> {
+        self.pre_boot()?;
+        if self.boot_configured {
+            return Err(ApiError::Invalid(
+                "Loading a microVM snapshot not allowed after configuring boot-specific resources."
+                    .into(),
+            ));
+        }
+        if !l.network_overrides.is_empty() {
+            return Err(ApiError::NotSupported(
+                "network_overrides (this VMM has no network interfaces yet)".into(),
+            ));
+        }
+        let memory = match (l.mem_file_path, l.mem_backend) {
+            (Some(path), None) => path,
+            (None, Some(b)) if b.backend_type == MemoryBackendType::File => b.backend_path,
+            (None, Some(_)) => {
+                return Err(ApiError::NotSupported("the Uffd memory backend".into()))
+            }
+            _ => {
+                return Err(ApiError::Invalid(
+                    "Exactly one of mem_file_path and mem_backend must be given.".into(),
+                ))
+            }
+        };
+        let track = l
+            .track_dirty_pages
+            .or(l.enable_diff_snapshots)
+            .unwrap_or(false);
+        let restore = RestoreConfig {
+            state_path: PathBuf::from(&l.snapshot_path),
+            memory: vec![PathBuf::from(memory)],
+            eager: false,
+            disks: Vec::new(),
+            resume: l.resume_vm,
+        };
+        let before = self.controller.config();
+        self.controller.configure(|c| {
+            c.restore = Some(restore);
+            c.track_dirty_pages = track;
+        })?;
+        if let Err(e) = self.controller.start() {
+            let _ = self.controller.configure(|c| {
+                c.restore = before.restore;
+                c.track_dirty_pages = before.track_dirty_pages;
+            });
+            return Err(e.into());
+        }
+        // What GET /vm/config and GET /machine-config report from now on.
+        let restored = self.controller.config();
+        let mut view = self.view.clone();
+        let machine = view
+            .machine_config
+            .get_or_insert_with(MachineConfig::default);
+        machine.vcpu_count = restored.vcpus.into();
+        machine.mem_size_mib = restored.mem_mib;
+        machine.track_dirty_pages = track;
+        self.view = view;
+        Ok(())
     }
 
     /// Applies the current resources to the controller's configuration.
@@ -469,6 +585,7 @@ fn apply_view(
         c.vcpus = u8::try_from(m.vcpu_count)
             .map_err(|_| ApiError::Invalid(format!("Invalid number of vcpus: {}", m.vcpu_count)))?;
         c.mem_mib = m.mem_size_mib;
+        c.track_dirty_pages = m.track_dirty_pages;
         c.ram_backing = match m.huge_pages {
             HugePages::Hugetlbfs2M => RamBacking::HugePages,
             _ if c.ram_backing == RamBacking::HugePages => RamBacking::Anonymous,
@@ -535,6 +652,8 @@ fn metric_name(r: &ApiRequest) -> (&'static str, &'static str) {
         ApiRequest::PatchVm(_) => ("patch_api_requests", "vm_count"),
         ApiRequest::PutLogger(_) => ("put_api_requests", "logger_count"),
         ApiRequest::PutMetrics(_) => ("put_api_requests", "metrics_count"),
+        ApiRequest::CreateSnapshot(_) => ("put_api_requests", "snapshot_create_count"),
+        ApiRequest::LoadSnapshot(_) => ("put_api_requests", "snapshot_load_count"),
     }
 }
 

@@ -361,6 +361,87 @@ pub struct FullVmConfiguration {
     pub pmem: Vec<Value>,
 }
 
+/// `snapshot_type` of `PUT /snapshot/create`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotType {
+    /// All of guest memory.
+    #[default]
+    Full,
+    /// The pages written since the last snapshot (needs
+    /// `track_dirty_pages`).
+    Diff,
+}
+
+/// `PUT /snapshot/create`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateParams {
+    /// Where the guest memory goes.
+    pub mem_file_path: String,
+    /// Where the VM state goes.
+    pub snapshot_path: String,
+    /// Full (the default) or Diff.
+    #[serde(default)]
+    pub snapshot_type: SnapshotType,
+}
+
+/// `mem_backend.backend_type` of `PUT /snapshot/load`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemoryBackendType {
+    /// Guest memory mapped from a file.
+    File,
+    /// Guest memory served by a userfaultfd handler (not offered).
+    Uffd,
+}
+
+/// `mem_backend` of `PUT /snapshot/load`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryBackend {
+    /// File or Uffd.
+    pub backend_type: MemoryBackendType,
+    /// The memory file (or the handler's socket, for Uffd).
+    pub backend_path: String,
+}
+
+/// `network_overrides` of `PUT /snapshot/load`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    /// The interface.
+    pub iface_id: String,
+    /// Its new host device.
+    pub host_dev_name: String,
+}
+
+/// `PUT /snapshot/load`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoadParams {
+    /// The VM state file.
+    pub snapshot_path: String,
+    /// The memory file (deprecated by Firecracker; exactly one of this and
+    /// `mem_backend`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_file_path: Option<String>,
+    /// Where guest memory comes from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_backend: Option<MemoryBackend>,
+    /// Deprecated name of `track_dirty_pages`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enable_diff_snapshots: Option<bool>,
+    /// Track dirty pages, for diff snapshots of the restored VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub track_dirty_pages: Option<bool>,
+    /// Resume the VM once loaded (else it stays paused).
+    #[serde(default)]
+    pub resume_vm: bool,
+    /// New host devices for network interfaces (no interface is offered
+    /// yet: only an empty list is accepted).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_overrides: Vec<NetworkOverride>,
+}
+
 /// Firecracker's error body.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {

@@ -47,6 +47,10 @@ pub enum ApiRequest {
     PutLogger(LoggerConfig),
     /// `PUT /metrics`.
     PutMetrics(MetricsConfig),
+    /// `PUT /snapshot/create`.
+    CreateSnapshot(SnapshotCreateParams),
+    /// `PUT /snapshot/load`.
+    LoadSnapshot(SnapshotLoadParams),
 }
 
 /// Why a request was refused; every one is an HTTP status and a
@@ -178,10 +182,28 @@ pub fn parse_request(method: &str, path: &str, bytes: &[u8]) -> Result<ApiReques
         ("GET", ["vm", "config"]) => ApiRequest::GetVmConfig,
         ("PUT", ["logger"]) => ApiRequest::PutLogger(body("PUT", bytes)?),
         ("PUT", ["metrics"]) => ApiRequest::PutMetrics(body("PUT", bytes)?),
+        ("PUT", ["snapshot", "create"]) => ApiRequest::CreateSnapshot(body("PUT", bytes)?),
+        ("PUT", ["snapshot", "load"]) => {
+            let load: SnapshotLoadParams = body("PUT", bytes)?;
+            match (&load.mem_file_path, &load.mem_backend) {
+                (Some(_), Some(_)) | (None, None) => {
+                    return Err(ApiError::Invalid(
+                        "Exactly one of mem_file_path and mem_backend must be given.".into(),
+                    ))
+                }
+                _ => {}
+            }
+            if load.enable_diff_snapshots.is_some() && load.track_dirty_pages.is_some() {
+                return Err(ApiError::Invalid(
+                    "enable_diff_snapshots and track_dirty_pages cannot both be given (the first is the deprecated name of the second).".into(),
+                ));
+            }
+            ApiRequest::LoadSnapshot(load)
+        }
         (
             "GET" | "PUT" | "PATCH",
-            ["network-interfaces" | "vsock" | "balloon" | "mmds" | "snapshot" | "cpu-config"
-            | "pmem" | "hotplug" | "serial", ..],
+            ["network-interfaces" | "vsock" | "balloon" | "mmds" | "cpu-config" | "pmem" | "hotplug"
+            | "serial", ..],
         ) => {
             return Err(ApiError::NotSupported(format!(
                 "{method} /{}",
@@ -294,7 +316,20 @@ mod tests {
             ),
             ("PATCH", "/vm", r#"{"state": "Stopped"}"#, "unknown variant"),
             ("PUT", "/network-interfaces/eth0", "{}", "not supported"),
-            ("PUT", "/snapshot/create", "{}", "not supported"),
+            ("PUT", "/snapshot/create", "{}", "missing field"),
+            (
+                "PUT",
+                "/snapshot/load",
+                r#"{"snapshot_path": "/s", "mem_file_path": "/m", "mem_backend": {"backend_type": "File", "backend_path": "/m"}}"#,
+                "Exactly one",
+            ),
+            (
+                "PUT",
+                "/snapshot/load",
+                r#"{"snapshot_path": "/s"}"#,
+                "Exactly one",
+            ),
+            ("GET", "/snapshot/create", "", "Invalid request method"),
             (
                 "PUT",
                 "/logger",

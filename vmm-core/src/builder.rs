@@ -18,9 +18,11 @@ use vmm_devices::host_files::{
     lock_image, open_input, open_output, FileId, HostFileError, InputKind, OpenedInput,
 };
 use vmm_devices::legacy::{
-    DebugCon, DebugExit, Serial, COM1_IRQ, COM1_PORT, COM1_PORT_SIZE, DEBUGCON_PORT,
-    DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_SIZE, I8042, I8042_KBD_IRQ, I8042_PORT, I8042_PORT_SIZE,
+    DebugCon, DebugExit, Serial, VmGeneration, COM1_IRQ, COM1_PORT, COM1_PORT_SIZE, DEBUGCON_PORT,
+    DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_SIZE, GENERATION_PORT, GENERATION_PORT_SIZE, I8042,
+    I8042_KBD_IRQ, I8042_PORT, I8042_PORT_SIZE,
 };
+use vmm_devices::persist::Persist;
 use vmm_devices::virtio::block::Block;
 use vmm_devices::virtio::console::Console;
 use vmm_devices::virtio::rng::Rng;
@@ -37,6 +39,10 @@ use crate::event_loop::Subscriber;
 use crate::events::{VmEvent, VmEventSender};
 use crate::host_io::{BufferedOutput, OutputStatus, Pty};
 use crate::seccomp::{SeccompPolicy, ThreadFilters, ThreadKind};
+use crate::snapshot::{
+    read_state_file, DiskDescription, MachineDescription, RestoreConfig, RestoreError,
+    SnapshotState,
+};
 use crate::vcpu::Vcpu;
 use crate::vm::Vm;
 use crate::vmm::{HostThread, KeyboardDevice, SerialDevice, Vmm, VmmError};
@@ -99,12 +105,22 @@ pub struct VmBuilder {
     receiver: std::sync::mpsc::Receiver<VmEvent>,
     metrics: MetricsRegistry,
     disk_slots: Vec<crate::vmm::DiskSlot>,
+    track_dirty: bool,
+    described: (bool, bool),
+    restore: Option<Box<PendingRestore>>,
+}
+
+/// A snapshot being restored: its state, applied as the VM is built.
+struct PendingRestore {
+    state: SnapshotState,
+    resume: bool,
 }
 
 /// The legacy devices the running VM keeps hold of.
 struct LegacyDevices {
     serial: Arc<Mutex<SerialDevice>>,
     keyboard: Arc<Mutex<KeyboardDevice>>,
+    generation: Arc<Mutex<VmGeneration>>,
 }
 
 fn check_vcpus(n: u8) -> Result<(), VmmError> {
@@ -132,11 +148,20 @@ impl VmBuilder {
     /// its default: no kernel, [`DEFAULT_CMDLINE`], one vCPU, seccomp on
     /// VMM threads, console output discarded.
     pub fn new(mem_mib: u64, backing: RamBacking) -> Result<Self, VmmError> {
+        let map = Self::address_map_of(mem_mib)?;
+        let memory = create_guest_ram(&map, backing)?;
+        Self::with_ram(map, memory)
+    }
+
+    fn address_map_of(mem_mib: u64) -> Result<AddressMap, VmmError> {
         let size = mem_mib
             .checked_mul(1 << 20)
             .ok_or(VmmError::MemoryTooLarge(mem_mib))?;
-        let map = AddressMap::new(size)?;
-        let memory = create_guest_ram(&map, backing)?;
+        Ok(AddressMap::new(size)?)
+    }
+
+    /// A builder over guest RAM made elsewhere (for `map`).
+    fn with_ram(map: AddressMap, memory: GuestRam) -> Result<Self, VmmError> {
         let resources = ResourceAllocator::new(&map).map_err(DeviceError::from)?;
         let (events, receiver) = VmEventSender::channel();
         Ok(Self {
@@ -173,7 +198,69 @@ impl VmBuilder {
             receiver,
             metrics: MetricsRegistry::default(),
             disk_slots: Vec::new(),
+            track_dirty: false,
+            described: (false, false),
+            restore: None,
         })
+    }
+
+    /// A builder for the machine a snapshot describes, its RAM from the
+    /// snapshot's memory files (mapped privately, or copied into RAM backed
+    /// as `backing` says when `restore.eager`); [`build`](VmBuilder::build)
+    /// then puts every saved state back instead of loading a kernel. Add
+    /// the same devices of your own, in the same order, as the VM that was
+    /// saved had.
+    pub fn restoring(restore: &RestoreConfig, backing: RamBacking) -> Result<Self, VmmError> {
+        let state: SnapshotState =
+            read_state_file(&restore.state_path).map_err(RestoreError::from)?;
+        state.validate().map_err(RestoreError::from)?;
+        let needed = state.memory.layers;
+        let given = restore.memory.len();
+        // One file for a diff snapshot: its layers merged into one.
+        if given == 0 || (given != needed as usize && given != 1) {
+            return Err(RestoreError::Layers { needed, given }.into());
+        }
+        check_host_memory(state.machine.mem_mib)?;
+        let map = Self::address_map_of(state.machine.mem_mib)?;
+        let mem_err = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| RestoreError::Memory { path, source }
+        };
+        let mut files = Vec::with_capacity(restore.memory.len());
+        for path in &restore.memory {
+            let f = open_input("memory file", path, InputKind::RegularFile, false)?;
+            files.push((path, f));
+        }
+        let (base_path, base) = &files[0];
+        let memory = if restore.eager {
+            vmm_memory::snapshot::load_eager(&map, base, backing)
+        } else {
+            vmm_memory::snapshot::map_private(&map, base)
+        }
+        .map_err(mem_err(base_path))?;
+        for (path, layer) in &files[1..] {
+            vmm_memory::snapshot::apply_layer(&map, &memory, layer).map_err(mem_err(path))?;
+        }
+        // What the layers wrote is the restored memory, not a change to it.
+        vmm_memory::snapshot::take_written_pages(&memory);
+        let mut b = Self::with_ram(map, memory)?;
+        b.vcpus(state.machine.vcpus)
+            .cmdline(&state.machine.cmdline)
+            .exit_port(state.machine.exit_port)
+            .debugcon(state.machine.debugcon);
+        b.restore = Some(Box::new(PendingRestore {
+            state,
+            resume: restore.resume,
+        }));
+        Ok(b)
+    }
+
+    /// Track the pages the guest and the devices write, for diff snapshots
+    /// (off by default: KVM's dirty log costs a little on every first write
+    /// to a page after each snapshot).
+    pub fn track_dirty_pages(&mut self, on: bool) -> &mut Self {
+        self.track_dirty = on;
+        self
     }
 
     /// A builder with everything `config` describes: the built-in devices
@@ -186,30 +273,52 @@ impl VmBuilder {
     /// if it is one of the inputs (by device and inode), and truncated only
     /// after that check.
     pub fn from_config(config: &VmConfig, mut io: HostIo) -> Result<Self, VmmError> {
-        check_vcpus(config.vcpus)?;
-        let mut b = Self::new(config.mem_mib, config.ram_backing)?;
-        b.kernel(config.kernel.clone())
-            .cmdline(&config.cmdline)
-            .protocol(config.protocol)
-            .vcpus(config.vcpus)
-            .seccomp(config.seccomp)
-            .exit_port(config.exit_port)
-            .debugcon(config.debugcon)
-            .virtio_cmdline_entries(config.virtio_cmdline);
-        if let Some(initrd) = &config.initrd {
-            b.initrd(initrd);
-        }
-        b.open_boot_files()?;
-        for d in &config.disks {
+        let (mut b, disks, rng, console) = match &config.restore {
+            None => {
+                check_vcpus(config.vcpus)?;
+                let mut b = Self::new(config.mem_mib, config.ram_backing)?;
+                b.kernel(config.kernel.clone())
+                    .cmdline(&config.cmdline)
+                    .protocol(config.protocol)
+                    .vcpus(config.vcpus)
+                    .exit_port(config.exit_port)
+                    .debugcon(config.debugcon)
+                    .virtio_cmdline_entries(config.virtio_cmdline);
+                if let Some(initrd) = &config.initrd {
+                    b.initrd(initrd);
+                }
+                b.open_boot_files()?;
+                (b, config.disks.clone(), config.rng, config.console.clone())
+            }
+            Some(restore) => {
+                let b = Self::restoring(restore, config.ram_backing)?;
+                let machine = b
+                    .restore
+                    .as_ref()
+                    .map(|r| r.state.machine.clone())
+                    .ok_or(VmmError::NoVcpus)?;
+                let disks = restored_disks(&machine, &restore.disks)?;
+                // The console is the snapshot's; where it writes is this
+                // host's choice (the host's console output by default).
+                let console = machine
+                    .console
+                    .then(|| config.console.clone().unwrap_or(ConsoleConfig::Host));
+                (b, disks, machine.rng, console)
+            }
+        };
+        b.seccomp(config.seccomp)
+            .track_dirty_pages(config.track_dirty_pages);
+        b.described = (rng, console.is_some());
+        for d in &disks {
             b.add_disk(d)?;
         }
-        if config.rng {
+        if rng {
             let rng = Rng::new();
             b.metrics
                 .register("entropy", DeviceMetrics::Entropy(rng.metrics()));
             b.add_virtio(rng)?;
         }
-        match &config.console {
+        match &console {
             None => {}
             Some(ConsoleConfig::Host) => {
                 let out = io
@@ -586,17 +695,49 @@ impl VmBuilder {
         let (_, irq) = self.interrupt_line(Some(COM1_IRQ))?;
         let out = std::mem::replace(&mut self.io.serial_out, Box::new(io::sink()));
         let out = self.buffered_output("serial output", out);
-        let serial = Serial::new(irq, out);
+        let saved = self.restore.as_ref().map(|r| {
+            (
+                r.state.serial.clone(),
+                r.state.i8042.clone(),
+                r.state.generation,
+            )
+        });
+        let legacy_err = |device: &str| {
+            let device = device.to_string();
+            move |source| VmmError::Restore(RestoreError::Device { device, source })
+        };
+        let serial = match &saved {
+            None => Serial::new(irq, out),
+            Some((st, _, _)) => Serial::restore((irq, out), st).map_err(legacy_err("COM1"))?,
+        };
         self.metrics
             .register("uart", DeviceMetrics::Uart(serial.metrics()));
         let serial = Arc::new(Mutex::new(serial));
         self.add_pio_device("COM1", COM1_PORT, COM1_PORT_SIZE, serial.clone())?;
         let (_, kbd_irq) = self.interrupt_line(Some(I8042_KBD_IRQ))?;
-        let i8042 = Arc::new(Mutex::new(I8042::new(
-            self.events.trigger(|| VmEvent::ResetRequested),
-            kbd_irq,
-        )));
+        let reset = self.events.trigger(|| VmEvent::ResetRequested);
+        let i8042 = match &saved {
+            None => I8042::new(reset, kbd_irq),
+            Some((_, st, _)) => {
+                I8042::restore((reset, kbd_irq), st).map_err(legacy_err("i8042"))?
+            }
+        };
+        let i8042 = Arc::new(Mutex::new(i8042));
         self.add_pio_device("i8042", I8042_PORT, I8042_PORT_SIZE, i8042.clone())?;
+        let identity = random_u64();
+        let generation = match &saved {
+            None => VmGeneration::new(identity),
+            Some((_, _, st)) => {
+                VmGeneration::restore(identity, st).map_err(legacy_err("generation port"))?
+            }
+        };
+        let generation = Arc::new(Mutex::new(generation));
+        self.add_pio_device(
+            "generation",
+            GENERATION_PORT,
+            GENERATION_PORT_SIZE,
+            generation.clone(),
+        )?;
         let events = self.events.clone();
         let exit = DebugExit::new(move |status| events.send(VmEvent::GuestStatus(status)));
         self.add_pio_device(
@@ -628,6 +769,7 @@ impl VmBuilder {
         Ok(LegacyDevices {
             serial,
             keyboard: i8042,
+            generation,
         })
     }
 
@@ -636,13 +778,29 @@ impl VmBuilder {
     pub fn build(mut self) -> Result<Vmm, VmmError> {
         check_vcpus(self.vcpus)?;
         warn_if_overcommitted(self.vcpus);
-        let LegacyDevices { serial, keyboard } = self.add_legacy_devices()?;
-        let cmdline = self.full_cmdline();
-        let rsdp = self.write_firmware_tables()?;
-        let boot = self.load_kernel(&cmdline, Some(rsdp))?;
-        let vm = Vm::new(self.memory.clone())?;
+        let LegacyDevices {
+            serial,
+            keyboard,
+            generation,
+        } = self.add_legacy_devices()?;
+        let (cmdline, boot, layers) = match &self.restore {
+            None => {
+                let cmdline = self.full_cmdline();
+                let rsdp = self.write_firmware_tables()?;
+                let boot = self.load_kernel(&cmdline, Some(rsdp))?;
+                (cmdline, Some(boot), 0)
+            }
+            Some(r) => (self.cmdline.clone(), None, r.state.memory.layers),
+        };
+        let vm = Vm::with_dirty_tracking(self.memory.clone(), self.track_dirty)?;
         self.wire_devices(&vm)?;
-        let vcpus = self.create_vcpus(&vm, &boot)?;
+        let vcpus = self.create_vcpus(&vm, boot.as_ref())?;
+        let restore = self.restore.take();
+        let start_paused = restore.as_ref().is_some_and(|r| !r.resume);
+        if let Some(r) = restore {
+            self.apply_restore(&vm, &vcpus, &r.state)?;
+        }
+        let machine = self.machine_description(&cmdline);
         let filters = self.thread_filters()?;
         let mut subscribers: Vec<Subscriber> =
             self.virtio.iter().map(VirtioSlot::subscriber).collect();
@@ -665,10 +823,95 @@ impl VmBuilder {
             disks: self.disk_slots,
             serial,
             keyboard,
+            generation,
             outputs: self.outputs,
             held: self.held,
             serial_pty: self.serial_pty,
+            machine,
+            layers,
+            track_dirty: self.track_dirty,
+            start_paused,
         }))
+    }
+
+    /// What a snapshot of the VM being built records of it.
+    fn machine_description(&self, cmdline: &str) -> MachineDescription {
+        MachineDescription {
+            mem_mib: self.map.ram_size() >> 20,
+            vcpus: self.vcpus,
+            cmdline: cmdline.to_string(),
+            exit_port: self.exit_port,
+            debugcon: self.debugcon,
+            disks: self
+                .disk_slots
+                .iter()
+                .map(|d| DiskDescription::from(&d.config))
+                .collect(),
+            rng: self.described.0,
+            console: self.described.1,
+        }
+    }
+
+    /// Puts a snapshot's states back into the VM just built: the host is
+    /// checked for the vCPUs' CPU features, each virtio device is checked
+    /// to be where and what the snapshot says and gets its device, transport
+    /// and queue state (then a notification on each queue, for requests the
+    /// guest made while it was being saved), then the irqchip, PIT and
+    /// clock, then every vCPU.
+    fn apply_restore(
+        &self,
+        vm: &Vm,
+        vcpus: &[Vcpu],
+        state: &SnapshotState,
+    ) -> Result<(), VmmError> {
+        if let Some(first) = vcpus.first() {
+            check_cpu_features(&first.current_cpuid()?, state)?;
+        }
+        let mismatch = |what: String, saved: String, here: String| {
+            VmmError::Restore(RestoreError::Mismatch { what, saved, here })
+        };
+        if state.virtio.len() != self.virtio.len() {
+            return Err(mismatch(
+                "virtio devices".into(),
+                state.virtio.len().to_string(),
+                self.virtio.len().to_string(),
+            ));
+        }
+        for (i, (slot, saved)) in self.virtio.iter().zip(&state.virtio).enumerate() {
+            let mut t = slot
+                .transport()
+                .lock()
+                .map_err(|_| DeviceError::Poisoned("a virtio transport"))?;
+            let here = (t.device().device_type(), slot.window().start(), slot.irq());
+            let there = (saved.device_type, saved.mmio_base, saved.irq);
+            if here != there {
+                return Err(mismatch(
+                    format!("virtio device {i} (type, MMIO base, IRQ)"),
+                    format!("{} at {:#x} on {}", there.0, there.1, there.2),
+                    format!("{} at {:#x} on {}", here.0, here.1, here.2),
+                ));
+            }
+            let device_err = |source| {
+                VmmError::Restore(RestoreError::Device {
+                    device: format!("virtio device {i} (type {})", here.0),
+                    source,
+                })
+            };
+            t.device_mut()
+                .restore_device_state(saved.device.as_ref())
+                .map_err(device_err)?;
+            t.restore_state(&saved.transport).map_err(device_err)?;
+            if t.device().is_active() {
+                for evt in t.queue_events() {
+                    evt.write(1).map_err(VmmError::EventFd)?;
+                }
+            }
+        }
+        vm.restore_state(&state.vm)?;
+        for (vcpu, saved) in vcpus.iter().zip(&state.vcpus) {
+            vcpu.restore_state(saved)?;
+        }
+        Ok(())
     }
 
     /// Interrupt lines become irqfds; virtio slots get their irqfd,
@@ -697,7 +940,7 @@ impl VmBuilder {
 
     /// The vCPUs: the first set up with the boot protocol's state, the
     /// others waiting for the guest's INIT and startup IPIs.
-    fn create_vcpus(&self, vm: &Vm, boot: &BootSetup) -> Result<Vec<Vcpu>, VmmError> {
+    fn create_vcpus(&self, vm: &Vm, boot: Option<&BootSetup>) -> Result<Vec<Vcpu>, VmmError> {
         let metrics = std::sync::Arc::new(vmm_devices::metrics::VcpuMetrics::default());
         self.metrics
             .register("vcpu", DeviceMetrics::Vcpu(metrics.clone()));
@@ -705,7 +948,7 @@ impl VmBuilder {
             .map(|id| {
                 let mut vcpu = vm.create_vcpu(id)?;
                 vcpu.set_metrics(metrics.clone());
-                let state = (id == 0).then_some(&boot.cpu);
+                let state = boot.filter(|_| id == 0).map(|b| &b.cpu);
                 vcpu.configure(vm.kvm(), self.vcpus, state)?;
                 Ok(vcpu)
             })
@@ -844,6 +1087,114 @@ fn pump_serial_input(input: &mut dyn Read, serial: &Mutex<SerialDevice>) {
             }
         }
     }
+}
+
+/// The disks a snapshot describes, each on its override's image if one
+/// names it (by name, else serial); an override naming no disk is refused.
+fn restored_disks(
+    machine: &MachineDescription,
+    overrides: &[(String, PathBuf)],
+) -> Result<Vec<DiskConfig>, VmmError> {
+    for (id, _) in overrides {
+        if !machine.disks.iter().any(|d| d.id() == Some(id.as_str())) {
+            return Err(RestoreError::NoSuchDisk(id.clone()).into());
+        }
+    }
+    Ok(machine
+        .disks
+        .iter()
+        .map(|d| {
+            let path = overrides
+                .iter()
+                .find(|(id, _)| d.id() == Some(id.as_str()))
+                .map_or_else(|| d.path.clone(), |(_, p)| p.clone());
+            d.config(path)
+        })
+        .collect())
+}
+
+/// Refuses a guest larger than all of this host's memory.
+fn check_host_memory(mem_mib: u64) -> Result<(), VmmError> {
+    let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    });
+    match total_kib {
+        Some(kib) if kib / 1024 < mem_mib => Err(RestoreError::HostMemory {
+            guest_mib: mem_mib,
+            host_mib: kib / 1024,
+        }
+        .into()),
+        _ => Ok(()),
+    }
+}
+
+/// CPUID bits that follow the guest's control registers or MSRs rather than
+/// the host (OSXSAVE, the APIC enable, OSPKE): never a missing feature.
+const CPUID_DYNAMIC: &[(u32, u32, usize, u32)] =
+    &[(1, 0, 2, 1 << 27), (1, 0, 3, 1 << 9), (7, 0, 2, 1 << 4)];
+
+/// Refuses a host whose KVM lacks feature bits the snapshot's vCPUs have
+/// (leaves 1, 7, 0xd and 0x80000001: what a guest checks before using an
+/// instruction set). The baseline is what KVM reports for a vCPU of this
+/// host set up as this VMM sets one up (`fresh`), the way the saved CPUID
+/// was read on the snapshot's host.
+fn check_cpu_features(
+    fresh: &[kvm_bindings::kvm_cpuid_entry2],
+    state: &SnapshotState,
+) -> Result<(), VmmError> {
+    let Some(saved) = state.vcpus.first() else {
+        return Ok(());
+    };
+    let mut missing = Vec::new();
+    // (leaf, subleaf, the registers holding feature bits)
+    let leaves: [(u32, u32, &[usize]); 5] = [
+        (1, 0, &[2, 3]),
+        (7, 0, &[1, 2, 3]),
+        (0xd, 0, &[0]),
+        (0xd, 1, &[0]),
+        (0x8000_0001, 0, &[2, 3]),
+    ];
+    for (leaf, index, registers) in leaves {
+        let find = |entries: &[kvm_bindings::kvm_cpuid_entry2]| {
+            entries
+                .iter()
+                .find(|e| e.function == leaf && e.index == index)
+                .map(|e| [e.eax, e.ebx, e.ecx, e.edx])
+        };
+        let Some(have) = find(&saved.cpuid) else {
+            continue;
+        };
+        let host = find(fresh).unwrap_or_default();
+        for &r in registers {
+            let dynamic = CPUID_DYNAMIC
+                .iter()
+                .filter(|d| d.0 == leaf && d.1 == index && d.2 == r)
+                .fold(0, |m, d| m | d.3);
+            let lacking = have[r] & !host[r] & !dynamic;
+            if lacking != 0 {
+                let reg = ["eax", "ebx", "ecx", "edx"][r];
+                missing.push(format!("leaf {leaf:#x}.{index} {reg} bits {lacking:#010x}"));
+            }
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(RestoreError::CpuFeatures(missing.join(", ")).into())
+    }
+}
+
+/// 64 random bits from the host (a fixed value if it has none to give).
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != 8 {
+        log::warn!("getrandom failed: the VM's identity is not random");
+    }
+    u64::from_le_bytes(b)
 }
 
 #[cfg(test)]

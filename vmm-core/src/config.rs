@@ -62,6 +62,15 @@ pub struct VmConfig {
     /// Announce the virtio-mmio devices on the command line too
     /// (`virtio_mmio.device=`); the DSDT describes them either way.
     pub virtio_cmdline: bool,
+    /// Track the pages the guest and the devices write (KVM's dirty log
+    /// and vm-memory's bitmaps), so that diff snapshots can be taken.
+    pub track_dirty_pages: bool,
+    /// Restore this snapshot instead of booting: the machine (RAM, vCPUs,
+    /// devices, command line) is the snapshot's, and the fields above that
+    /// describe it are ignored; the host's side (serial and console
+    /// outputs, seccomp, RAM backing of an eager restore, dirty page
+    /// tracking) still comes from here.
+    pub restore: Option<crate::snapshot::RestoreConfig>,
 }
 
 impl Default for VmConfig {
@@ -82,6 +91,8 @@ impl Default for VmConfig {
             seccomp: SeccompPolicy::default(),
             debugcon: false,
             virtio_cmdline: true,
+            track_dirty_pages: false,
+            restore: None,
         }
     }
 }

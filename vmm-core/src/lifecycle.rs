@@ -77,6 +77,9 @@ pub enum LifecycleError {
     /// No owner thread serves start requests any more.
     #[error("the thread that starts the VM is gone")]
     NoOwner,
+    /// A snapshot could not be taken.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
 }
 
 /// What is wrong with a configuration, found before anything is built.
@@ -134,7 +137,7 @@ impl VmConfig {
             }
         }
         // Last, so that an edit before the kernel is given is still checked.
-        if matches!(self.kernel, KernelSource::Bytes(b) if b.is_empty()) {
+        if self.restore.is_none() && matches!(self.kernel, KernelSource::Bytes(b) if b.is_empty()) {
             return Err(ConfigError::NoKernel);
         }
         Ok(())
@@ -348,6 +351,17 @@ impl VmController {
         let handle = vmm.handle();
         let running = vmm.start().map_err(LifecycleError::Start)?;
         let mut inner = self.lock();
+        if let (Some(_), Some(m)) = (&inner.config.restore, handle.machine()) {
+            // A restored VM is the snapshot's machine: say so.
+            let c = &mut inner.config;
+            c.vcpus = m.vcpus;
+            c.mem_mib = m.mem_mib;
+            c.cmdline = m.cmdline;
+            c.exit_port = m.exit_port;
+            c.debugcon = m.debugcon;
+            c.disks = m.disks.iter().map(|d| d.config(d.path.clone())).collect();
+            c.rng = m.rng;
+        }
         inner.metrics = Some(handle.metrics());
         inner.phase = Phase::Running(handle);
         Ok(running)
@@ -386,6 +400,16 @@ impl VmController {
     /// Resumes the paused VM (see [`VmHandle::resume`]).
     pub fn resume(&self) -> Result<(), LifecycleError> {
         Ok(self.handle()?.resume()?)
+    }
+
+    /// Saves the paused VM to a state and a memory file, on the owner
+    /// thread (see [`VmHandle::snapshot`]).
+    pub fn snapshot(
+        &self,
+        req: crate::snapshot::SnapshotRequest,
+    ) -> Result<crate::snapshot::SnapshotInfo, LifecycleError> {
+        let handle = self.handle()?;
+        Ok(self.on_owner(move || handle.snapshot(&req))??)
     }
 
     /// Presses Ctrl-Alt-Del on the running guest's keyboard (see

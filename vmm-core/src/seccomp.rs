@@ -7,10 +7,10 @@
 //!
 //! | thread | allowed beyond the common set |
 //! |---|---|
-//! | vCPU | `ioctl` with `KVM_RUN`, `KVM_GET_REGS`, `KVM_GET_SREGS`, `KVM_TRANSLATE` only |
+//! | vCPU | `ioctl` with `KVM_RUN`, `KVM_GET_REGS`, `KVM_GET_SREGS`, `KVM_TRANSLATE` and the reads of [`VCPU_SAVE_IOCTLS`] only |
 //! | event loop | `epoll_wait`/`epoll_pwait`/`epoll_ctl`, `pread64`/`pwrite64`, `lseek`, `fdatasync`/`fsync`, `fallocate`, `getrandom` |
 //! | input (host stdin pumps, output pumps) | nothing |
-//! | main (after the VM is built) | `tgkill` (to kick vCPUs), `fdatasync`/`fsync` (to flush disks when the VM stops) |
+//! | main (after the VM is built) | `tgkill` (to kick vCPUs), `fdatasync`/`fsync` (to flush disks when the VM stops), the reads of [`VM_SAVE_IOCTLS`] |
 //!
 //! Every thread may also `ioctl(TCSETS)` and `ioctl(TCGETS)`, so that whichever thread ends the
 //! process can put back the terminal it found; any other `ioctl` is checked
@@ -100,6 +100,40 @@ const KVM_TRANSLATE: u64 = ioc(
     std::mem::size_of::<kvm_bindings::kvm_translation>() as u64,
 );
 
+const fn ior<T>(nr: u64) -> u64 {
+    ioc(IOC_READ, nr, std::mem::size_of::<T>() as u64)
+}
+const fn iowr<T>(nr: u64) -> u64 {
+    ioc(IOC_READ | IOC_WRITE, nr, std::mem::size_of::<T>() as u64)
+}
+
+/// The vCPU ioctls that read what a snapshot saves of a (paused) vCPU.
+pub const VCPU_SAVE_IOCTLS: [u64; 9] = [
+    iowr::<kvm_bindings::kvm_msrs>(0x88),
+    iowr::<kvm_bindings::kvm_cpuid2>(0x91),
+    ior::<kvm_bindings::kvm_lapic_state>(0x8e),
+    ior::<kvm_bindings::kvm_mp_state>(0x98),
+    ior::<kvm_bindings::kvm_vcpu_events>(0x9f),
+    ior::<kvm_bindings::kvm_debugregs>(0xa1),
+    ior::<kvm_bindings::kvm_xsave>(0xa4),
+    ior::<kvm_bindings::kvm_xcrs>(0xa6),
+    ioc(0, 0xa3, 0),
+];
+
+/// The VM ioctls that read what a snapshot saves of a VM (irqchip, PIT,
+/// clock) and the dirty log of a diff snapshot; allowed on the main thread,
+/// which takes snapshots.
+pub const VM_SAVE_IOCTLS: [u64; 4] = [
+    iowr::<kvm_bindings::kvm_irqchip>(0x62),
+    ior::<kvm_bindings::kvm_pit_state2>(0x9f),
+    ior::<kvm_bindings::kvm_clock_data>(0x7c),
+    ioc(
+        IOC_WRITE,
+        0x42,
+        std::mem::size_of::<kvm_bindings::kvm_dirty_log>() as u64,
+    ),
+];
+
 const COMMON: &[i64] = &[
     libc::SYS_read,
     libc::SYS_write,
@@ -165,10 +199,11 @@ fn rules(
             .map_err(SeccompError::Build)?;
         SeccompRule::new(vec![cond]).map_err(SeccompError::Build)
     };
-    let kvm: &[u64] = if kind == ThreadKind::Vcpu {
-        &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, KVM_TRANSLATE]
-    } else {
-        &[]
+    let vcpu = [KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, KVM_TRANSLATE];
+    let kvm: Vec<u64> = match kind {
+        ThreadKind::Vcpu => vcpu.iter().chain(&VCPU_SAVE_IOCTLS).copied().collect(),
+        ThreadKind::Main => VM_SAVE_IOCTLS.to_vec(),
+        _ => Vec::new(),
     };
     // ioctl is allowed by request only, whatever `extra_calls` said.
     map.insert(
@@ -310,6 +345,24 @@ mod tests {
         assert_eq!(KVM_GET_REGS, 0x8090_ae81);
         assert_eq!(KVM_GET_SREGS, 0x8138_ae83);
         assert_eq!(KVM_TRANSLATE, 0xc018_ae85);
+        assert_eq!(
+            VCPU_SAVE_IOCTLS,
+            [
+                0xc008_ae88,
+                0xc008_ae91,
+                0x8400_ae8e,
+                0x8004_ae98,
+                0x8040_ae9f,
+                0x8080_aea1,
+                0x9000_aea4,
+                0x8188_aea6,
+                0xaea3
+            ]
+        );
+        assert_eq!(
+            VM_SAVE_IOCTLS,
+            [0xc208_ae62, 0x8070_ae9f, 0x8030_ae7c, 0x4010_ae42]
+        );
     }
 
     #[test]
@@ -319,14 +372,14 @@ mod tests {
         let r = rules(ThreadKind::Vcpu, &[libc::SYS_ioctl], &[]).unwrap();
         assert_eq!(
             r[&libc::SYS_ioctl].len(),
-            6,
-            "still only the four KVM ioctls and the terminal's two"
+            6 + VCPU_SAVE_IOCTLS.len(),
+            "still only the KVM ioctls and the terminal's two"
         );
         let r = rules(ThreadKind::Main, &[], &[libc::TIOCGWINSZ]).unwrap();
         assert_eq!(
             r[&libc::SYS_ioctl].len(),
-            3,
-            "the terminal's two and the one asked for"
+            3 + VM_SAVE_IOCTLS.len(),
+            "the VM state reads, the terminal's two and the one asked for"
         );
         let filters = ThreadFilters::build(|k| {
             if k == ThreadKind::Input {
@@ -355,14 +408,19 @@ mod tests {
     }
 
     #[test]
-    fn only_vcpus_may_issue_kvm_ioctls_and_no_thread_may_open_or_exec() {
-        for kind in [ThreadKind::EventLoop, ThreadKind::Input, ThreadKind::Main] {
+    fn only_vcpus_may_run_and_no_thread_may_open_or_exec() {
+        for kind in [ThreadKind::EventLoop, ThreadKind::Input] {
             assert_eq!(
                 rules(kind, &[], &[]).unwrap()[&libc::SYS_ioctl].len(),
                 2,
                 "{kind:?}: the terminal's two only"
             );
         }
+        assert_eq!(
+            rules(ThreadKind::Main, &[], &[]).unwrap()[&libc::SYS_ioctl].len(),
+            2 + VM_SAVE_IOCTLS.len(),
+            "main: the terminal's two and the VM state reads only"
+        );
         for kind in [
             ThreadKind::Vcpu,
             ThreadKind::EventLoop,

@@ -3,7 +3,7 @@
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
     KVM_API_VERSION, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_PIT_SPEAKER_DUMMY,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use serde::{Deserialize, Serialize};
@@ -118,12 +118,20 @@ pub struct Vm {
     kvm: Kvm,
     fd: VmFd,
     memory: GuestRam,
+    msr_indices: std::sync::Arc<[u32]>,
+    dirty_tracking: bool,
 }
 
 impl Vm {
     /// Opens `/dev/kvm` and creates a VM backed by `memory`, with an in-kernel
     /// irqchip (PIC, IOAPIC, LAPICs) and PIT.
     pub fn new(memory: GuestRam) -> Result<Self, VmError> {
+        Self::with_dirty_tracking(memory, false)
+    }
+
+    /// Like [`new`](Vm::new); with `track`, KVM logs the pages the guest
+    /// writes ([`take_dirty_log`](Vm::take_dirty_log)).
+    pub fn with_dirty_tracking(memory: GuestRam, track: bool) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let version = kvm.get_api_version();
         if version != KVM_API_VERSION as i32 {
@@ -152,7 +160,18 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(kvm_err("PIT creation"))?;
-        let vm = Self { kvm, fd, memory };
+        let msr_indices = kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
+            .as_slice()
+            .into();
+        let vm = Self {
+            kvm,
+            fd,
+            memory,
+            msr_indices,
+            dirty_tracking: track,
+        };
         vm.register_memory()?;
         Ok(vm)
     }
@@ -166,7 +185,11 @@ impl Vm {
                 .map_err(|_| VmError::HostAddress(start))?;
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
-                flags: 0,
+                flags: if self.dirty_tracking {
+                    KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
                 guest_phys_addr: start,
                 memory_size: region.len(),
                 userspace_addr: host as u64,
@@ -178,6 +201,31 @@ impl Vm {
                 .map_err(kvm_err("memslot registration"))?;
         }
         Ok(())
+    }
+
+    /// Whether KVM logs the pages the guest writes.
+    pub fn tracks_dirty_pages(&self) -> bool {
+        self.dirty_tracking
+    }
+
+    /// The pages the guest wrote in each memslot (each RAM region, in
+    /// order; one bit per 4 KiB page) since the last call or since the VM
+    /// was made, and clears the log. Empty bitmaps without tracking.
+    pub fn take_dirty_log(&self) -> Result<Vec<Vec<u64>>, VmError> {
+        if !self.dirty_tracking {
+            return Ok(Vec::new());
+        }
+        self.memory
+            .iter()
+            .enumerate()
+            .map(|(slot, region)| {
+                let size = usize::try_from(region.len())
+                    .map_err(|_| VmError::HostAddress(region.start_addr().0))?;
+                self.fd
+                    .get_dirty_log(slot as u32, size)
+                    .map_err(kvm_err("KVM_GET_DIRTY_LOG"))
+            })
+            .collect()
     }
 
     /// Guest RAM.
@@ -264,6 +312,6 @@ impl Vm {
             .fd
             .create_vcpu(u64::from(id))
             .map_err(kvm_err("vCPU creation"))?;
-        Ok(Vcpu::new(id, fd))
+        Ok(Vcpu::new(id, fd, self.msr_indices.clone()))
     }
 }

@@ -12,8 +12,9 @@ use std::time::Duration;
 use libc::{c_int, c_void, siginfo_t};
 use vm_device::device_manager::IoManager;
 use vmm_boot::BootSetup;
-use vmm_devices::legacy::{KeyError, Serial, I8042};
+use vmm_devices::legacy::{KeyError, Serial, VmGeneration, I8042};
 use vmm_devices::metrics::MetricsRegistry;
+use vmm_devices::persist::Persist;
 use vmm_devices::EventFdTrigger;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::register_signal_handler;
@@ -24,6 +25,10 @@ use crate::events::{EventTrigger, StopCause, VmEvent, VmEventSender, VmExit};
 use crate::host_io::OutputStatus;
 use crate::seccomp::{self, spawn_confined, SeccompError, SeccompPolicy, SpawnError};
 use crate::seccomp::{ThreadFilters, ThreadKind};
+use crate::snapshot::{
+    replace_atomically, write_state_file, MachineDescription, MemoryDescription, SnapshotError,
+    SnapshotInfo, SnapshotKind, SnapshotRequest, SnapshotState, VirtioDeviceSnapshot,
+};
 use crate::vcpu::{StopReason, Vcpu, VcpuCommand, VcpuError, VcpuHandle, VcpuRunState};
 use crate::vm::{Vm, VmError};
 
@@ -90,6 +95,9 @@ pub enum VmmError {
     /// A signal handler could not be installed.
     #[error("cannot install the handler of signal {0}")]
     Signal(c_int, #[source] io::Error),
+    /// A snapshot could not be restored.
+    #[error("cannot restore the snapshot")]
+    Restore(#[from] crate::snapshot::RestoreError),
 }
 
 /// Why a pause or resume did not happen.
@@ -127,7 +135,7 @@ pub(crate) struct Parts {
     pub vm: Vm,
     pub vcpus: Vec<Vcpu>,
     pub bus: Arc<IoManager>,
-    pub boot: BootSetup,
+    pub boot: Option<BootSetup>,
     pub virtio: Vec<VirtioSlot>,
     pub cmdline: String,
     pub subscribers: Vec<Subscriber>,
@@ -140,10 +148,15 @@ pub(crate) struct Parts {
     pub metrics: MetricsRegistry,
     pub serial: Arc<Mutex<SerialDevice>>,
     pub keyboard: Arc<Mutex<KeyboardDevice>>,
+    pub generation: Arc<Mutex<VmGeneration>>,
     pub disks: Vec<DiskSlot>,
     pub outputs: Vec<(&'static str, OutputStatus)>,
     pub held: Vec<std::fs::File>,
     pub serial_pty: Option<PathBuf>,
+    pub machine: MachineDescription,
+    pub layers: u32,
+    pub track_dirty: bool,
+    pub start_paused: bool,
 }
 
 /// The threads of a started VM.
@@ -151,6 +164,14 @@ struct Running {
     vcpus: Vec<VcpuHandle>,
     event_loop: EventLoop,
     paused: bool,
+    vm: Arc<Vm>,
+}
+
+/// A virtio device as a snapshot reaches it.
+struct SlotRef {
+    window: vmm_memory::GuestRange,
+    irq: u32,
+    transport: Arc<Mutex<crate::devices::Transport>>,
 }
 
 /// What handles and the waiting thread share: the running threads, behind
@@ -160,7 +181,16 @@ struct Control {
     events: VmEventSender,
     metrics: MetricsRegistry,
     keyboard: Arc<Mutex<KeyboardDevice>>,
+    serial: Arc<Mutex<SerialDevice>>,
+    generation: Arc<Mutex<VmGeneration>>,
     disks: Vec<DiskSlot>,
+    slots: Vec<SlotRef>,
+    /// The machine as a snapshot describes it (disk paths kept current).
+    machine: Mutex<MachineDescription>,
+    /// Memory files a restore of the VM's memory as of its last snapshot
+    /// (or its restore) needs; 0 when there is nothing to layer a diff on.
+    layers: Mutex<u32>,
+    track_dirty: bool,
 }
 
 /// A disk the VM was built with, for replacing its image.
@@ -208,6 +238,120 @@ impl Control {
         r.paused = false;
         self.events.send(VmEvent::Resumed);
         Ok(())
+    }
+
+    fn snapshot(&self, req: &SnapshotRequest) -> Result<SnapshotInfo, SnapshotError> {
+        let started = std::time::Instant::now();
+        let guard = self.running.lock().map_err(|_| SnapshotError::NotRunning)?;
+        let r = guard.as_ref().ok_or(SnapshotError::NotRunning)?;
+        if !r.paused {
+            return Err(SnapshotError::NotPaused);
+        }
+        let mut layers = self
+            .layers
+            .lock()
+            .map_err(|_| SnapshotError::Poisoned("the snapshot layers"))?;
+        let new_layers = match req.kind {
+            SnapshotKind::Full => 1,
+            SnapshotKind::Diff if !self.track_dirty => return Err(SnapshotError::NoDirtyTracking),
+            SnapshotKind::Diff if *layers == 0 => return Err(SnapshotError::NoBase),
+            SnapshotKind::Diff => (*layers + 1).min(crate::snapshot::MAX_MEMORY_LAYERS),
+        };
+        let mut vcpus = Vec::with_capacity(r.vcpus.len());
+        for v in &r.vcpus {
+            match v.save_state(VCPU_TIMEOUT) {
+                None => return Err(SnapshotError::VcpuTimeout(v.id())),
+                Some(Err(source)) => return Err(SnapshotError::Vcpu { id: v.id(), source }),
+                Some(Ok(state)) => vcpus.push(state),
+            }
+        }
+        let vm = r.vm.save_state()?;
+        let mut virtio = Vec::with_capacity(self.slots.len());
+        for slot in &self.slots {
+            let mut t = slot
+                .transport
+                .lock()
+                .map_err(|_| SnapshotError::Poisoned("a virtio transport"))?;
+            // The disk's content is part of the snapshot: make it durable.
+            t.device_mut().flush().map_err(SnapshotError::Flush)?;
+            virtio.push(VirtioDeviceSnapshot {
+                device_type: t.device().device_type(),
+                mmio_base: slot.window.start(),
+                irq: slot.irq,
+                transport: t.state(),
+                device: t.device().save_device_state(),
+            });
+        }
+        let serial = self
+            .serial
+            .lock()
+            .map_err(|_| SnapshotError::Poisoned("COM1"))?
+            .save();
+        let i8042 = self
+            .keyboard
+            .lock()
+            .map_err(|_| SnapshotError::Poisoned("the i8042"))?
+            .save();
+        let generation = self
+            .generation
+            .lock()
+            .map_err(|_| SnapshotError::Poisoned("the generation port"))?
+            .save();
+        let machine = self
+            .machine
+            .lock()
+            .map_err(|_| SnapshotError::Poisoned("the machine description"))?
+            .clone();
+        let ram = r.vm.memory();
+        // From here a failure loses track of what was written: the next
+        // diff would miss it, so none is allowed until a full snapshot.
+        *layers = 0;
+        let mut dirty = r.vm.take_dirty_log()?;
+        let written = vmm_memory::snapshot::take_written_pages(ram);
+        let memory_err = |source| SnapshotError::Memory {
+            path: req.memory_path.display().to_string(),
+            source,
+        };
+        let memory_bytes = replace_atomically(&req.memory_path, |f: &mut std::fs::File| {
+            match req.kind {
+                SnapshotKind::Full => vmm_memory::snapshot::write_sparse(ram, f),
+                SnapshotKind::Diff => {
+                    dirty.resize(written.len(), Vec::new());
+                    for (d, w) in dirty.iter_mut().zip(&written) {
+                        if d.len() < w.len() {
+                            d.resize(w.len(), 0);
+                        }
+                        for (a, b) in d.iter_mut().zip(w) {
+                            *a |= b;
+                        }
+                    }
+                    vmm_memory::snapshot::write_pages(ram, &dirty, f)
+                }
+            }
+            .map_err(memory_err)
+        })?;
+        let state = SnapshotState {
+            writer: format!("vmm-core {}", env!("CARGO_PKG_VERSION")),
+            memory: MemoryDescription {
+                size_bytes: machine.mem_mib << 20,
+                kind: req.kind,
+                layers: new_layers,
+            },
+            machine,
+            vm,
+            vcpus,
+            virtio,
+            serial,
+            i8042,
+            generation,
+        };
+        write_state_file(&req.state_path, &state)?;
+        *layers = new_layers;
+        Ok(SnapshotInfo {
+            memory_bytes,
+            layers: new_layers,
+            duration: started.elapsed(),
+        })
     }
 
     /// Ends every vCPU thread (out of `KVM_RUN`, joined), then the event
@@ -352,12 +496,50 @@ impl VmHandle {
             })
         })?;
         t.config_changed();
+        drop(t);
+        if let Ok(mut m) = self.control.machine.lock() {
+            let index = self
+                .control
+                .disks
+                .iter()
+                .position(|d| std::ptr::eq(d, slot));
+            if let Some(d) = index.and_then(|i| m.disks.get_mut(i)) {
+                d.path = path.to_path_buf();
+            }
+        }
         Ok(())
     }
 
     /// The counters of the VM's devices.
     pub fn metrics(&self) -> MetricsRegistry {
         self.control.metrics.clone()
+    }
+
+    /// Saves the paused VM: every vCPU, the irqchip, PIT and clock, every
+    /// device and transport with its queues, and the machine description to
+    /// the state file; guest memory (all of it, or with
+    /// [`SnapshotKind::Diff`] what was written since the last snapshot) to
+    /// the memory file. Disks are flushed first: their images are part of
+    /// the snapshot, and must not change until it is restored. Both files
+    /// are replaced whole or not at all. This writes files: call it where
+    /// the thread's seccomp filter allows that (see [`VmEvent::Run`]).
+    pub fn snapshot(&self, req: &SnapshotRequest) -> Result<SnapshotInfo, SnapshotError> {
+        self.control.snapshot(req)
+    }
+
+    /// The machine as a snapshot of the VM would describe it now.
+    pub fn machine(&self) -> Option<MachineDescription> {
+        self.control.machine.lock().ok().map(|m| m.clone())
+    }
+
+    /// The VM's generation counter and identity (see
+    /// [`VmGeneration`]).
+    pub fn generation(&self) -> (u64, u64) {
+        self.control
+            .generation
+            .lock()
+            .map(|g| (g.counter(), g.identity()))
+            .unwrap_or_default()
     }
 }
 
@@ -381,14 +563,29 @@ impl Vmm {
             events: parts.events.clone(),
             metrics: parts.metrics.clone(),
             keyboard: parts.keyboard.clone(),
+            serial: parts.serial.clone(),
+            generation: parts.generation.clone(),
             disks: parts.disks.clone(),
+            slots: parts
+                .virtio
+                .iter()
+                .map(|s| SlotRef {
+                    window: s.window(),
+                    irq: s.irq(),
+                    transport: s.transport().clone(),
+                })
+                .collect(),
+            machine: Mutex::new(parts.machine.clone()),
+            layers: Mutex::new(parts.layers),
+            track_dirty: parts.track_dirty,
         });
         Self { parts, control }
     }
 
-    /// What was booted and how.
-    pub fn boot_setup(&self) -> &BootSetup {
-        &self.parts.boot
+    /// What was booted and how (`None` for a VM restored from a
+    /// snapshot: it booted elsewhere).
+    pub fn boot_setup(&self) -> Option<&BootSetup> {
+        self.parts.boot.as_ref()
     }
 
     /// The virtio devices, in the order of their command line entries.
@@ -431,6 +628,12 @@ impl Vmm {
             filters.get(ThreadKind::EventLoop).cloned(),
         )
         .map_err(VmmError::EventLoop)?;
+        if parts.start_paused {
+            event_loop
+                .pause(VCPU_TIMEOUT)
+                .map_err(VmmError::EventLoop)?;
+        }
+        let vm = Arc::new(parts.vm);
         for t in parts.threads {
             spawn_confined(t.name, filters.get(t.kind).cloned(), t.body)?;
         }
@@ -445,12 +648,13 @@ impl Vmm {
         };
         let mut vcpus = Vec::with_capacity(parts.vcpus.len());
         for vcpu in parts.vcpus {
-            let spawned = VcpuHandle::spawn(
+            let spawned = VcpuHandle::spawn_in(
                 vcpu,
                 parts.bus.clone(),
-                parts.vm.memory().clone(),
+                vm.memory().clone(),
                 parts.events.clone(),
                 filters.get(ThreadKind::Vcpu).cloned(),
+                parts.start_paused,
             );
             match spawned {
                 Ok(h) => vcpus.push(h),
@@ -466,11 +670,15 @@ impl Vmm {
             *g = Some(Running {
                 vcpus,
                 event_loop,
-                paused: false,
+                paused: parts.start_paused,
+                vm: vm.clone(),
             });
         }
+        if parts.start_paused {
+            parts.events.send(VmEvent::Paused);
+        }
         let running = RunningVm {
-            vm: Some(parts.vm),
+            vm: Some(vm),
             boot: parts.boot,
             virtio: parts.virtio,
             receiver: parts.receiver,
@@ -502,8 +710,8 @@ impl Vmm {
 
 /// A started VM.
 pub struct RunningVm {
-    vm: Option<Vm>,
-    boot: BootSetup,
+    vm: Option<Arc<Vm>>,
+    boot: Option<BootSetup>,
     virtio: Vec<VirtioSlot>,
     receiver: Receiver<VmEvent>,
     control: Arc<Control>,
@@ -523,9 +731,10 @@ impl RunningVm {
         }
     }
 
-    /// What was booted and how.
-    pub fn boot_setup(&self) -> &BootSetup {
-        &self.boot
+    /// What was booted and how (`None` for a VM restored from a
+    /// snapshot).
+    pub fn boot_setup(&self) -> Option<&BootSetup> {
+        self.boot.as_ref()
     }
 
     /// The virtio devices.
@@ -560,7 +769,12 @@ impl RunningVm {
         self.stop_signals();
         self.drain_outputs();
         let exit = outcome?;
-        let vm = self.vm.take().ok_or(VmmError::NoVcpus)?;
+        // The control's reference went with the shutdown.
+        let vm = self
+            .vm
+            .take()
+            .and_then(|vm| Arc::try_unwrap(vm).ok())
+            .ok_or(VmmError::NoVcpus)?;
         Ok((
             exit,
             StoppedVm {

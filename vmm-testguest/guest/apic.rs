@@ -41,6 +41,25 @@ pub fn enable_lapic() {
     write32(LAPIC + LAPIC_TPR, 0);
 }
 
+const LAPIC_LVT_TIMER: u64 = 0x320;
+const LAPIC_TIMER_INITIAL: u64 = 0x380;
+const LAPIC_TIMER_DIVIDE: u64 = 0x3e0;
+const LVT_PERIODIC: u32 = 1 << 17;
+
+/// Starts the local APIC timer in periodic mode: `vector` every `count`
+/// bus cycles divided by 16.
+pub fn start_periodic_timer(vector: u8, count: u32) {
+    write32(LAPIC + LAPIC_TIMER_DIVIDE, 0b0011);
+    write32(LAPIC + LAPIC_LVT_TIMER, LVT_PERIODIC | u32::from(vector));
+    write32(LAPIC + LAPIC_TIMER_INITIAL, count);
+}
+
+/// Stops the local APIC timer.
+pub fn stop_timer() {
+    write32(LAPIC + LAPIC_TIMER_INITIAL, 0);
+    write32(LAPIC + LAPIC_LVT_TIMER, 1 << 16);
+}
+
 fn ioapic_write(reg: u32, v: u32) {
     write32(IOAPIC + IOAPIC_REGSEL, reg);
     write32(IOAPIC + IOAPIC_WIN, v);

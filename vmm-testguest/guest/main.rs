@@ -27,6 +27,7 @@ mod mem;
 mod scenarios;
 mod shared;
 mod smp;
+mod snapshot;
 mod virtio;
 
 use bootinfo::BootInfo;

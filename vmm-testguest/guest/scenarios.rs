@@ -26,6 +26,7 @@ pub fn run(name: &str, boot: &BootInfo, args: &Args) -> u8 {
             }
         }
         "kbd" => kbd(),
+        "snapshot" => crate::snapshot::snapshot(boot),
         "blk" => devices::blk(boot, Mode::Poll),
         "blk-irq" => devices::blk(boot, Mode::Irq),
         "rng" => devices::rng(boot, Mode::Poll),
@@ -88,7 +89,10 @@ fn kbd_read() -> Option<u8> {
 /// self test, command byte with translation on, keyboard reset), reports
 /// `kbd ready`, waits for Ctrl, Alt and Delete (scancode set 1), then asks
 /// for a reset, as Linux does on Ctrl-Alt-Del with `reboot=k`.
-fn kbd() -> u8 {
+/// Probes the i8042 and its keyboard as Linux's driver does (controller
+/// self test, command byte with translation on, keyboard reset); returns
+/// the command byte it found, or reports and returns `None`.
+pub fn kbd_probe() -> Option<u8> {
     while io::inb(KBD_COMMAND) & 1 != 0 {
         io::inb(KBD_DATA);
     }
@@ -106,26 +110,60 @@ fn kbd() -> u8 {
             selftest,
             reset
         );
-        return EXIT_FAILED;
+        return None;
     }
-    report!("kbd ready command_byte={:#x}", command_byte);
-    let (mut ctrl, mut alt, mut del, mut extended) = (false, false, false, false);
-    while !(ctrl && alt && del) {
-        if io::inb(KBD_COMMAND) & 1 == 0 {
-            core::hint::spin_loop();
-            continue;
-        }
-        match (extended, io::inb(KBD_DATA)) {
+    Some(command_byte)
+}
+
+/// Follows scancodes (set 1) for Ctrl, Alt and Delete held together.
+#[derive(Default)]
+pub struct CtrlAltDel {
+    ctrl: bool,
+    alt: bool,
+    del: bool,
+    extended: bool,
+}
+
+impl CtrlAltDel {
+    /// Takes the next byte; true once all three were pressed.
+    pub fn feed(&mut self, byte: u8) -> bool {
+        match (self.extended, byte) {
             (_, 0xe0) => {
-                extended = true;
-                continue;
+                self.extended = true;
+                return false;
             }
-            (false, 0x1d) => ctrl = true,
-            (false, 0x38) => alt = true,
-            (true, 0x53) => del = true,
+            (false, 0x1d) => self.ctrl = true,
+            (false, 0x38) => self.alt = true,
+            (true, 0x53) => self.del = true,
             _ => {}
         }
-        extended = false;
+        self.extended = false;
+        self.ctrl && self.alt && self.del
+    }
+
+    /// Reads the keyboard's pending bytes, if any; true once all three were
+    /// pressed.
+    pub fn poll(&mut self) -> bool {
+        while io::inb(KBD_COMMAND) & 1 != 0 {
+            if self.feed(io::inb(KBD_DATA)) {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// `kbd`: probes the keyboard, reports `kbd ready`, waits for Ctrl, Alt and
+/// Delete, then asks for a reset, as Linux does on Ctrl-Alt-Del with
+/// `reboot=k`.
+fn kbd() -> u8 {
+    let Some(command_byte) = kbd_probe() else {
+        return EXIT_FAILED;
+    };
+    report!("kbd ready command_byte={:#x}", command_byte);
+    let mut keys = CtrlAltDel::default();
+    while !keys.poll() {
+        core::hint::spin_loop();
     }
     report!("kbd ctrl-alt-del");
     io::outb(KBD_COMMAND, 0xfe);

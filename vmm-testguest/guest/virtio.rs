@@ -355,6 +355,12 @@ impl Device {
         apic::IRQ_VECTOR_BASE + self.irq as u8
     }
 
+    /// Interrupts taken so far on this device's vector (for
+    /// [`wait_used`](Device::wait_used) after a [`publish`](Device::publish)).
+    pub fn irqs(&self) -> u32 {
+        irq_count(self.vector())
+    }
+
     /// Waits for the next used entry of `q` (by polling or by interrupt,
     /// counting from `irqs_before`) and returns (head, length).
     pub fn wait_used(&mut self, q: &mut Queue, irqs_before: u32) -> Result<(u32, u32), DriverError> {

@@ -226,6 +226,10 @@ fn main() {
     file.extend_from_slice(payload);
     write(dir, "snapshot_state", "file", &file);
     write(dir, "snapshot_state", "payload", payload);
+    // A whole VM's state, as the first release wrote it.
+    let release = include_bytes!("../../../tests/snapshots/v0.1.0/vm.state");
+    write(dir, "snapshot_state", "release", release);
+    write(dir, "snapshot_state", "release-payload", &release[24..]);
     write(
         dir,
         "api_request",

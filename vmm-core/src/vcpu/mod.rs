@@ -111,6 +111,8 @@ pub struct Vcpu {
     id: u8,
     fd: VcpuFd,
     metrics: std::sync::Arc<vmm_devices::metrics::VcpuMetrics>,
+    /// The MSRs KVM lists for saving (from the VM, read once).
+    msr_indices: std::sync::Arc<[u32]>,
 }
 
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
@@ -212,11 +214,12 @@ pub fn cpuid_entry_for(e: &mut kvm_bindings::kvm_cpuid_entry2, id: u8, vcpus: u8
 }
 
 impl Vcpu {
-    pub(crate) fn new(id: u8, fd: VcpuFd) -> Self {
+    pub(crate) fn new(id: u8, fd: VcpuFd, msr_indices: std::sync::Arc<[u32]>) -> Self {
         Self {
             id,
             fd,
             metrics: Default::default(),
+            msr_indices,
         }
     }
 

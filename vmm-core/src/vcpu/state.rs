@@ -108,13 +108,9 @@ impl VcpuState {
     }
 }
 
-/// The MSRs KVM can save for a vCPU: its index list, less those a read
-/// refuses (KVM stops a batch at the first one it cannot read).
-fn read_msrs(vcpu: &Vcpu, kvm: &Kvm) -> Result<Vec<kvm_msr_entry>, VcpuError> {
-    let list = kvm
-        .get_msr_index_list()
-        .map_err(setup_err("KVM_GET_MSR_INDEX_LIST"))?;
-    let mut indices: &[u32] = list.as_slice();
+/// The MSRs of `indices` KVM can read for a vCPU, less those a read refuses
+/// (KVM stops a batch at the first one it cannot read).
+fn read_msrs(vcpu: &Vcpu, mut indices: &[u32]) -> Result<Vec<kvm_msr_entry>, VcpuError> {
     let mut out = Vec::with_capacity(indices.len());
     while !indices.is_empty() {
         let entries: Vec<kvm_msr_entry> = indices
@@ -141,8 +137,25 @@ fn read_msrs(vcpu: &Vcpu, kvm: &Kvm) -> Result<Vec<kvm_msr_entry>, VcpuError> {
 
 impl Vcpu {
     /// Captures the vCPU's state. The vCPU must not be running (its thread
-    /// paused or ended).
+    /// paused or ended). `kvm` is not needed any more (the MSR list is
+    /// read when the vCPU is created); it stays for compatibility.
     pub fn save_state(&self, kvm: &Kvm) -> Result<VcpuState, VcpuError> {
+        let _ = kvm;
+        self.capture_state()
+    }
+
+    /// The CPUID KVM reports for this vCPU now.
+    pub(crate) fn current_cpuid(&self) -> Result<Vec<kvm_cpuid_entry2>, VcpuError> {
+        Ok(self
+            .fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(setup_err("KVM_GET_CPUID2"))?
+            .as_slice()
+            .to_vec())
+    }
+
+    /// Captures the vCPU's state; see [`save_state`](Vcpu::save_state).
+    pub(crate) fn capture_state(&self) -> Result<VcpuState, VcpuError> {
         let fd = &self.fd;
         let cpuid = fd
             .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
@@ -157,7 +170,7 @@ impl Vcpu {
                 .region
                 .to_vec(),
             xcrs: fd.get_xcrs().map_err(setup_err("KVM_GET_XCRS"))?,
-            msrs: read_msrs(self, kvm)?,
+            msrs: read_msrs(self, &self.msr_indices)?,
             lapic: fd.get_lapic().map_err(setup_err("KVM_GET_LAPIC"))?,
             mp_state: fd.get_mp_state().map_err(setup_err("KVM_GET_MP_STATE"))?,
             events: fd
@@ -181,8 +194,18 @@ impl Vcpu {
             .map_err(|_| invalid("CPUID", format!("{} entries", state.cpuid.len())))?;
         fd.set_cpuid2(&cpuid).map_err(setup_err("KVM_SET_CPUID2"))?;
         if let Some(khz) = state.tsc_khz {
-            if fd.get_tsc_khz().ok() != Some(khz) {
-                fd.set_tsc_khz(khz).map_err(setup_err("KVM_SET_TSC_KHZ"))?;
+            let here = fd.get_tsc_khz().ok();
+            if here != Some(khz) {
+                if let Err(e) = fd.set_tsc_khz(khz) {
+                    // The kvmclock keeps guest time right; only raw TSC
+                    // readers see another rate.
+                    log::warn!(
+                        "vCPU {}: the snapshot's TSC ran at {khz} kHz, this host's at {} kHz and \
+                         KVM cannot scale it ({e}): the guest's TSC now runs at this host's rate",
+                        self.id,
+                        here.map_or_else(|| "an unknown".to_string(), |k| k.to_string())
+                    );
+                }
             }
         }
         fd.set_mp_state(state.mp_state)

@@ -15,7 +15,7 @@ use vm_device::device_manager::IoManager;
 use vmm_memory::GuestRam;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use super::{StopReason, Vcpu, VcpuEmulation, VcpuError};
+use super::{StopReason, Vcpu, VcpuEmulation, VcpuError, VcpuState};
 use crate::events::{VmEvent, VmEventSender};
 use crate::seccomp::spawn_confined;
 
@@ -28,6 +28,9 @@ pub enum VcpuCommand {
     Resume,
     /// End the thread.
     Exit,
+    /// While paused: capture the vCPU's state, for
+    /// [`VcpuHandle::save_state`] to collect.
+    SaveState,
 }
 
 /// Where a vCPU thread is.
@@ -77,6 +80,7 @@ fn install_kick_handler() {
 struct Shared {
     state: Mutex<VcpuRunState>,
     changed: Condvar,
+    saved: Mutex<Option<Result<VcpuState, VcpuError>>>,
 }
 
 impl Shared {
@@ -84,6 +88,15 @@ impl Shared {
         if let Ok(mut s) = self.state.lock() {
             *s = state;
         }
+        self.changed.notify_all();
+    }
+
+    fn set_saved(&self, saved: Result<VcpuState, VcpuError>) {
+        if let Ok(mut s) = self.saved.lock() {
+            *s = Some(saved);
+        }
+        // Taking the state lock orders this with a waiter's check.
+        drop(self.state.lock());
         self.changed.notify_all();
     }
 }
@@ -109,16 +122,42 @@ impl VcpuHandle {
         events: VmEventSender,
         filter: Option<BpfProgram>,
     ) -> Result<Self, VcpuError> {
+        Self::spawn_in(vcpu, bus, memory, events, filter, false)
+    }
+
+    /// Like [`spawn`](VcpuHandle::spawn); with `start_paused`, the thread
+    /// waits for [`VcpuCommand::Resume`] before it enters the guest.
+    pub fn spawn_in(
+        vcpu: Vcpu,
+        bus: Arc<IoManager>,
+        memory: GuestRam,
+        events: VmEventSender,
+        filter: Option<BpfProgram>,
+        start_paused: bool,
+    ) -> Result<Self, VcpuError> {
         install_kick_handler();
         let id = vcpu.id();
         let (tx, rx) = std::sync::mpsc::channel();
         let shared = Arc::new(Shared {
-            state: Mutex::new(VcpuRunState::Running),
+            state: Mutex::new(if start_paused {
+                VcpuRunState::Paused
+            } else {
+                VcpuRunState::Running
+            }),
             changed: Condvar::new(),
+            saved: Mutex::new(None),
         });
         let thread_shared = shared.clone();
         let thread = spawn_confined(format!("vcpu{id}"), filter, move || {
-            run_thread(vcpu, &bus, &memory, &rx, &events, &thread_shared)
+            run_thread(
+                vcpu,
+                &bus,
+                &memory,
+                &rx,
+                &events,
+                &thread_shared,
+                start_paused,
+            )
         })?;
         Ok(Self {
             id,
@@ -185,6 +224,36 @@ impl VcpuHandle {
         Some(*state)
     }
 
+    /// Captures the state of the paused vCPU on its own thread. `None` if
+    /// the thread did not answer within `timeout`.
+    pub fn save_state(&self, timeout: Duration) -> Option<Result<VcpuState, VcpuError>> {
+        if let Ok(mut s) = self.shared.saved.lock() {
+            *s = None;
+        }
+        // No kick: a paused thread waits on its channel, not in the guest.
+        let _ = self.commands.send(VcpuCommand::SaveState);
+        let deadline = Instant::now() + timeout;
+        let mut state = self.shared.state.lock().ok()?;
+        loop {
+            if let Some(saved) = self.shared.saved.lock().ok()?.take() {
+                return Some(saved);
+            }
+            if *state == VcpuRunState::Exited {
+                return None;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, deadline - now)
+                .ok()?
+                .0;
+        }
+    }
+
     /// Tells the thread to exit and waits for it (at most `timeout`);
     /// returns the vCPU for inspection.
     pub fn join(&self, timeout: Duration) -> Option<Vcpu> {
@@ -208,16 +277,28 @@ fn run_thread(
     commands: &Receiver<VcpuCommand>,
     events: &VmEventSender,
     shared: &Shared,
+    start_paused: bool,
 ) -> Vcpu {
     let id = vcpu.id();
     KVM_RUN.with(|c| c.set(vcpu.fd.get_kvm_run() as *mut kvm_run));
-    let mut state = VcpuRunState::Running;
+    let mut state = if start_paused {
+        VcpuRunState::Paused
+    } else {
+        VcpuRunState::Running
+    };
     let mut end: Result<StopReason, VcpuError> = Ok(StopReason::Requested);
     while state != VcpuRunState::Exited {
         let next = match state {
             VcpuRunState::Running => match commands.try_recv() {
                 Ok(VcpuCommand::Pause) => VcpuRunState::Paused,
                 Ok(VcpuCommand::Exit) | Err(TryRecvError::Disconnected) => VcpuRunState::Exited,
+                Ok(VcpuCommand::SaveState) => {
+                    shared.set_saved(Err(VcpuError::BadState {
+                        what: "vCPU",
+                        why: "its state is saved only while it is paused".into(),
+                    }));
+                    VcpuRunState::Running
+                }
                 Ok(VcpuCommand::Resume) | Err(TryRecvError::Empty) => {
                     match vcpu.run_once(bus, memory) {
                         Ok(VcpuEmulation::Handled) => VcpuRunState::Running,
@@ -242,6 +323,10 @@ fn run_thread(
                     VcpuRunState::Running
                 }
                 Ok(VcpuCommand::Pause) => VcpuRunState::Paused,
+                Ok(VcpuCommand::SaveState) => {
+                    shared.set_saved(vcpu.capture_state());
+                    VcpuRunState::Paused
+                }
                 Ok(VcpuCommand::Exit) | Err(_) => VcpuRunState::Exited,
             },
             VcpuRunState::Exited => VcpuRunState::Exited,

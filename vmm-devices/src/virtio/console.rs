@@ -316,15 +316,7 @@ impl<M> Persist for Console<M> {
     /// A console with an input, if it had one, holding the pending bytes
     /// (reach its feed with [`Console::input_handle`]).
     fn restore(out: Box<dyn Write + Send>, state: &ConsoleState) -> Result<Self, RestoreError> {
-        if state.pending_input.len() > INPUT_BUFFER_SIZE {
-            return Err(RestoreError::invalid(
-                "console pending input",
-                format!(
-                    "{} bytes, at most {INPUT_BUFFER_SIZE}",
-                    state.pending_input.len()
-                ),
-            ));
-        }
+        check_pending(&state.pending_input)?;
         if !state.has_input {
             if !state.pending_input.is_empty() {
                 return Err(RestoreError::invalid(
@@ -334,17 +326,43 @@ impl<M> Persist for Console<M> {
             }
             return Ok(Self::new(out));
         }
-        let (console, _feed) =
+        let (mut console, _feed) =
             Self::with_input(out).map_err(|e| RestoreError::Setup(Box::new(e)))?;
-        if let Some(input) = &console.input {
-            if let Ok(mut st) = input.shared.0.lock() {
-                st.data.extend(&state.pending_input);
-            }
-            if !state.pending_input.is_empty() {
-                let _ = input.evt.write(1);
-            }
-        }
+        console.put_back_input(&state.pending_input);
         Ok(console)
+    }
+}
+
+/// Refuses more pending input than a console holds.
+fn check_pending(pending: &[u8]) -> Result<(), RestoreError> {
+    if pending.len() > INPUT_BUFFER_SIZE {
+        return Err(RestoreError::invalid(
+            "console pending input",
+            format!("{} bytes, at most {INPUT_BUFFER_SIZE}", pending.len()),
+        ));
+    }
+    Ok(())
+}
+
+impl<M> Console<M> {
+    /// Queues saved host input for the guest again (dropped, with a
+    /// warning, if this console has no input side).
+    fn put_back_input(&mut self, pending: &[u8]) {
+        match &self.input {
+            Some(input) => {
+                if let Ok(mut st) = input.shared.0.lock() {
+                    st.data.extend(pending);
+                }
+                if !pending.is_empty() {
+                    let _ = input.evt.write(1);
+                }
+            }
+            None if !pending.is_empty() => log::warn!(
+                "virtio-console: {} bytes of saved input dropped: the restored console has no input",
+                pending.len()
+            ),
+            None => {}
+        }
     }
 }
 
@@ -391,6 +409,22 @@ impl<M: GuestMemoryBackend + Send + 'static> VirtioDevice<M> for Console<M> {
 
     fn event_fds(&self) -> Vec<RawFd> {
         self.input.iter().map(|i| i.evt.as_raw_fd()).collect()
+    }
+
+    fn save_device_state(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(Persist::save(self)).ok()
+    }
+
+    /// Puts back the host input the guest had not taken yet (dropped, with
+    /// a warning, if this console has no input side).
+    fn restore_device_state(
+        &mut self,
+        state: Option<&serde_json::Value>,
+    ) -> Result<(), RestoreError> {
+        let saved: ConsoleState = crate::virtio::decode_device_state("virtio-console", state)?;
+        check_pending(&saved.pending_input)?;
+        self.put_back_input(&saved.pending_input);
+        Ok(())
     }
 
     fn process_event(&mut self, _index: usize) {

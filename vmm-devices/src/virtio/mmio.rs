@@ -774,6 +774,23 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Persist for MmioTransport<M
         st: &MmioTransportState,
     ) -> Result<Self, RestoreError> {
         let mut t = Self::new(device, mem, irq).map_err(|e| RestoreError::Setup(Box::new(e)))?;
+        t.restore_state(st)?;
+        Ok(t)
+    }
+}
+
+impl<M: GuestMemoryBackend + Clone + Send + 'static> MmioTransport<M> {
+    /// Puts a saved state back into this transport, freshly built around
+    /// its (inactive) device: see [`Persist::restore`]. On error the
+    /// transport may be half restored: drop it.
+    pub fn restore_state(&mut self, st: &MmioTransportState) -> Result<(), RestoreError> {
+        let t = self;
+        if t.device.is_active() || t.device_status != 0 {
+            return Err(RestoreError::invalid(
+                "transport",
+                "restored into a device the driver already started",
+            ));
+        }
         let maxima = t.device.queue_max_sizes().to_vec();
         if st.queues.len() != maxima.len() {
             return Err(RestoreError::mismatch(
@@ -844,7 +861,7 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Persist for MmioTransport<M
             .status
             .store(st.interrupt_status, Ordering::SeqCst);
         t.interrupt.needs_reset.store(needs_reset, Ordering::SeqCst);
-        Ok(t)
+        Ok(())
     }
 }
 

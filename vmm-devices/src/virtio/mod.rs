@@ -327,6 +327,42 @@ pub trait VirtioDevice<M: 'static>: Any + Send {
     fn process_event(&mut self, index: usize) {
         let _ = index;
     }
+    /// The device's own state for a snapshot, beyond what the transport
+    /// saves (registers, queues): what the driver may have seen of it, as
+    /// serde data. `None` (the default): nothing of its own.
+    fn save_device_state(&self) -> Option<serde_json::Value> {
+        None
+    }
+    /// Checks a state [`save_device_state`](VirtioDevice::save_device_state)
+    /// gave against this freshly built, inactive device and applies it,
+    /// before the transport restores the queues. The state is untrusted
+    /// input. The default accepts only "nothing".
+    fn restore_device_state(
+        &mut self,
+        state: Option<&serde_json::Value>,
+    ) -> Result<(), crate::persist::RestoreError> {
+        match state {
+            None => Ok(()),
+            Some(_) => Err(crate::persist::RestoreError::invalid(
+                "device state",
+                "this device keeps no state of its own",
+            )),
+        }
+    }
+}
+
+/// Decodes a device's own state saved as serde data (see
+/// [`VirtioDevice::save_device_state`]).
+pub fn decode_device_state<T: serde::de::DeserializeOwned>(
+    device: &str,
+    state: Option<&serde_json::Value>,
+) -> Result<T, crate::persist::RestoreError> {
+    let value = state.ok_or_else(|| {
+        crate::persist::RestoreError::invalid(format!("{device} state"), "missing")
+    })?;
+    T::deserialize(value).map_err(|e| {
+        crate::persist::RestoreError::invalid(format!("{device} state"), e.to_string())
+    })
 }
 
 /// Copies `src` (a configuration space) into `data` from `offset`; bytes past

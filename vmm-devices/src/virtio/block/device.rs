@@ -562,6 +562,36 @@ impl<M: GuestMemoryBackend + Send + 'static> VirtioDevice<M> for Block<M> {
         self.backend.file.sync_data()
     }
 
+    fn save_device_state(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(Persist::save(self)).ok()
+    }
+
+    /// Refuses a disk that is not the one saved: another capacity, read-only
+    /// flag, id or feature set.
+    fn restore_device_state(
+        &mut self,
+        state: Option<&serde_json::Value>,
+    ) -> Result<(), RestoreError> {
+        let saved: BlockState = crate::virtio::decode_device_state("virtio-blk", state)?;
+        let here = Persist::save(self);
+        let check = |what: &str, a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| {
+            let (a, b) = (format!("{a:?}"), format!("{b:?}"));
+            if a == b {
+                Ok(())
+            } else {
+                Err(RestoreError::mismatch(format!("disk {what}"), a, b))
+            }
+        };
+        check(
+            "capacity in sectors",
+            &saved.capacity_sectors,
+            &here.capacity_sectors,
+        )?;
+        check("read-only flag", &saved.read_only, &here.read_only)?;
+        check("id", &saved.serial, &here.serial)?;
+        check("features", &saved.features, &here.features)
+    }
+
     fn process_queue(&mut self, index: usize) -> bool {
         let backend = &mut self.backend;
         let done = self

@@ -449,3 +449,20 @@ fn state_restores_onto_the_same_image_and_refuses_a_resized_one() {
         Err(crate::persist::RestoreError::Mismatch { .. })
     ));
 }
+
+#[test]
+fn a_disk_restores_only_the_state_of_the_same_disk() {
+    let small = image(1 << 20);
+    let big = image(2 << 20);
+    let dev: Block<GuestMemoryMmap> =
+        Block::from_file(small.try_clone().unwrap(), false, Some("d")).unwrap();
+    let saved = dev.save_device_state();
+    let mut same: Block<GuestMemoryMmap> = Block::from_file(small, false, Some("d")).unwrap();
+    same.restore_device_state(saved.as_ref()).unwrap();
+    let mut other: Block<GuestMemoryMmap> = Block::from_file(big, false, Some("d")).unwrap();
+    let err = other.restore_device_state(saved.as_ref()).unwrap_err();
+    assert!(err.to_string().contains("capacity"), "{err}");
+    assert!(same.restore_device_state(None).is_err(), "a missing state");
+    let garbage = serde_json::json!({"capacity_sectors": "lots"});
+    assert!(same.restore_device_state(Some(&garbage)).is_err());
+}

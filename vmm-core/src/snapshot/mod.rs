@@ -1,4 +1,16 @@
-//! The state file of a snapshot: a fixed header, then the state as JSON.
+//! Snapshots: what a VM's state file holds ([`SnapshotState`]), how it is
+//! written and read, and what taking and restoring one asks for
+//! ([`SnapshotRequest`], [`RestoreConfig`]).
+//!
+//! A paused VM is saved with [`VmHandle::snapshot`](crate::VmHandle::snapshot)
+//! into two files: the state file (below) and the memory file
+//! ([`vmm_memory::snapshot`]). It is restored by building a VM from a
+//! [`VmConfig`](crate::VmConfig) whose
+//! [`restore`](crate::VmConfig::restore) names them: the builder makes the
+//! same machine, maps memory from the file instead of loading a kernel and
+//! puts every state back before any vCPU runs.
+//!
+//! The state file: a fixed header, then the state as JSON.
 //!
 //! ```text
 //! offset  size  field
@@ -35,6 +47,171 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+mod state;
+
+pub use state::{
+    BadSnapshot, DiskDescription, MachineDescription, MemoryDescription, SnapshotKind,
+    SnapshotState, VirtioDeviceSnapshot, MAX_MEMORY_LAYERS, MAX_SNAPSHOT_DEVICES,
+};
+
+/// What to write when taking a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotRequest {
+    /// The state file (replaced whole, or left as it was on failure).
+    pub state_path: std::path::PathBuf,
+    /// The memory file (replaced whole, or left as it was on failure).
+    pub memory_path: std::path::PathBuf,
+    /// Full, or the pages written since the last snapshot or restore (the
+    /// VM must track dirty pages: [`VmConfig::track_dirty_pages`](crate::VmConfig::track_dirty_pages)).
+    pub kind: SnapshotKind,
+}
+
+/// What taking a snapshot did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// Bytes of guest memory written to the memory file.
+    pub memory_bytes: u64,
+    /// Memory files a restore of this snapshot needs.
+    pub layers: u32,
+    /// How long it took, from the request to both files being durable.
+    pub duration: std::time::Duration,
+}
+
+/// Where a VM is restored from, and what changes for this copy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RestoreConfig {
+    /// The state file.
+    pub state_path: std::path::PathBuf,
+    /// The memory files: a full snapshot's, then each diff layered over it
+    /// in the order they were taken; or one file holding them all merged
+    /// ([`vmm_memory::snapshot::merge_layer`]).
+    pub memory: Vec<std::path::PathBuf>,
+    /// Copy memory in at once (into RAM backed as
+    /// [`VmConfig::ram_backing`](crate::VmConfig::ram_backing) says) instead
+    /// of mapping the file privately and reading pages as the guest touches
+    /// them.
+    pub eager: bool,
+    /// Disk images to use instead of those the snapshot names, by disk id
+    /// (name, else serial): each clone its own overlay. The image must have
+    /// the saved size.
+    pub disks: Vec<(String, std::path::PathBuf)>,
+    /// Run the guest at once; otherwise the VM starts paused.
+    pub resume: bool,
+}
+
+/// Why a snapshot could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The VM has not started, or has ended.
+    #[error("the VM is not running")]
+    NotRunning,
+    /// Snapshots are taken of a paused VM only.
+    #[error("the VM must be paused to take a snapshot")]
+    NotPaused,
+    /// A diff snapshot of a VM that does not track dirty pages.
+    #[error("a diff snapshot needs dirty page tracking (track_dirty_pages), which this VM was started without")]
+    NoDirtyTracking,
+    /// A diff snapshot with nothing to layer over.
+    #[error("a diff snapshot layers over a previous snapshot of this VM (or the one it was restored from): take a full snapshot first")]
+    NoBase,
+    /// A vCPU did not answer.
+    #[error("vCPU {0} did not save its state in time")]
+    VcpuTimeout(u8),
+    /// A vCPU's state could not be read.
+    #[error("vCPU {id}: cannot save its state")]
+    Vcpu {
+        /// The vCPU.
+        id: u8,
+        /// Why.
+        #[source]
+        source: crate::vcpu::VcpuError,
+    },
+    /// The VM's state could not be read.
+    #[error("cannot save the VM's state")]
+    Vm(#[from] crate::vm::VmError),
+    /// A device lock was poisoned.
+    #[error("the lock of {0} is poisoned")]
+    Poisoned(&'static str),
+    /// A disk could not be flushed.
+    #[error("cannot flush a disk before the snapshot")]
+    Flush(#[source] io::Error),
+    /// The memory file could not be written.
+    #[error("memory file {path}")]
+    Memory {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: vmm_memory::snapshot::MemoryFileError,
+    },
+    /// The state file could not be written.
+    #[error(transparent)]
+    StateFile(#[from] StateFileError),
+}
+
+/// Why a snapshot could not be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The state file is unusable.
+    #[error(transparent)]
+    StateFile(#[from] StateFileError),
+    /// The state does not hold together.
+    #[error(transparent)]
+    Bad(#[from] BadSnapshot),
+    /// Not as many memory files as the snapshot needs.
+    #[error("the snapshot needs {needed} memory file(s) (a full one, then each diff in order), or one with them merged; {given} given")]
+    Layers {
+        /// Layers the snapshot needs.
+        needed: u32,
+        /// Files given.
+        given: usize,
+    },
+    /// A memory file is unusable.
+    #[error("memory file {path}")]
+    Memory {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: vmm_memory::snapshot::MemoryFileError,
+    },
+    /// This host lacks CPU features the snapshot's vCPUs use.
+    #[error("this host's KVM lacks CPU features the snapshot's guest uses: {0}")]
+    CpuFeatures(String),
+    /// This host has less memory than the guest.
+    #[error(
+        "the snapshot's guest has {guest_mib} MiB of RAM; this host has {host_mib} MiB in all"
+    )]
+    HostMemory {
+        /// Guest RAM.
+        guest_mib: u64,
+        /// Host RAM.
+        host_mib: u64,
+    },
+    /// A disk override names no disk of the snapshot.
+    #[error("the snapshot has no disk with the id {0:?}")]
+    NoSuchDisk(String),
+    /// A part of the machine is not what the state describes.
+    #[error("{what}: the snapshot has {saved}, the VM being built has {here}")]
+    Mismatch {
+        /// What differs.
+        what: String,
+        /// The snapshot's.
+        saved: String,
+        /// The VM's.
+        here: String,
+    },
+    /// A device refused its state.
+    #[error("{device}: its saved state cannot be restored")]
+    Device {
+        /// Which device.
+        device: String,
+        /// Why.
+        #[source]
+        source: vmm_devices::persist::RestoreError,
+    },
+}
+
 /// The first bytes of every state file.
 pub const MAGIC: [u8; 8] = *b"VMMKSNAP";
 /// The format version this release writes, and the newest it reads.
@@ -48,7 +225,7 @@ pub const MAX_STATE_BYTES: u64 = 64 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum StateFileError {
     /// The file could not be created, written, opened or read.
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}")]
     Io {
         /// What was being done.
         what: &'static str,
@@ -58,6 +235,9 @@ pub enum StateFileError {
         #[source]
         source: io::Error,
     },
+    /// The file cannot be opened, or is not a regular file.
+    #[error(transparent)]
+    Open(vmm_devices::host_files::HostFileError),
     /// Shorter than a header.
     #[error("not a snapshot state file: {0} bytes, shorter than the {HEADER_BYTES}-byte header")]
     TooShort(usize),
@@ -170,17 +350,29 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> S
 /// replaced only by a whole new one).
 pub fn write_state_file<T: Serialize>(path: &Path, state: &T) -> Result<(), StateFileError> {
     let bytes = encode(state)?;
+    replace_atomically(path, |f: &mut File| {
+        f.write_all(&bytes).map_err(io_err("cannot write", path))
+    })
+}
+
+/// Makes `path` anew through a temporary sibling (mode 0600): `fill` writes
+/// it, then it is synced, renamed over `path` and the directory synced. On
+/// any failure the temporary is removed and `path` is left as it was.
+pub fn replace_atomically<R, E: From<StateFileError>>(
+    path: &Path,
+    fill: impl FnOnce(&mut File) -> Result<R, E>,
+) -> Result<R, E> {
     let mut tmp_name = path.as_os_str().to_owned();
     tmp_name.push(format!(".tmp-{}", std::process::id()));
     let tmp = Path::new(&tmp_name);
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(tmp)
-            .map_err(io_err("cannot create", tmp))?;
-        f.write_all(&bytes).map_err(io_err("cannot write", tmp))?;
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(tmp)
+        .map_err(io_err("cannot create", tmp))?;
+    let result = fill(&mut f).and_then(|r| {
         f.sync_all().map_err(io_err("cannot sync", tmp))?;
         std::fs::rename(tmp, path).map_err(io_err("cannot rename to", path))?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -188,8 +380,8 @@ pub fn write_state_file<T: Serialize>(path: &Path, state: &T) -> Result<(), Stat
                 let _ = d.sync_all();
             }
         }
-        Ok(())
-    })();
+        Ok(r)
+    });
     if result.is_err() {
         let _ = std::fs::remove_file(tmp);
     }
@@ -206,11 +398,7 @@ pub fn read_state_file<T: DeserializeOwned>(path: &Path) -> Result<T, StateFileE
         vmm_devices::host_files::InputKind::RegularFile,
         false,
     )
-    .map_err(|e| StateFileError::Io {
-        what: "cannot open",
-        path: path.display().to_string(),
-        source: io::Error::other(e.to_string()),
-    })?;
+    .map_err(StateFileError::Open)?;
     let size = f.metadata().map_err(io_err("cannot read", path))?.len();
     let mut head = [0u8; HEADER_BYTES];
     let got = read_up_to(&mut f, &mut head).map_err(io_err("cannot read", path))?;
@@ -322,7 +510,7 @@ mod tests {
         ));
         assert!(matches!(
             read_state_file::<V1>(&dir),
-            Err(StateFileError::Io { .. })
+            Err(StateFileError::Open(_))
         ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
