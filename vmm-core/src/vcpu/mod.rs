@@ -373,6 +373,23 @@ impl Vcpu {
     pub(crate) fn set_immediate_exit(&mut self, v: u8) {
         self.fd.set_kvm_immediate_exit(v);
     }
+
+    /// Finishes the port or MMIO access the last exit handed to userspace:
+    /// KVM completes it (a read's value into the guest's register) only on
+    /// the next `KVM_RUN`, so this enters with `immediate_exit` set, which
+    /// completes it and returns before the guest runs another instruction.
+    /// Called before a pause, so that the state then saved is whole.
+    pub(crate) fn complete_pending_io(&mut self) -> Result<(), VcpuError> {
+        self.set_immediate_exit(1);
+        let r = match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Err(e) => Err(VcpuError::Run(e)),
+            // Not expected: immediate_exit returns before the guest runs.
+            Ok(_) => Ok(()),
+        };
+        self.set_immediate_exit(0);
+        r
+    }
 }
 
 #[cfg(test)]

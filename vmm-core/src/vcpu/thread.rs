@@ -290,7 +290,13 @@ fn run_thread(
     while state != VcpuRunState::Exited {
         let next = match state {
             VcpuRunState::Running => match commands.try_recv() {
-                Ok(VcpuCommand::Pause) => VcpuRunState::Paused,
+                Ok(VcpuCommand::Pause) => match vcpu.complete_pending_io() {
+                    Ok(()) => VcpuRunState::Paused,
+                    Err(e) => {
+                        end = Err(e);
+                        VcpuRunState::Exited
+                    }
+                },
                 Ok(VcpuCommand::Exit) | Err(TryRecvError::Disconnected) => VcpuRunState::Exited,
                 Ok(VcpuCommand::SaveState) => {
                     shared.set_saved(Err(VcpuError::BadState {
