@@ -69,6 +69,9 @@ pub enum SeccompError {
     /// The kernel refused the filter.
     #[error("cannot install the seccomp filter")]
     Apply(#[source] seccompiler::Error),
+    /// The thread compiling the filters panicked.
+    #[error("the seccomp filter compiler panicked")]
+    CompilerPanicked,
     /// The SIGSYS handler could not be installed.
     #[error("cannot install the SIGSYS handler")]
     Handler(#[source] vmm_sys_util::errno::Error),
@@ -485,14 +488,55 @@ pub enum SpawnError {
     },
 }
 
-/// Starts thread `name` that installs `filter` (when given) before running
-/// `f`, and returns once the filter is in place. The thread returns `None`
-/// if it could not install it.
+/// Starts `f` on a thread named `name` that installs `filter` first (no
+/// filter: `f` runs unconfined), and waits until the filter is in place: an
+/// error if it could not be installed (the thread then ends without running
+/// `f`).
 pub fn spawn_confined<T, F>(
     name: String,
     filter: Option<BpfProgram>,
     f: F,
 ) -> Result<std::thread::JoinHandle<Option<T>>, SpawnError>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    spawn_confined_unconfirmed(name, filter, f)?.confirm()
+}
+
+/// A thread [`spawn_confined_unconfirmed`] started, whose filter may not be
+/// in place yet.
+pub struct PendingThread<T> {
+    name: String,
+    handle: std::thread::JoinHandle<Option<T>>,
+    installed: std::sync::mpsc::Receiver<Result<(), SeccompError>>,
+}
+
+impl<T> PendingThread<T> {
+    /// Waits until the thread's filter is in place (see
+    /// [`spawn_confined`]).
+    pub fn confirm(self) -> Result<std::thread::JoinHandle<Option<T>>, SpawnError> {
+        match self.installed.recv() {
+            Ok(Ok(())) => Ok(self.handle),
+            Ok(Err(source)) => Err(SpawnError::Filter {
+                name: self.name,
+                source,
+            }),
+            Err(_) => Err(SpawnError::Thread {
+                name: self.name,
+                source: std::io::Error::other("thread ended at start"),
+            }),
+        }
+    }
+}
+
+/// Like [`spawn_confined`] without the wait: several threads start at once
+/// and are confirmed together. `f` never runs unconfined either way.
+pub fn spawn_confined_unconfirmed<T, F>(
+    name: String,
+    filter: Option<BpfProgram>,
+    f: F,
+) -> Result<PendingThread<T>, SpawnError>
 where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
@@ -513,12 +557,9 @@ where
             name: name.clone(),
             source,
         })?;
-    match rx.recv() {
-        Ok(Ok(())) => Ok(handle),
-        Ok(Err(source)) => Err(SpawnError::Filter { name, source }),
-        Err(_) => Err(SpawnError::Thread {
-            name,
-            source: std::io::Error::other("thread ended at start"),
-        }),
-    }
+    Ok(PendingThread {
+        name,
+        handle,
+        installed: rx,
+    })
 }

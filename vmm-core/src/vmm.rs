@@ -23,7 +23,9 @@ use crate::devices::{DeviceError, VirtioSlot};
 use crate::event_loop::{EventLoop, EventLoopError, Subscriber};
 use crate::events::{EventTrigger, StopCause, VmEvent, VmEventSender, VmExit};
 use crate::host_io::OutputStatus;
-use crate::seccomp::{self, spawn_confined, SeccompError, SeccompPolicy, SpawnError};
+use crate::seccomp::{
+    self, spawn_confined, spawn_confined_unconfirmed, SeccompError, SeccompPolicy, SpawnError,
+};
 use crate::seccomp::{ThreadFilters, ThreadKind};
 use crate::snapshot::{
     replace_atomically, write_state_file, MachineDescription, MemoryDescription, SnapshotError,
@@ -634,8 +636,15 @@ impl Vmm {
                 .map_err(VmmError::EventLoop)?;
         }
         let vm = Arc::new(parts.vm);
+        // The devices' host threads start together; their filters are
+        // confirmed once the vCPUs are started too.
+        let mut helpers = Vec::with_capacity(parts.threads.len());
         for t in parts.threads {
-            spawn_confined(t.name, filters.get(t.kind).cloned(), t.body)?;
+            helpers.push(spawn_confined_unconfirmed(
+                t.name,
+                filters.get(t.kind).cloned(),
+                t.body,
+            )?);
         }
         let signals = if parts.stop_signals.is_empty() {
             None
@@ -664,6 +673,14 @@ impl Vmm {
                     }
                     return Err(e.into());
                 }
+            }
+        }
+        for h in helpers {
+            if let Err(e) = h.confirm() {
+                for v in &vcpus {
+                    v.join(VCPU_TIMEOUT);
+                }
+                return Err(e.into());
             }
         }
         if let Ok(mut g) = control.running.lock() {
