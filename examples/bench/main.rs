@@ -32,6 +32,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod snapshot;
+
 use clap::Parser;
 use vmm_kit::boot::{boot_guest, BootConfig, ProtocolChoice};
 use vmm_kit::core::vcpu::{apply_sregs, boot_regs};
@@ -48,6 +50,9 @@ struct Args {
     /// Exits per run of the exit loops.
     #[arg(long, default_value_t = 20_000)]
     iters: u64,
+    /// Only the snapshot rows.
+    #[arg(long)]
+    snapshots_only: bool,
     /// Internal: run the floor's one-instruction VM and exit.
     #[arg(long, hide = true)]
     floor_boot: bool,
@@ -352,6 +357,17 @@ fn qemu_command(image: &PathBuf, cmdline: &str, extra: &[&str]) -> Command {
 
 /// QEMU on `machine` (microvm with its options) on the test guest.
 fn qemu_command_on(machine: &str, image: &PathBuf, cmdline: &str, extra: &[&str]) -> Command {
+    qemu_command_mem(machine, image, cmdline, "128", extra)
+}
+
+/// QEMU on `machine` with `mem` MiB of RAM on the test guest.
+fn qemu_command_mem(
+    machine: &str,
+    image: &PathBuf,
+    cmdline: &str,
+    mem: &str,
+    extra: &[&str],
+) -> Command {
     let mut c = Command::new("qemu-system-x86_64");
     c.args([
         "-M",
@@ -361,7 +377,7 @@ fn qemu_command_on(machine: &str, image: &PathBuf, cmdline: &str, extra: &[&str]
         "-cpu",
         "host,-arch-capabilities",
         "-m",
-        "128",
+        mem,
     ])
     .args([
         "-nodefaults",
@@ -622,6 +638,11 @@ fn main() {
     );
     println!("| figure | ours | QEMU microvm | floor | ours / QEMU | ours / floor |");
     println!("|---|---|---|---|---|---|");
+    if args.snapshots_only {
+        snapshot_rows(r, qemu, &image);
+        let _ = std::fs::remove_file(&image);
+        return;
+    }
     let qemu_stat = |f: &mut dyn FnMut() -> f64| qemu.then(|| measure(r, f));
     for (scenario, name) in [
         ("bench-pio", "port I/O exit, cycles"),
@@ -860,6 +881,7 @@ fn main() {
         q.map(|q| q.1),
         Some(floor.1),
     );
+    snapshot_rows(r, qemu, &image);
     let whole = "testguest.run=hello,exit testguest.exit=0";
     let ours = measure(r, || {
         whole_run_ms(Command::new(minimal_bin()).args(["--cmdline", whole]))
@@ -873,6 +895,76 @@ fn main() {
         Some(floor),
     );
     let _ = std::fs::remove_file(&image);
+}
+
+/// The snapshot rows (see the `snapshot` module).
+fn snapshot_rows(r: usize, qemu: bool, image: &PathBuf) {
+    type Rounds = Vec<snapshot::Round>;
+    let runs = |f: &dyn Fn() -> snapshot::Round| -> Rounds { (0..r).map(|_| f()).collect() };
+    let pick = |v: &Rounds, f: fn(&snapshot::Round) -> f64| stat(v.iter().map(f).collect());
+    let lazy = runs(&|| snapshot::ours(image, 128, false));
+    let eager = runs(&|| snapshot::ours(image, 128, true));
+    let big = runs(&|| snapshot::ours(image, 1024, false));
+    let q = qemu.then(|| runs(&|| snapshot::qemu(image, 128)));
+    let q_big = qemu.then(|| runs(&|| snapshot::qemu(image, 1024)));
+    let create = |x: &snapshot::Round| x.create_ms;
+    let restore = |x: &snapshot::Round| x.restore_ms;
+    row(
+        "snapshot creation, paused 128 MiB guest with 120 MiB written, ms (QEMU: migrate to a file)",
+        pick(&lazy, create),
+        q.as_ref().map(|q| pick(q, create)),
+        None,
+    );
+    row(
+        "snapshot creation, paused 1 GiB guest with 1016 MiB written, ms",
+        pick(&big, create),
+        q_big.as_ref().map(|q| pick(q, create)),
+        None,
+    );
+    let floor = measure(r, floor_first_instruction);
+    row(
+        "restore, process start to the guest's next instruction, 128 MiB, ms (QEMU: -incoming, then QMP cont; floor: a 1-instruction VM)",
+        pick(&lazy, restore),
+        q.as_ref().map(|q| pick(q, restore)),
+        Some(floor),
+    );
+    row(
+        "restore as above, 1 GiB, ms",
+        pick(&big, restore),
+        q_big.as_ref().map(|q| pick(q, restore)),
+        Some(floor),
+    );
+    row(
+        "restore as above, 128 MiB copied in eagerly (--restore-eager), ms",
+        pick(&eager, restore),
+        None,
+        Some(floor),
+    );
+    row(
+        "PUT /snapshot/load with resume_vm, the call alone, 128 MiB, ms (Firecracker here: about 22)",
+        measure(r, || snapshot::ours_load_call(image, 128)),
+        None,
+        None,
+    );
+    let (_dir, file) = snapshot::memory_file(image, 128);
+    row(
+        "first write to a page of a cold-booted guest, cycles (floor: host, fresh anonymous memory)",
+        pick(&lazy, |x| x.cold_cycles),
+        q.as_ref().map(|q| pick(q, |x| x.cold_cycles)),
+        Some(measure(r, || snapshot::host_touch_cycles(128 << 20, None))),
+    );
+    row(
+        "first write to a page after a lazy restore, cycles (QEMU: after -incoming; floor: host, private mapping of the memory file)",
+        pick(&lazy, |x| x.restored_cycles),
+        q.as_ref().map(|q| pick(q, |x| x.restored_cycles)),
+        Some(measure(r, || snapshot::host_touch_cycles(128 << 20, Some(&file)))),
+    );
+    row(
+        "first write to a page after an eager restore, cycles",
+        pick(&eager, |x| x.restored_cycles),
+        None,
+        None,
+    );
 }
 
 /// The TSC rate, measured against the monotonic clock.

@@ -27,6 +27,7 @@ pub fn run(name: &str, boot: &BootInfo, args: &Args) -> u8 {
         }
         "kbd" => kbd(),
         "snapshot" => crate::snapshot::snapshot(boot),
+        "touch" => crate::snapshot::touch(boot),
         "blk" => devices::blk(boot, Mode::Poll),
         "blk-irq" => devices::blk(boot, Mode::Irq),
         "rng" => devices::rng(boot, Mode::Poll),
