@@ -177,8 +177,14 @@ fn ours_restore(dir: &Scratch, eager: bool) -> (f64, f64) {
         cmd.arg("--restore-eager");
     }
     let t = Instant::now();
-    let (mut child, mut out) = spawn_piped(&mut cmd);
+    let (child, mut out) = spawn_piped(&mut cmd);
     // Waits in the pipe until the restored VM's serial input starts.
+    go_and_measure(child, &mut out, t)
+}
+
+/// Sends the restored guest the byte it waits for; returns the time from
+/// `t` to its marker, and the cycles per page it then reports.
+fn go_and_measure(mut child: Child, out: &mut BufReader<ChildStdout>, t: Instant) -> (f64, f64) {
     child
         .stdin
         .as_mut()
@@ -187,7 +193,7 @@ fn ours_restore(dir: &Scratch, eager: bool) -> (f64, f64) {
         .expect("the byte the guest waits for");
     wait_marker(child.stderr.as_mut().expect("stderr"));
     let restore_ms = t.elapsed().as_secs_f64() * 1e3;
-    let restored = cycles_in(&line_with(&mut out, "touch phase=restored"));
+    let restored = cycles_in(&line_with(out, "touch phase=restored"));
     let _ = child.kill();
     let _ = child.wait();
     (restore_ms, restored)
@@ -310,7 +316,7 @@ pub fn qemu(image: &PathBuf, mem_mib: u64) -> Round {
     let sock = dir.path("restore.qmp");
     let incoming = format!("exec:cat {}", file.display());
     let t = Instant::now();
-    let (mut child, mut out) = spawn_piped(&mut qemu_touch(
+    let (child, mut out) = spawn_piped(&mut qemu_touch(
         image,
         &mem,
         &sock,
@@ -327,17 +333,7 @@ pub fn qemu(image: &PathBuf, mem_mib: u64) -> Round {
         std::thread::sleep(Duration::from_micros(200));
     }
     assert!(qmp(&mut s, &mut r, r#"{"execute":"cont"}"#).0);
-    child
-        .stdin
-        .as_mut()
-        .expect("stdin")
-        .write_all(b"g")
-        .expect("the byte the guest waits for");
-    wait_marker(child.stderr.as_mut().expect("stderr"));
-    let restore_ms = t.elapsed().as_secs_f64() * 1e3;
-    let restored_cycles = cycles_in(&line_with(&mut out, "touch phase=restored"));
-    let _ = child.kill();
-    let _ = child.wait();
+    let (restore_ms, restored_cycles) = go_and_measure(child, &mut out, t);
     Round {
         create_ms,
         restore_ms,
