@@ -630,3 +630,73 @@ fn snapshots_written_by_every_release_restore() {
         }
     }
 }
+
+/// The library API alone, in one process: a VM saved through its handle
+/// and restored through `VmConfig::restore`, paused, then resumed.
+#[test]
+fn the_library_saves_and_restores_in_process() {
+    use vmm_kit::core::snapshot::{RestoreConfig, SnapshotKind, SnapshotRequest};
+    use vmm_kit::core::{HostIo, KernelSource, VmConfig, VmExit, Vmm};
+    common::require_kvm();
+    let tmp = TempFile::new("disk.img", &vec![0u8; 1 << 20]);
+    let dir = tmp.path.parent().expect("dir").to_path_buf();
+    let out = common::SharedBuf::default();
+    let mut disk = vmm_kit::core::DiskConfig::new(&tmp.path);
+    disk.serial = Some("snapdisk".into());
+    let config = VmConfig {
+        kernel: KernelSource::Bytes(vmm_kit::testguest::IMAGE),
+        cmdline: "testguest.run=snapshot".into(),
+        mem_mib: 32,
+        disks: vec![disk],
+        ..VmConfig::default()
+    };
+    let vmm = Vmm::new(&config, HostIo::serial(Box::new(out.clone()))).expect("build");
+    let handle = vmm.handle();
+    let running = vmm.start().expect("start");
+    out.wait_for("snapshot round=250", Duration::from_secs(30));
+    handle.pause().expect("pause");
+    let req = SnapshotRequest {
+        state_path: dir.join("vm.state"),
+        memory_path: dir.join("vm.mem"),
+        kind: SnapshotKind::Full,
+    };
+    let info = handle.snapshot(&req).expect("snapshot");
+    assert_eq!(info.layers, 1);
+    assert!(
+        info.memory_bytes > 0 && info.memory_bytes < 32 << 20,
+        "{info:?}"
+    );
+    // Diffs need dirty page tracking, which this VM does not have.
+    let diff = SnapshotRequest {
+        kind: SnapshotKind::Diff,
+        ..req.clone()
+    };
+    assert!(handle.snapshot(&diff).is_err());
+    handle.stop();
+    running.wait().expect("the first VM ends");
+
+    let again = common::SharedBuf::default();
+    let restored = VmConfig {
+        restore: Some(RestoreConfig {
+            state_path: req.state_path.clone(),
+            memory: vec![req.memory_path.clone()],
+            resume: false,
+            ..RestoreConfig::default()
+        }),
+        ..VmConfig::default()
+    };
+    let vmm = Vmm::new(&restored, HostIo::serial(Box::new(again.clone()))).expect("restore");
+    assert!(
+        vmm.boot_setup().is_none(),
+        "a restored VM did not boot here"
+    );
+    let handle = vmm.handle();
+    let running = vmm.start().expect("start the restored VM");
+    assert!(handle.is_paused(), "restored paused, as asked");
+    assert_eq!(handle.generation().0, 1);
+    handle.resume().expect("resume");
+    again.wait_for("snapshot round=", Duration::from_secs(30));
+    handle.send_ctrl_alt_del().expect("keys");
+    assert_eq!(running.wait().expect("run"), VmExit::GuestStatus(0));
+    assert!(again.text().contains("snapshot ok"), "{}", again.text());
+}

@@ -447,7 +447,7 @@ impl VmBuilder {
         let handle = self.add_virtio(block)?;
         self.disk_slots.push(crate::vmm::DiskSlot {
             config: disk.clone(),
-            handle: handle.clone(),
+            transport: Arc::downgrade(handle.transport()),
         });
         Ok(handle)
     }

@@ -5,7 +5,7 @@ use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::mpsc::Receiver;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -169,11 +169,12 @@ struct Running {
     vm: Arc<Vm>,
 }
 
-/// A virtio device as a snapshot reaches it.
+/// A virtio device as a snapshot reaches it. Weak: a handle kept after the
+/// VM is gone does not keep its devices (and their open, locked images).
 struct SlotRef {
     window: vmm_memory::GuestRange,
     irq: u32,
-    transport: Arc<Mutex<crate::devices::Transport>>,
+    transport: Weak<Mutex<crate::devices::Transport>>,
 }
 
 /// What handles and the waiting thread share: the running threads, behind
@@ -195,12 +196,12 @@ struct Control {
     track_dirty: bool,
 }
 
-/// A disk the VM was built with, for replacing its image.
+/// A disk the VM was built with, for replacing its image (weak, as
+/// [`SlotRef`]).
 #[derive(Clone)]
 pub(crate) struct DiskSlot {
     pub config: crate::devices::DiskConfig,
-    pub handle:
-        crate::devices::VirtioHandle<vmm_devices::virtio::block::Block<vmm_memory::GuestRam>>,
+    pub transport: Weak<Mutex<crate::devices::Transport>>,
 }
 
 impl Control {
@@ -270,8 +271,8 @@ impl Control {
         let vm = r.vm.save_state()?;
         let mut virtio = Vec::with_capacity(self.slots.len());
         for slot in &self.slots {
-            let mut t = slot
-                .transport
+            let transport = slot.transport.upgrade().ok_or(SnapshotError::NotRunning)?;
+            let mut t = transport
                 .lock()
                 .map_err(|_| SnapshotError::Poisoned("a virtio transport"))?;
             // The disk's content is part of the snapshot: make it durable.
@@ -483,11 +484,8 @@ impl VmHandle {
         if slot.config.lock {
             vmm_devices::host_files::lock_image(&file, path, ro).map_err(host)?;
         }
-        let mut t = slot
-            .handle
-            .transport()
-            .lock()
-            .map_err(|_| ControlError::NotRunning)?;
+        let transport = slot.transport.upgrade().ok_or(ControlError::NotRunning)?;
+        let mut t = transport.lock().map_err(|_| ControlError::NotRunning)?;
         let block = t
             .device_as_mut::<vmm_devices::virtio::block::Block<vmm_memory::GuestRam>>()
             .ok_or_else(|| ControlError::NoSuchDisk(id.to_string()))?;
@@ -525,6 +523,40 @@ impl VmHandle {
     /// the snapshot, and must not change until it is restored. Both files
     /// are replaced whole or not at all. This writes files: call it where
     /// the thread's seccomp filter allows that (see [`VmEvent::Run`]).
+    ///
+    /// ```no_run
+    /// use vmm_core::snapshot::{RestoreConfig, SnapshotKind, SnapshotRequest};
+    /// use vmm_core::{HostIo, KernelSource, VmConfig, Vmm};
+    ///
+    /// let config = VmConfig {
+    ///     kernel: KernelSource::Bytes(vmm_testguest::IMAGE),
+    ///     ..VmConfig::default()
+    /// };
+    /// let vmm = Vmm::new(&config, HostIo::default())?;
+    /// let handle = vmm.handle();
+    /// let running = vmm.start()?;
+    /// handle.pause()?;
+    /// handle.snapshot(&SnapshotRequest {
+    ///     state_path: "vm.state".into(),
+    ///     memory_path: "vm.mem".into(),
+    ///     kind: SnapshotKind::Full,
+    /// })?;
+    /// handle.stop();
+    /// running.wait()?;
+    ///
+    /// // Later, in this process or another: the same VM, where it was.
+    /// let restored = VmConfig {
+    ///     restore: Some(RestoreConfig {
+    ///         state_path: "vm.state".into(),
+    ///         memory: vec!["vm.mem".into()],
+    ///         resume: true,
+    ///         ..RestoreConfig::default()
+    ///     }),
+    ///     ..VmConfig::default()
+    /// };
+    /// let exit = Vmm::new(&restored, HostIo::default())?.run()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn snapshot(&self, req: &SnapshotRequest) -> Result<SnapshotInfo, SnapshotError> {
         self.control.snapshot(req)
     }
@@ -574,7 +606,7 @@ impl Vmm {
                 .map(|s| SlotRef {
                     window: s.window(),
                     irq: s.irq(),
-                    transport: s.transport().clone(),
+                    transport: Arc::downgrade(s.transport()),
                 })
                 .collect(),
             machine: Mutex::new(parts.machine.clone()),
