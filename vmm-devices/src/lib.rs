@@ -32,6 +32,7 @@ mod interrupt;
 pub mod legacy;
 pub mod metrics;
 pub mod persist;
+pub mod rate_limiter;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 #[macro_use]
