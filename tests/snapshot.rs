@@ -700,3 +700,60 @@ fn the_library_saves_and_restores_in_process() {
     assert_eq!(running.wait().expect("run"), VmExit::GuestStatus(0));
     assert!(again.text().contains("snapshot ok"), "{}", again.text());
 }
+
+/// The snapshot flags with nonsense: a usage error or a clear refusal,
+/// never a panic, and the files named are left as they were.
+#[test]
+fn snapshot_flags_with_nonsense_are_refused_clearly() {
+    let tmp = TempFile::new("base.mem", &vec![7u8; 1 << 20]);
+    let base = tmp.arg().to_string();
+    let dir = tmp.path.parent().expect("dir").to_path_buf();
+    let short = dir.join("short.mem");
+    std::fs::write(&short, vec![1u8; 4096]).expect("write");
+    let short = short.to_str().expect("utf-8").to_string();
+    for (args, code, needle) in [
+        (vec!["--restore", "/x.state"], 3, "--restore-memory"),
+        (vec!["--restore-memory", "/x.mem"], 3, "--restore"),
+        (
+            vec![
+                "--restore",
+                "/x.state",
+                "--restore-memory",
+                "/x.mem",
+                "--kernel",
+                "/k",
+            ],
+            3,
+            "cannot be used with",
+        ),
+        (
+            vec![
+                "--restore",
+                "/x.state",
+                "--restore-memory",
+                "/x.mem",
+                "--restore-disk",
+                "nonsense",
+            ],
+            3,
+            "expected ID=PATH",
+        ),
+        (vec!["--merge-memory", &base], 3, "2 values"),
+        (
+            vec!["--merge-memory", &base, "/nonexistent.mem"],
+            1,
+            "/nonexistent.mem",
+        ),
+        (vec!["--merge-memory", &base, &short], 1, "4096 bytes"),
+        (vec!["--merge-memory", &short, &base], 1, "bytes"),
+    ] {
+        let out = run_minimal(&args);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
+    }
+    assert_eq!(
+        std::fs::read(&tmp.path).expect("base"),
+        vec![7u8; 1 << 20],
+        "a refused merge leaves the base as it was"
+    );
+}
