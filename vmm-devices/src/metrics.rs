@@ -90,6 +90,51 @@ counters!(
 );
 
 counters!(
+    /// A virtio-net device's counters.
+    NetMetrics {
+        /// Frames given to the guest.
+        rx_packets_count,
+        /// Bytes of frames given to the guest (without headers).
+        rx_bytes_count,
+        /// Receive queue notifications handled.
+        rx_queue_event_count,
+        /// Times receive waited for the guest to post buffers.
+        rx_no_buffers,
+        /// Frames copied through the device's buffer (the guest had posted
+        /// less than a largest frame's room).
+        rx_bounced,
+        /// Frames larger than the guest's receive buffer (without
+        /// mergeable buffers), dropped.
+        rx_dropped_too_big,
+        /// Receive buffers too small for a header, given back empty.
+        rx_bad_buffers,
+        /// Times the receive limiter made the device wait.
+        rx_rate_limiter_throttled,
+        /// Frames sent for the guest.
+        tx_packets_count,
+        /// Bytes of frames sent for the guest (without headers).
+        tx_bytes_count,
+        /// Transmit queue notifications handled.
+        tx_queue_event_count,
+        /// Transmit chains shorter than a header, longer than the largest
+        /// frame, or in too many pieces, dropped.
+        tx_malformed_frames,
+        /// Transmit chains outside guest memory.
+        tx_fails,
+        /// Frames the guest sent while the link was down, dropped.
+        tx_dropped_link_down,
+        /// Frames dropped because the TAP would block.
+        tx_dropped_tap_full,
+        /// Times the transmit limiter made the device wait.
+        tx_rate_limiter_throttled,
+        /// Reads from the TAP that failed.
+        tap_read_fails,
+        /// Frames the TAP refused (bad headers from the guest).
+        tap_write_fails,
+    }
+);
+
+counters!(
     /// A virtio-rng device's counters.
     EntropyMetrics {
         /// Requests answered.
@@ -140,6 +185,8 @@ pub enum DeviceMetrics {
     Block(Arc<BlockMetrics>),
     /// A virtio-rng device.
     Entropy(Arc<EntropyMetrics>),
+    /// A virtio-net device.
+    Net(Arc<NetMetrics>),
     /// The serial port.
     Uart(Arc<UartMetrics>),
 }

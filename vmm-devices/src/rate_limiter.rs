@@ -78,6 +78,9 @@ pub struct TokenBucket {
     refill_ns: u128,
     budget: u64,
     burst: u64,
+    /// Tokens taken beyond the budget (by [`TokenBucket::take_forced`]),
+    /// repaid by the next refills before the budget grows.
+    debt: u64,
     /// Up to when refills have been counted.
     refilled_to: Instant,
 }
@@ -96,6 +99,7 @@ impl TokenBucket {
             refill_ns: u128::from(config.refill_time) * 1_000_000,
             budget: config.size,
             burst: config.one_time_burst.unwrap_or(0),
+            debt: 0,
             refilled_to: now,
         })
     }
@@ -104,7 +108,7 @@ impl TokenBucket {
     /// token over (time is advanced only by whole tokens' worth).
     fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.refilled_to).as_nanos();
-        if self.budget >= self.size {
+        if self.budget >= self.size && self.debt == 0 {
             self.refilled_to = now;
             return;
         }
@@ -112,15 +116,27 @@ impl TokenBucket {
         if earned == 0 {
             return;
         }
+        let repaid = earned.min(u128::from(self.debt));
+        self.debt -= repaid as u64;
+        let left = earned - repaid;
         let room = u128::from(self.size - self.budget);
-        if earned >= room {
+        if left >= room {
             self.budget = self.size;
             self.refilled_to = now;
         } else {
-            self.budget += earned as u64;
+            self.budget += left as u64;
             let spent = earned * self.refill_ns / u128::from(self.size);
             self.refilled_to += Duration::from_nanos(spent as u64);
         }
+    }
+
+    /// How long until `missing` more tokens are earned, counting what is
+    /// already earned towards the next one.
+    fn wait_for(&self, missing: u64, now: Instant) -> Duration {
+        let wait_ns = (u128::from(missing) * self.refill_ns).div_ceil(u128::from(self.size));
+        let earned_ns = now.saturating_duration_since(self.refilled_to).as_nanos();
+        let wait = wait_ns.saturating_sub(earned_ns).max(1);
+        Duration::from_nanos(wait.min(u128::from(u64::MAX)) as u64)
     }
 
     /// Takes `tokens` if they are there (the one-time burst first), or
@@ -130,22 +146,42 @@ impl TokenBucket {
         self.refill(now);
         let from_burst = tokens.min(self.burst);
         let rest = tokens - from_burst;
-        if rest <= self.budget {
+        if self.debt == 0 && rest <= self.budget {
             self.burst -= from_burst;
             self.budget -= rest;
             return Ok(());
         }
-        if rest > self.size && self.budget == self.size {
+        if rest > self.size && self.budget == self.size && self.debt == 0 {
             self.burst -= from_burst;
             self.budget = 0;
             return Ok(());
         }
-        let missing = rest.min(self.size) - self.budget;
-        let wait_ns = (u128::from(missing) * self.refill_ns).div_ceil(u128::from(self.size));
-        // What is already earned towards the next token counts.
-        let earned_ns = now.saturating_duration_since(self.refilled_to).as_nanos();
-        let wait = wait_ns.saturating_sub(earned_ns).max(1);
-        Err(Duration::from_nanos(wait.min(u128::from(u64::MAX)) as u64))
+        let missing = self.debt + rest.min(self.size) - self.budget;
+        Err(self.wait_for(missing, now))
+    }
+
+    /// Takes `tokens` whether or not they are there (for work already
+    /// done, such as a frame already received): what the budget lacks
+    /// becomes a debt that the next refills repay. Returns how long until
+    /// the debt is repaid, if there is one.
+    pub fn take_forced(&mut self, tokens: u64, now: Instant) -> Option<Duration> {
+        self.refill(now);
+        let from_burst = tokens.min(self.burst);
+        self.burst -= from_burst;
+        let rest = tokens - from_burst;
+        let from_budget = rest.min(self.budget);
+        self.budget -= from_budget;
+        self.debt = self.debt.saturating_add(rest - from_budget);
+        (self.debt > 0).then(|| self.wait_for(self.debt, now))
+    }
+
+    /// How long until the bucket holds a token (`None`: it does now).
+    pub fn until_any(&mut self, now: Instant) -> Option<Duration> {
+        self.refill(now);
+        if self.debt == 0 && (self.budget > 0 || self.burst > 0) {
+            return None;
+        }
+        Some(self.wait_for(self.debt + 1, now))
     }
 
     /// Gives back `tokens` taken for a request that did not go ahead.
@@ -204,6 +240,37 @@ impl RateLimiter {
             return self.block(wait);
         }
         true
+    }
+
+    /// Takes one operation and `bytes` bytes for work already done (a
+    /// frame already read): what the buckets lack becomes a debt, and the
+    /// limiter stays blocked until it is repaid. Returns whether the
+    /// device may go on now.
+    pub fn consume_forced(&mut self, bytes: u64) -> bool {
+        let now = Instant::now();
+        let ops = self.ops.as_mut().and_then(|b| b.take_forced(1, now));
+        let bw = self.bandwidth.as_mut().and_then(|b| b.take_forced(bytes, now));
+        match ops.max(bw) {
+            Some(wait) => self.block(wait),
+            None => true,
+        }
+    }
+
+    /// Whether both buckets hold a token now (for work whose size is
+    /// known only once done, taken with
+    /// [`consume_forced`](RateLimiter::consume_forced)); if not, the
+    /// limiter blocks until they will.
+    pub fn ready(&mut self) -> bool {
+        if self.blocked {
+            return false;
+        }
+        let now = Instant::now();
+        let ops = self.ops.as_mut().and_then(|b| b.until_any(now));
+        let bw = self.bandwidth.as_mut().and_then(|b| b.until_any(now));
+        match ops.max(bw) {
+            Some(wait) => self.block(wait),
+            None => true,
+        }
     }
 
     fn block(&mut self, wait: Duration) -> bool {
@@ -330,6 +397,65 @@ mod tests {
         assert_eq!(wait, Duration::from_millis(10), "until full again");
         assert!(b.try_take(500, t + wait).is_ok());
         assert_eq!(b.budget(), 0);
+    }
+
+    /// Work taken on credit is paid back before anything else passes,
+    /// so the long-run rate stays the configured one.
+    #[test]
+    fn forced_takes_run_into_debt_that_refills_repay() {
+        let t = Instant::now();
+        let mut b = bucket(1000, None, 100, t);
+        assert_eq!(b.take_forced(600, t), None, "within the budget");
+        let wait = b.take_forced(1400, t).expect("1000 tokens of debt");
+        assert_eq!(wait, Duration::from_millis(100));
+        assert!(b.try_take(1, t + Duration::from_millis(99)).is_err());
+        assert!(b.try_take(1, t + Duration::from_millis(101)).is_ok());
+        let mut frames = 0u64;
+        let mut now = t;
+        let mut l_wait = Duration::ZERO;
+        // 64 KiB frames forced through a 1 MB/s bucket for a second.
+        let mut b = bucket(1_000_000, None, 1000, t);
+        while now < t + Duration::from_secs(1) {
+            now += l_wait;
+            if b.try_take(0, now).is_ok() {
+                l_wait = b.take_forced(65536, now).unwrap_or(Duration::ZERO);
+                frames += 1;
+            }
+        }
+        let bytes = frames * 65536;
+        assert!(
+            (1_900_000..=2_100_000).contains(&bytes),
+            "full bucket + one refill: {bytes}"
+        );
+    }
+
+    #[test]
+    fn work_done_on_credit_blocks_the_limiter_until_repaid() {
+        let config = RateLimiterConfig {
+            bandwidth: Some(TokenBucketConfig {
+                size: 1000,
+                one_time_burst: None,
+                refill_time: 40,
+            }),
+            ops: None,
+        };
+        let mut l = RateLimiter::new(&config).unwrap();
+        assert!(l.ready());
+        assert!(!l.consume_forced(1500), "500 bytes of debt");
+        assert!(l.is_blocked());
+        assert!(!l.ready());
+        let start = Instant::now();
+        let mut fds = [libc::pollfd {
+            fd: l.timer_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: one valid pollfd.
+        assert_eq!(unsafe { libc::poll(fds.as_mut_ptr(), 1, 1000) }, 1);
+        assert!(start.elapsed() >= Duration::from_millis(19), "the debt takes 20 ms to repay");
+        l.timer_fired();
+        assert!(l.ready());
+        assert!(l.consume_forced(1));
     }
 
     #[test]

@@ -901,11 +901,12 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> MutEventSubscriber for Mmio
             }
         }
         for (k, fd) in t.device.event_fds().into_iter().enumerate() {
-            if let Err(e) = ops.add(Events::with_data_raw(
-                fd,
-                DEVICE_EVENT_BASE + k as u32,
-                EventSet::IN,
-            )) {
+            let set = if t.device.event_edge_triggered(k) {
+                EventSet::IN | EventSet::EDGE_TRIGGERED
+            } else {
+                EventSet::IN
+            };
+            if let Err(e) = ops.add(Events::with_data_raw(fd, DEVICE_EVENT_BASE + k as u32, set)) {
                 log::error!("virtio-mmio: cannot watch device event {k}: {e:?}");
             }
         }

@@ -12,6 +12,7 @@
 pub mod block;
 pub mod console;
 pub mod mmio;
+pub mod net;
 mod queue;
 pub mod rng;
 
@@ -33,6 +34,8 @@ pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRT
 pub const TYPE_BLOCK: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 /// Device type of virtio-console.
 pub const TYPE_CONSOLE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
+/// Device type of virtio-net.
+pub const TYPE_NET: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 /// Device type of virtio-rng.
 pub const TYPE_RNG: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 
@@ -322,6 +325,15 @@ pub trait VirtioDevice<M: 'static>: Any + Send {
     /// should watch for this device (host input, say).
     fn event_fds(&self) -> Vec<RawFd> {
         Vec::new()
+    }
+    /// Whether the `index`-th of [`VirtioDevice::event_fds`] is watched
+    /// edge-triggered (the device then reads it until it would block, or
+    /// has its own way back, such as a queue notification): for a source
+    /// the device may leave unread while the guest has no room, like a TAP.
+    /// Level-triggered by default.
+    fn event_edge_triggered(&self, index: usize) -> bool {
+        let _ = index;
+        false
     }
     /// The `index`-th of [`VirtioDevice::event_fds`] is readable.
     fn process_event(&mut self, index: usize) {
