@@ -26,12 +26,13 @@ use vmm_kit::boot::{inspect_kernel, BootProtocol, ProtocolChoice};
 use vmm_kit::core::host_io::{get_termios, set_raw, set_termios};
 use vmm_kit::core::snapshot::{read_state_file, RestoreConfig, SnapshotState};
 use vmm_kit::core::{
-    exit_status, seccomp, ConsoleConfig, DiskConfig, HostIo, KernelSource, SeccompPolicy,
-    SerialConfig, StopCause, ThreadKind, VmBuilder, VmConfig, VmController, VmEvent, VmEventSender,
-    VmExit, DEFAULT_CMDLINE,
+    exit_status, seccomp, ConsoleConfig, DiskConfig, HostIo, KernelSource, NetConfig,
+    SeccompPolicy, SerialConfig, StopCause, TapSource, ThreadKind, VmBuilder, VmConfig,
+    VmController, VmEvent, VmEventSender, VmExit, DEFAULT_CMDLINE,
 };
 use vmm_kit::devices::host_files::{open_input, InputKind, OutputMode};
 use vmm_kit::devices::legacy::DEBUG_EXIT_PORT;
+use vmm_kit::devices::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
 use vmm_kit::memory::RamBacking;
 
 const STATUSES: &str = "\
@@ -111,6 +112,15 @@ struct Args {
     /// when ro): PATH[,ro][,id=SERIAL][,nolock]. Repeatable.
     #[arg(long, value_name = "PATH[,ro][,id=SERIAL][,nolock]", value_parser = parse_disk)]
     disk: Vec<DiskConfig>,
+    /// A virtio-net NIC on a host TAP interface (made beforehand, e.g.
+    /// `ip tuntap add tap0 mode tap`), or on a TAP this process inherited
+    /// open (`fd=N`, opened with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR):
+    /// `tap=NAME|fd=N[,id=ID][,mac=MAC][,rx-bandwidth=SIZE/MS[+BURST]]`
+    /// `[,rx-ops=...][,tx-bandwidth=...][,tx-ops=...]` (a token bucket of
+    /// SIZE bytes or operations refilled every MS milliseconds, with a
+    /// one-time BURST). The id defaults to eth0, eth1, ... Repeatable.
+    #[arg(long, value_name = "tap=NAME|fd=N[,id=ID][,mac=MAC][,LIMIT...]", value_parser = parse_net)]
+    net: Vec<NetConfig>,
     /// A virtio-rng device fed by the host's getrandom.
     #[arg(long)]
     rng: bool,
@@ -195,7 +205,7 @@ struct Args {
     /// (the machine is the snapshot's: --kernel, --mem, --vcpus, --disk,
     /// --rng are not used; the host's side, --serial, --console, seccomp,
     /// still is). Needs --restore-memory.
-    #[arg(long, value_name = "STATE", requires = "restore_memory", conflicts_with_all = ["kernel", "initrd", "config_file", "disk"])]
+    #[arg(long, value_name = "STATE", requires = "restore_memory", conflicts_with_all = ["kernel", "initrd", "config_file", "disk", "net"])]
     restore: Option<PathBuf>,
     /// A memory file of the snapshot: the full snapshot's first, then each
     /// diff snapshot's in the order they were taken. Repeatable.
@@ -210,6 +220,10 @@ struct Args {
     /// clone its own copy): ID=PATH. Repeatable.
     #[arg(long, value_name = "ID=PATH", requires = "restore", value_parser = parse_disk_override)]
     restore_disk: Vec<(String, PathBuf)>,
+    /// Put the snapshot's NIC ID on another TAP interface (each clone its
+    /// own): ID=TAP. Repeatable.
+    #[arg(long, value_name = "ID=TAP", requires = "restore", value_parser = parse_net_override)]
+    restore_net: Vec<(String, String)>,
     /// Restore paused (resume with the API's PATCH /vm).
     #[arg(long, requires = "restore")]
     restore_paused: bool,
@@ -230,6 +244,88 @@ fn parse_disk_override(s: &str) -> Result<(String, PathBuf), String> {
         }
         _ => Err("expected ID=PATH".into()),
     }
+}
+
+fn parse_net_override(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((id, tap)) if !id.is_empty() && !tap.is_empty() => {
+            Ok((id.to_string(), tap.to_string()))
+        }
+        _ => Err("expected ID=TAP".into()),
+    }
+}
+
+/// A token bucket from `SIZE/MS[+BURST]` (SIZE and BURST as `parse_bytes`
+/// reads them).
+fn parse_bucket(s: &str) -> Result<TokenBucketConfig, String> {
+    let (rest, burst) = match s.split_once('+') {
+        Some((r, b)) => (r, Some(parse_bytes(b)?)),
+        None => (s, None),
+    };
+    let (size, ms) = rest
+        .split_once('/')
+        .ok_or_else(|| format!("bad limit {s:?}: expected SIZE/MS[+BURST], e.g. 10M/100"))?;
+    let bucket = TokenBucketConfig {
+        size: parse_bytes(size)?,
+        one_time_burst: burst,
+        refill_time: ms
+            .parse()
+            .map_err(|_| format!("bad refill time {ms:?}: milliseconds"))?,
+    };
+    if bucket.size == 0 || bucket.refill_time == 0 {
+        return Err(format!(
+            "bad limit {s:?}: size and refill time must not be 0"
+        ));
+    }
+    Ok(bucket)
+}
+
+fn parse_net(s: &str) -> Result<NetConfig, String> {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let mut tap = None;
+    let mut net = NetConfig::new("", "");
+    let mut id = None;
+    for opt in s.split(',') {
+        let (k, v) = opt
+            .split_once('=')
+            .ok_or_else(|| format!("bad NIC option {opt:?}: expected KEY=VALUE"))?;
+        let limiter = |l: &mut Option<RateLimiterConfig>, bw: bool| -> Result<(), String> {
+            let c = l.get_or_insert_with(RateLimiterConfig::default);
+            let b = Some(parse_bucket(v)?);
+            if bw {
+                c.bandwidth = b;
+            } else {
+                c.ops = b;
+            }
+            Ok(())
+        };
+        match k {
+            "tap" if !v.is_empty() => tap = Some(TapSource::Name(v.to_string())),
+            "fd" => {
+                let fd = v.parse().map_err(|_| format!("bad fd {v:?}"))?;
+                tap = Some(TapSource::Fd(fd));
+            }
+            "id" if !v.is_empty() => id = Some(v.to_string()),
+            "mac" => net.mac = Some(v.parse().map_err(|e| format!("{e}"))?),
+            "rx-bandwidth" => limiter(&mut net.rx_rate_limiter, true)?,
+            "rx-ops" => limiter(&mut net.rx_rate_limiter, false)?,
+            "tx-bandwidth" => limiter(&mut net.tx_rate_limiter, true)?,
+            "tx-ops" => limiter(&mut net.tx_rate_limiter, false)?,
+            _ => {
+                return Err(format!(
+                    "unknown NIC option {opt:?} (expected tap=, fd=, id=, mac=, rx-bandwidth=, rx-ops=, tx-bandwidth=, tx-ops=)"
+                ))
+            }
+        }
+    }
+    net.tap = tap.ok_or("a NIC needs tap=NAME or fd=N")?;
+    net.id = id.unwrap_or_else(|| {
+        format!(
+            "eth{}",
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        )
+    });
+    Ok(net)
 }
 
 /// `--merge-memory BASE LAYER...`: each layer's pages into BASE, in order.
@@ -830,6 +926,7 @@ fn main() -> ExitCode {
         },
         exit_port: args.exit_port,
         disks: args.disk,
+        nets: args.net,
         rng: args.rng,
         console: args.console,
         serial: match &args.serial {
@@ -848,6 +945,7 @@ fn main() -> ExitCode {
             memory: args.restore_memory.clone(),
             eager: args.restore_eager,
             disks: args.restore_disk.clone(),
+            nets: args.restore_net.clone(),
             resume: !args.restore_paused,
         }),
         // This process runs one VM: confine its main thread too.

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod api;
+pub mod netns;
 
 use std::fs::OpenOptions;
 use std::io::{self, Write};

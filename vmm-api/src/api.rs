@@ -362,11 +362,6 @@ impl Api {
                     .into(),
             ));
         }
-        if !l.network_overrides.is_empty() {
-            return Err(ApiError::NotSupported(
-                "network_overrides (this VMM has no network interfaces yet)".into(),
-            ));
-        }
         let memory = match (l.mem_file_path, l.mem_backend) {
             (Some(path), None) => path,
             (None, Some(b)) if b.backend_type == MemoryBackendType::File => b.backend_path,
@@ -388,6 +383,11 @@ impl Api {
             memory: vec![PathBuf::from(memory)],
             eager: false,
             disks: Vec::new(),
+            nets: l
+                .network_overrides
+                .iter()
+                .map(|o| (o.iface_id.clone(), o.host_dev_name.clone()))
+                .collect(),
             resume: l.resume_vm,
         };
         let before = self.controller.config();

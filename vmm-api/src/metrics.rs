@@ -64,7 +64,8 @@ fn add_into(total: &mut Map<String, Value>, part: &Map<String, Value>) {
 }
 
 /// One flush's object: the devices' counters (each block device under
-/// `block_<id>` and all of them summed under `block`), the API's, and the
+/// `block_<id>` and all of them summed under `block`, each NIC under
+/// `net_<id>` and summed under `net`), the API's, and the
 /// time.
 pub fn snapshot(devices: Option<&MetricsRegistry>, api: &ApiCounters) -> Value {
     let mut out = Map::new();
@@ -73,12 +74,18 @@ pub fn snapshot(devices: Option<&MetricsRegistry>, api: &ApiCounters) -> Value {
         .map_or(0, |d| d.as_millis() as u64);
     out.insert("utc_timestamp_ms".into(), json!(now));
     let mut block = Map::new();
+    let mut net = Map::new();
     if let Some(registry) = devices {
         for (name, m) in registry.entries() {
             let fields = match &m {
                 DeviceMetrics::Block(b) => {
                     let f = counters_json(&b.counters());
                     add_into(&mut block, &f);
+                    f
+                }
+                DeviceMetrics::Net(n) => {
+                    let f = counters_json(&n.counters());
+                    add_into(&mut net, &f);
                     f
                 }
                 DeviceMetrics::Entropy(e) => counters_json(&e.counters()),
@@ -90,6 +97,9 @@ pub fn snapshot(devices: Option<&MetricsRegistry>, api: &ApiCounters) -> Value {
     }
     if !block.is_empty() {
         out.insert("block".into(), Value::Object(block));
+    }
+    if !net.is_empty() {
+        out.insert("net".into(), Value::Object(net));
     }
     api.write_into(&mut out);
     Value::Object(out)

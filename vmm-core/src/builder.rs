@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io::{self, Cursor, Read, Write};
+use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,6 +26,7 @@ use vmm_devices::legacy::{
 use vmm_devices::persist::Persist;
 use vmm_devices::virtio::block::Block;
 use vmm_devices::virtio::console::Console;
+use vmm_devices::virtio::net::{Net, Tap, TapError};
 use vmm_devices::virtio::rng::Rng;
 use vmm_devices::virtio::VirtioDevice;
 use vmm_devices::EventFdTrigger;
@@ -34,14 +36,16 @@ use vmm_memory::{
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{HostIo, KernelSource, SerialConfig, VmConfig, DEFAULT_CMDLINE};
-use crate::devices::{ConsoleConfig, DeviceError, DiskConfig, VirtioHandle, VirtioSlot};
+use crate::devices::{
+    ConsoleConfig, DeviceError, DiskConfig, NetConfig, TapSource, VirtioHandle, VirtioSlot,
+};
 use crate::event_loop::Subscriber;
 use crate::events::{VmEvent, VmEventSender};
 use crate::host_io::{BufferedOutput, OutputStatus, Pty};
 use crate::seccomp::{SeccompError, SeccompPolicy, ThreadFilters, ThreadKind};
 use crate::snapshot::{
-    read_state_file, DiskDescription, MachineDescription, RestoreConfig, RestoreError,
-    SnapshotState,
+    read_state_file, DiskDescription, MachineDescription, NetDescription, RestoreConfig,
+    RestoreError, SnapshotState,
 };
 use crate::vcpu::Vcpu;
 use crate::vm::Vm;
@@ -105,6 +109,7 @@ pub struct VmBuilder {
     receiver: std::sync::mpsc::Receiver<VmEvent>,
     metrics: MetricsRegistry,
     disk_slots: Vec<crate::vmm::DiskSlot>,
+    net_slots: Vec<crate::vmm::NetSlot>,
     track_dirty: bool,
     described: (bool, bool),
     restore: Option<Box<PendingRestore>>,
@@ -198,6 +203,7 @@ impl VmBuilder {
             receiver,
             metrics: MetricsRegistry::default(),
             disk_slots: Vec::new(),
+            net_slots: Vec::new(),
             track_dirty: false,
             described: (false, false),
             restore: None,
@@ -273,7 +279,7 @@ impl VmBuilder {
     /// if it is one of the inputs (by device and inode), and truncated only
     /// after that check.
     pub fn from_config(config: &VmConfig, mut io: HostIo) -> Result<Self, VmmError> {
-        let (mut b, disks, rng, console) = match &config.restore {
+        let (mut b, disks, nets, rng, console) = match &config.restore {
             None => {
                 check_vcpus(config.vcpus)?;
                 let mut b = Self::new(config.mem_mib, config.ram_backing)?;
@@ -288,7 +294,13 @@ impl VmBuilder {
                     b.initrd(initrd);
                 }
                 b.open_boot_files()?;
-                (b, config.disks.clone(), config.rng, config.console.clone())
+                (
+                    b,
+                    config.disks.clone(),
+                    config.nets.clone(),
+                    config.rng,
+                    config.console.clone(),
+                )
             }
             Some(restore) => {
                 let b = Self::restoring(restore, config.ram_backing)?;
@@ -298,12 +310,13 @@ impl VmBuilder {
                     .map(|r| r.state.machine.clone())
                     .ok_or(VmmError::NoVcpus)?;
                 let disks = restored_disks(&machine, &restore.disks)?;
+                let nets = restored_nets(&machine, &restore.nets)?;
                 // The console is the snapshot's; where it writes is this
                 // host's choice (the host's console output by default).
                 let console = machine
                     .console
                     .then(|| config.console.clone().unwrap_or(ConsoleConfig::Host));
-                (b, disks, machine.rng, console)
+                (b, disks, nets, machine.rng, console)
             }
         };
         b.seccomp(config.seccomp)
@@ -311,6 +324,9 @@ impl VmBuilder {
         b.described = (rng, console.is_some());
         for d in &disks {
             b.add_disk(d)?;
+        }
+        for n in &nets {
+            b.add_net(n)?;
         }
         if rng {
             let rng = Rng::new();
@@ -447,6 +463,52 @@ impl VmBuilder {
         let handle = self.add_virtio(block)?;
         self.disk_slots.push(crate::vmm::DiskSlot {
             config: disk.clone(),
+            transport: Arc::downgrade(handle.transport()),
+        });
+        Ok(handle)
+    }
+
+    /// Attaches to the TAP `net` names (or takes a duplicate of the one it
+    /// passes) and adds a virtio-net device on it, with its MAC and rate
+    /// limits. Ids must be unique.
+    pub fn add_net(&mut self, net: &NetConfig) -> Result<VirtioHandle<Net<GuestRam>>, VmmError> {
+        if self.net_slots.iter().any(|n| n.config.id == net.id) {
+            return Err(DeviceError::NetIdTwice(net.id.clone()).into());
+        }
+        let tap_err = |source| DeviceError::Tap {
+            id: net.id.clone(),
+            source,
+        };
+        let tap = match &net.tap {
+            TapSource::Name(name) => Tap::open(name).map_err(tap_err)?,
+            TapSource::Fd(fd) => {
+                // SAFETY: F_DUPFD_CLOEXEC on a descriptor number, no
+                // pointers; a bad number fails with EBADF.
+                let dup = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 0) };
+                if dup < 0 {
+                    return Err(tap_err(TapError::NotTap {
+                        fd: *fd,
+                        source: Some(std::io::Error::last_os_error()),
+                    })
+                    .into());
+                }
+                // SAFETY: `dup` is a new descriptor, ours alone.
+                let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(dup) };
+                Tap::from_fd(owned).map_err(tap_err)?
+            }
+        };
+        let net_err = |source| DeviceError::Net {
+            id: net.id.clone(),
+            source,
+        };
+        let mut dev = Net::new(tap, net.mac).map_err(net_err)?;
+        dev.set_rate_limiters(net.rx_rate_limiter.as_ref(), net.tx_rate_limiter.as_ref())
+            .map_err(net_err)?;
+        self.metrics
+            .register(format!("net_{}", net.id), DeviceMetrics::Net(dev.metrics()));
+        let handle = self.add_virtio(dev)?;
+        self.net_slots.push(crate::vmm::NetSlot {
+            config: net.clone(),
             transport: Arc::downgrade(handle.transport()),
         });
         Ok(handle)
@@ -822,6 +884,7 @@ impl VmBuilder {
             receiver: self.receiver,
             metrics: self.metrics,
             disks: self.disk_slots,
+            nets: self.net_slots,
             serial,
             keyboard,
             generation,
@@ -847,6 +910,11 @@ impl VmBuilder {
                 .disk_slots
                 .iter()
                 .map(|d| DiskDescription::from(&d.config))
+                .collect(),
+            nets: self
+                .net_slots
+                .iter()
+                .map(|n| NetDescription::from(&n.config))
                 .collect(),
             rng: self.described.0,
             console: self.described.1,
@@ -1165,6 +1233,30 @@ fn restored_disks(
                 .find(|(id, _)| d.id() == Some(id.as_str()))
                 .map_or_else(|| d.path.clone(), |(_, p)| p.clone());
             d.config(path)
+        })
+        .collect())
+}
+
+/// The NICs a snapshot describes, each on its override's TAP if one names
+/// it.
+fn restored_nets(
+    machine: &MachineDescription,
+    overrides: &[(String, String)],
+) -> Result<Vec<NetConfig>, VmmError> {
+    for (id, _) in overrides {
+        if !machine.nets.iter().any(|n| n.id == *id) {
+            return Err(RestoreError::NoSuchNet(id.clone()).into());
+        }
+    }
+    Ok(machine
+        .nets
+        .iter()
+        .map(|n| {
+            let tap = overrides
+                .iter()
+                .find(|(id, _)| n.id == *id)
+                .map_or_else(|| n.host_dev_name.clone(), |(_, t)| t.clone());
+            n.config(tap)
         })
         .collect())
 }

@@ -10,7 +10,7 @@ use vmm_devices::host_files::OutputMode;
 use vmm_devices::legacy::DEBUG_EXIT_PORT;
 use vmm_memory::RamBacking;
 
-use crate::devices::{ConsoleConfig, DiskConfig};
+use crate::devices::{ConsoleConfig, DiskConfig, NetConfig};
 use crate::seccomp::SeccompPolicy;
 
 /// Default kernel command line: what a Linux guest needs on this machine
@@ -48,6 +48,8 @@ pub struct VmConfig {
     pub exit_port: u16,
     /// virtio-blk disks.
     pub disks: Vec<DiskConfig>,
+    /// virtio-net NICs (after the disks).
+    pub nets: Vec<NetConfig>,
     /// A virtio-rng device.
     pub rng: bool,
     /// A virtio-console.
@@ -85,6 +87,7 @@ impl Default for VmConfig {
             ram_backing: RamBacking::Anonymous,
             exit_port: DEBUG_EXIT_PORT,
             disks: Vec::new(),
+            nets: Vec::new(),
             rng: false,
             console: None,
             serial: SerialConfig::Host,

@@ -12,10 +12,12 @@ use kvm_ioctls::IoEventAddress;
 use vm_device::bus::{MmioAddress, MmioRange};
 use vm_device::device_manager::{IoManager, MmioManager};
 use vmm_devices::host_files::{HostFileError, OutputMode};
+use vmm_devices::rate_limiter::RateLimiterConfig;
 use vmm_devices::virtio::block::BlockError;
 use vmm_devices::virtio::mmio::{
     MmioEventHandler, MmioTransport, TransportError, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET,
 };
+use vmm_devices::virtio::net::{MacAddr, NetError, TapError};
 use vmm_devices::virtio::VirtioDevice;
 use vmm_devices::EventFdTrigger;
 use vmm_memory::{AllocatorError, GuestRam, GuestRange, ResourceAllocator};
@@ -55,6 +57,48 @@ impl DiskConfig {
     }
 }
 
+/// Where a NIC's TAP comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TapSource {
+    /// A TAP interface by name (usually made beforehand with
+    /// `ip tuntap add NAME mode tap`).
+    Name(String),
+    /// A TAP the caller opened (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`) and
+    /// passes by descriptor; the VM uses a duplicate, the caller keeps its
+    /// own.
+    Fd(std::os::fd::RawFd),
+}
+
+/// A virtio-net NIC on a host TAP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The name a manager knows the NIC by (Firecracker's `iface_id`):
+    /// what [`VmHandle::set_net_link`](crate::VmHandle::set_net_link), the
+    /// metrics (`net_<id>`) and restore overrides use.
+    pub id: String,
+    /// The TAP.
+    pub tap: TapSource,
+    /// The MAC address offered to the guest (it picks one otherwise).
+    pub mac: Option<MacAddr>,
+    /// Limits on what the guest receives.
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Limits on what the guest sends.
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
+impl NetConfig {
+    /// A NIC `id` on the TAP interface `tap`, no MAC, no limits.
+    pub fn new(id: impl Into<String>, tap: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            tap: TapSource::Name(tap.into()),
+            mac: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+        }
+    }
+}
+
 /// Where a virtio console goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConsoleConfig {
@@ -84,6 +128,27 @@ pub enum DeviceError {
         #[source]
         source: BlockError,
     },
+    /// A NIC's TAP could not be used.
+    #[error("NIC {id}")]
+    Tap {
+        /// The NIC.
+        id: String,
+        /// Why.
+        #[source]
+        source: TapError,
+    },
+    /// A NIC could not be set up.
+    #[error("NIC {id}")]
+    Net {
+        /// The NIC.
+        id: String,
+        /// Why.
+        #[source]
+        source: NetError,
+    },
+    /// Two NICs have the same id.
+    #[error("two NICs have the id {0:?}")]
+    NetIdTwice(String),
     /// A host file cannot be used.
     #[error(transparent)]
     Host(#[from] HostFileError),

@@ -36,7 +36,10 @@ mod vmm;
 
 pub use builder::VmBuilder;
 pub use config::{HostIo, KernelSource, SerialConfig, VmConfig, DEFAULT_CMDLINE};
-pub use devices::{ConsoleConfig, DeviceError, DiskConfig, Transport, VirtioHandle, VirtioSlot};
+pub use devices::{
+    ConsoleConfig, DeviceError, DiskConfig, NetConfig, TapSource, Transport, VirtioHandle,
+    VirtioSlot,
+};
 pub use event_loop::{EventLoop, EventLoopError, Subscriber};
 pub use events::{exit_status, EventTrigger, OwnerTask, StopCause, VmEvent, VmEventSender, VmExit};
 pub use lifecycle::{ConfigError, LifecycleError, LifecycleState, VmController};

@@ -137,6 +137,11 @@ pub const VM_SAVE_IOCTLS: [u64; 4] = [
     ),
 ];
 
+/// What a device does when the driver starts it (on the vCPU thread that
+/// wrote the status register, or the main thread of a restore):
+/// `TUNSETOFFLOAD`, a NIC setting its TAP's offloads.
+pub const ACTIVATION_IOCTLS: [u64; 1] = [0x4004_54d0];
+
 const COMMON: &[i64] = &[
     libc::SYS_read,
     libc::SYS_write,
@@ -189,10 +194,20 @@ fn rules(
             libc::SYS_fsync,
             libc::SYS_fallocate,
             libc::SYS_getrandom,
+            // A NIC's frames to and from its TAP; rate limiters' timers.
+            libc::SYS_readv,
+            libc::SYS_writev,
+            libc::SYS_timerfd_settime,
         ],
         ThreadKind::Input => &[],
         // Kicks vCPUs out of the guest; flushes disks at the orderly stop.
-        ThreadKind::Main => &[libc::SYS_tgkill, libc::SYS_fdatasync, libc::SYS_fsync],
+        // Rate limits changed at run time re-arm the device's timer.
+        ThreadKind::Main => &[
+            libc::SYS_tgkill,
+            libc::SYS_fdatasync,
+            libc::SYS_fsync,
+            libc::SYS_timerfd_settime,
+        ],
     };
     for &s in extra.iter().chain(extra_calls) {
         map.insert(s, Vec::new());
@@ -204,8 +219,17 @@ fn rules(
     };
     let vcpu = [KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, KVM_TRANSLATE];
     let kvm: Vec<u64> = match kind {
-        ThreadKind::Vcpu => vcpu.iter().chain(&VCPU_SAVE_IOCTLS).copied().collect(),
-        ThreadKind::Main => VM_SAVE_IOCTLS.to_vec(),
+        ThreadKind::Vcpu => vcpu
+            .iter()
+            .chain(&VCPU_SAVE_IOCTLS)
+            .chain(&ACTIVATION_IOCTLS)
+            .copied()
+            .collect(),
+        ThreadKind::Main => VM_SAVE_IOCTLS
+            .iter()
+            .chain(&ACTIVATION_IOCTLS)
+            .copied()
+            .collect(),
         _ => Vec::new(),
     };
     // ioctl is allowed by request only, whatever `extra_calls` said.

@@ -120,6 +120,18 @@ pub enum ControlError {
     /// No disk has that id.
     #[error("no disk has the id {0:?}")]
     NoSuchDisk(String),
+    /// No NIC has that id.
+    #[error("no network interface has the id {0:?}")]
+    NoSuchNet(String),
+    /// A NIC refused new limits.
+    #[error("network interface {id}")]
+    Net {
+        /// The NIC.
+        id: String,
+        /// Why.
+        #[source]
+        source: vmm_devices::virtio::net::NetError,
+    },
     /// The new image cannot be used.
     #[error(transparent)]
     Disk(#[from] DeviceError),
@@ -152,6 +164,7 @@ pub(crate) struct Parts {
     pub keyboard: Arc<Mutex<KeyboardDevice>>,
     pub generation: Arc<Mutex<VmGeneration>>,
     pub disks: Vec<DiskSlot>,
+    pub nets: Vec<NetSlot>,
     pub outputs: Vec<(&'static str, OutputStatus)>,
     pub held: Vec<std::fs::File>,
     pub serial_pty: Option<PathBuf>,
@@ -187,6 +200,7 @@ struct Control {
     serial: Arc<Mutex<SerialDevice>>,
     generation: Arc<Mutex<VmGeneration>>,
     disks: Vec<DiskSlot>,
+    nets: Vec<NetSlot>,
     slots: Vec<SlotRef>,
     /// The machine as a snapshot describes it (disk paths kept current).
     machine: Mutex<MachineDescription>,
@@ -194,6 +208,14 @@ struct Control {
     /// (or its restore) needs; 0 when there is nothing to layer a diff on.
     layers: Mutex<u32>,
     track_dirty: bool,
+}
+
+/// A NIC the VM was built with, for link and limit changes (weak, as
+/// [`SlotRef`]).
+#[derive(Clone)]
+pub(crate) struct NetSlot {
+    pub config: crate::devices::NetConfig,
+    pub transport: Weak<Mutex<crate::devices::Transport>>,
 }
 
 /// A disk the VM was built with, for replacing its image (weak, as
@@ -453,6 +475,58 @@ impl VmHandle {
         Ok(kbd.press_ctrl_alt_del()?)
     }
 
+    /// Runs `f` on NIC `id`'s device.
+    fn with_net<R>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut vmm_devices::virtio::net::Net<vmm_memory::GuestRam>) -> R,
+    ) -> Result<R, ControlError> {
+        let slot = self
+            .control
+            .nets
+            .iter()
+            .find(|n| n.config.id == id)
+            .ok_or_else(|| ControlError::NoSuchNet(id.to_string()))?;
+        let transport = slot.transport.upgrade().ok_or(ControlError::NotRunning)?;
+        let mut t = transport.lock().map_err(|_| ControlError::NotRunning)?;
+        let net = t
+            .device_as_mut::<vmm_devices::virtio::net::Net<vmm_memory::GuestRam>>()
+            .ok_or_else(|| ControlError::NoSuchNet(id.to_string()))?;
+        Ok(f(net))
+    }
+
+    /// Sets NIC `id`'s link up or down (the guest gets a configuration
+    /// change interrupt; while down, nothing moves).
+    pub fn set_net_link(&self, id: &str, up: bool) -> Result<(), ControlError> {
+        self.with_net(id, |n| n.set_link(up))
+    }
+
+    /// Replaces NIC `id`'s receive and transmit limits (`None`: that side
+    /// unchanged; a config with no buckets: no limit), at once.
+    pub fn update_net_rate_limiters(
+        &self,
+        id: &str,
+        rx: Option<&vmm_devices::rate_limiter::RateLimiterConfig>,
+        tx: Option<&vmm_devices::rate_limiter::RateLimiterConfig>,
+    ) -> Result<(), ControlError> {
+        self.with_net(id, |n| n.set_rate_limiters(rx, tx))?
+            .map_err(|source| ControlError::Net {
+                id: id.to_string(),
+                source,
+            })?;
+        if let Ok(mut m) = self.control.machine.lock() {
+            if let Some(d) = m.nets.iter_mut().find(|d| d.id == id) {
+                if let Some(rx) = rx {
+                    d.rx_rate_limiter = Some(*rx);
+                }
+                if let Some(tx) = tx {
+                    d.tx_rate_limiter = Some(*tx);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Puts the disk whose id (serial) is `id` on the image at `path`,
     /// opened and locked as the disk was configured (read-only or not); the
     /// guest sees a configuration change with the new capacity. This opens
@@ -600,6 +674,7 @@ impl Vmm {
             serial: parts.serial.clone(),
             generation: parts.generation.clone(),
             disks: parts.disks.clone(),
+            nets: parts.nets.clone(),
             slots: parts
                 .virtio
                 .iter()

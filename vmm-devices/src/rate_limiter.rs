@@ -249,7 +249,10 @@ impl RateLimiter {
     pub fn consume_forced(&mut self, bytes: u64) -> bool {
         let now = Instant::now();
         let ops = self.ops.as_mut().and_then(|b| b.take_forced(1, now));
-        let bw = self.bandwidth.as_mut().and_then(|b| b.take_forced(bytes, now));
+        let bw = self
+            .bandwidth
+            .as_mut()
+            .and_then(|b| b.take_forced(bytes, now));
         match ops.max(bw) {
             Some(wait) => self.block(wait),
             None => true,
@@ -452,7 +455,10 @@ mod tests {
         }];
         // SAFETY: one valid pollfd.
         assert_eq!(unsafe { libc::poll(fds.as_mut_ptr(), 1, 1000) }, 1);
-        assert!(start.elapsed() >= Duration::from_millis(19), "the debt takes 20 ms to repay");
+        assert!(
+            start.elapsed() >= Duration::from_millis(19),
+            "the debt takes 20 ms to repay"
+        );
         l.timer_fired();
         assert!(l.ready());
         assert!(l.consume_forced(1));

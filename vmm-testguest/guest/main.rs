@@ -24,6 +24,7 @@ mod devices;
 mod harness;
 mod hostile;
 mod mem;
+mod net;
 mod scenarios;
 mod shared;
 mod smp;

@@ -399,6 +399,31 @@ impl Device {
         Ok((id, len))
     }
 
+    /// The next used entry of `q` (head, length) if the device has
+    /// published one, without waiting.
+    pub fn try_used(q: &mut Queue) -> Option<(u32, u32)> {
+        if rd16(q.used + 2) == q.last_used {
+            return None;
+        }
+        fence(Ordering::SeqCst);
+        let slot = q.last_used % q.size;
+        let id = rd32(q.used + 4 + 8 * u64::from(slot));
+        let len = rd32(q.used + 4 + 8 * u64::from(slot) + 4);
+        q.last_used = q.last_used.wrapping_add(1);
+        Some((id, len))
+    }
+
+    /// Reads a 16-bit configuration field.
+    pub fn config16(&self, off: u64) -> u16 {
+        rd16(self.base + CONFIG + off)
+    }
+
+    /// Reads a configuration byte.
+    pub fn config8(&self, off: u64) -> u8 {
+        // SAFETY: a device register in the identity-mapped first 4 GiB.
+        unsafe { core::ptr::read_volatile((self.base + CONFIG + off) as *const u8) }
+    }
+
     /// Makes a chain of `bufs` (address, length, device-writable) available,
     /// notifies the device, waits for its used entry and returns the used
     /// length.

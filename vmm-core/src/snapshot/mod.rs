@@ -50,8 +50,8 @@ use serde::Serialize;
 mod state;
 
 pub use state::{
-    BadSnapshot, DiskDescription, MachineDescription, MemoryDescription, SnapshotKind,
-    SnapshotState, VirtioDeviceSnapshot, MAX_MEMORY_LAYERS, MAX_SNAPSHOT_DEVICES,
+    BadSnapshot, DiskDescription, MachineDescription, MemoryDescription, NetDescription,
+    SnapshotKind, SnapshotState, VirtioDeviceSnapshot, MAX_MEMORY_LAYERS, MAX_SNAPSHOT_DEVICES,
 };
 
 /// What to write when taking a snapshot.
@@ -95,6 +95,9 @@ pub struct RestoreConfig {
     /// (name, else serial): each clone its own overlay. The image must have
     /// the saved size.
     pub disks: Vec<(String, std::path::PathBuf)>,
+    /// TAP interfaces to use instead of those the snapshot names, by NIC id
+    /// (Firecracker's `network_overrides`): each clone its own TAP.
+    pub nets: Vec<(String, String)>,
     /// Run the guest at once; otherwise the VM starts paused.
     pub resume: bool,
 }
@@ -191,6 +194,9 @@ pub enum RestoreError {
     /// A disk override names no disk of the snapshot.
     #[error("the snapshot has no disk with the id {0:?}")]
     NoSuchDisk(String),
+    /// A network override names no NIC of the snapshot.
+    #[error("the snapshot has no network interface with the id {0:?}")]
+    NoSuchNet(String),
     /// A part of the machine is not what the state describes.
     #[error("{what}: the snapshot has {saved}, the VM being built has {here}")]
     Mismatch {

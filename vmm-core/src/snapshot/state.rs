@@ -7,9 +7,11 @@ use serde::{Deserialize, Serialize};
 use vmm_devices::legacy::{I8042State, SerialSnapshot, VmGenerationState};
 use vmm_devices::virtio::mmio::MmioTransportState;
 
-use crate::devices::DiskConfig;
+use crate::devices::{DiskConfig, NetConfig, TapSource};
 use crate::vcpu::VcpuState;
 use crate::vm::VmState;
+use vmm_devices::rate_limiter::RateLimiterConfig;
+use vmm_devices::virtio::net::MacAddr;
 
 /// Most virtio devices a snapshot may describe.
 pub const MAX_SNAPSHOT_DEVICES: usize = 64;
@@ -65,6 +67,55 @@ impl DiskDescription {
     }
 }
 
+/// A NIC as the machine description keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetDescription {
+    /// Its id.
+    pub id: String,
+    /// The TAP interface it was on (a TAP given by descriptor is recorded
+    /// by its interface name); a restore can name another.
+    pub host_dev_name: String,
+    /// The MAC address offered.
+    #[serde(default)]
+    pub mac: Option<MacAddr>,
+    /// Receive limits.
+    #[serde(default)]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Transmit limits.
+    #[serde(default)]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
+impl From<&NetConfig> for NetDescription {
+    fn from(n: &NetConfig) -> Self {
+        let host_dev_name = match &n.tap {
+            TapSource::Name(name) => name.clone(),
+            TapSource::Fd(fd) => format!("fd:{fd}"),
+        };
+        Self {
+            id: n.id.clone(),
+            host_dev_name,
+            mac: n.mac,
+            rx_rate_limiter: n.rx_rate_limiter,
+            tx_rate_limiter: n.tx_rate_limiter,
+        }
+    }
+}
+
+impl NetDescription {
+    /// The NIC's configuration, on the TAP interface `tap`.
+    pub fn config(&self, tap: String) -> NetConfig {
+        NetConfig {
+            id: self.id.clone(),
+            tap: TapSource::Name(tap),
+            mac: self.mac,
+            rx_rate_limiter: self.rx_rate_limiter,
+            tx_rate_limiter: self.tx_rate_limiter,
+        }
+    }
+}
+
 /// What the VM was built from, as far as a restore needs it to build the
 /// same machine again (the guest's view: RAM, vCPUs, devices in order).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,7 +133,10 @@ pub struct MachineDescription {
     pub debugcon: bool,
     /// The built-in disks, in the order they were added.
     pub disks: Vec<DiskDescription>,
-    /// Whether the built-in virtio-rng is there (after the disks).
+    /// The built-in NICs, in order (after the disks).
+    #[serde(default)]
+    pub nets: Vec<NetDescription>,
+    /// Whether the built-in virtio-rng is there (after the NICs).
     pub rng: bool,
     /// Whether the built-in virtio-console is there (after the rng).
     pub console: bool,

@@ -7,9 +7,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
-    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4,
-    VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS,
-    VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::bitmap::{Bitmap, BitmapSlice};
@@ -305,7 +304,9 @@ impl<M: GuestMemoryBackend + Send + 'static> Net<M> {
             }
         }
         if broken {
-            crate::guest_warn!("virtio-net: the driver broke the receive ring; the device needs a reset");
+            crate::guest_warn!(
+                "virtio-net: the driver broke the receive ring; the device needs a reset"
+            );
             ctx.interrupt.set_needs_reset();
         }
     }
@@ -357,7 +358,7 @@ impl<M: GuestMemoryBackend + Send + 'static> Net<M> {
                     ctx.interrupt.set_needs_reset();
                     break 'outer;
                 };
-                if len < VNET_HDR_LEN || len > MAX_FRAME || slices.len() > MAX_IOV {
+                if !(VNET_HDR_LEN..=MAX_FRAME).contains(&len) || slices.len() > MAX_IOV {
                     self.metrics.tx_malformed_frames.inc();
                     crate::guest_warn!(
                         "virtio-net: dropped a {len}-byte transmit chain of {} pieces (header {VNET_HDR_LEN}, at most {MAX_FRAME} bytes and {MAX_IOV} pieces)",
@@ -384,7 +385,9 @@ impl<M: GuestMemoryBackend + Send + 'static> Net<M> {
                         Ok(false) => self.metrics.tx_dropped_tap_full.inc(),
                         Err(e) => {
                             self.metrics.tap_write_fails.inc();
-                            crate::guest_warn!("virtio-net: the TAP refused a frame from the guest: {e}");
+                            crate::guest_warn!(
+                                "virtio-net: the TAP refused a frame from the guest: {e}"
+                            );
                         }
                     }
                 }
@@ -430,7 +433,12 @@ struct RxPass<'a, 'm, M: GuestMemoryBackend + 'm> {
 impl<'m, M: GuestMemoryBackend> RxPass<'_, 'm, M> {
     /// Pops chains until the popped ones hold `want` bytes (one chain
     /// without mergeable buffers) or the queue is empty.
-    fn gather(&mut self, queue: &mut Queue, mem: &'m M, want: usize) -> Result<(), virtio_queue::Error> {
+    fn gather(
+        &mut self,
+        queue: &mut Queue,
+        mem: &'m M,
+        want: usize,
+    ) -> Result<(), virtio_queue::Error> {
         loop {
             let have: usize = self.chains.iter().map(|c| c.capacity).sum();
             if have >= want || (!self.mrg && !self.chains.is_empty()) {
@@ -490,7 +498,12 @@ impl<'m, M: GuestMemoryBackend> RxPass<'_, 'm, M> {
 
     /// Publishes a frame of `len` bytes that fills the first chains, with
     /// `num_buffers` set, and takes its cost from the limiter.
-    fn publish(&mut self, queue: &mut Queue, mem: &M, len: usize) -> Result<(), virtio_queue::Error> {
+    fn publish(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        len: usize,
+    ) -> Result<(), virtio_queue::Error> {
         let mut left = len;
         let mut used = Vec::new();
         while left > 0 {
@@ -508,7 +521,11 @@ impl<'m, M: GuestMemoryBackend> RxPass<'_, 'm, M> {
             debug_assert!(last <= self.slices.len());
         }
         if let Some((c, _)) = used.first() {
-            write_at(&self.slices[c.first..c.first + c.count], NUM_BUFFERS_OFFSET, &nbuf);
+            write_at(
+                &self.slices[c.first..c.first + c.count],
+                NUM_BUFFERS_OFFSET,
+                &nbuf,
+            );
         }
         for (c, n) in used {
             queue.add_used(mem, c.head, n as u32)?;
@@ -611,7 +628,9 @@ impl<'m, M: GuestMemoryBackend> RxPass<'_, 'm, M> {
                 }
                 Ok(Some(n)) => {
                     self.metrics.tap_read_fails.inc();
-                    crate::host_warn!("virtio-net: a {n}-byte read from the TAP, shorter than a header");
+                    crate::host_warn!(
+                        "virtio-net: a {n}-byte read from the TAP, shorter than a header"
+                    );
                     Ok(Rx::Again)
                 }
                 Ok(None) => Ok(Rx::Stop),
@@ -799,7 +818,10 @@ impl<M: GuestMemoryBackend + Send + 'static> VirtioDevice<M> for Net<M> {
         .ok()
     }
 
-    fn restore_device_state(&mut self, state: Option<&serde_json::Value>) -> Result<(), RestoreError> {
+    fn restore_device_state(
+        &mut self,
+        state: Option<&serde_json::Value>,
+    ) -> Result<(), RestoreError> {
         let st: NetState = decode_device_state("virtio-net", state)?;
         if st.mac != self.mac {
             return Err(RestoreError::mismatch(

@@ -105,7 +105,9 @@ pub struct Tap {
 fn check_name(name: &str) -> Result<(), TapError> {
     let ok = !name.is_empty()
         && name.len() < IFNAMSIZ
-        && !name.bytes().any(|b| b == 0 || b == b'/' || b.is_ascii_whitespace());
+        && !name
+            .bytes()
+            .any(|b| b == 0 || b == b'/' || b.is_ascii_whitespace());
     if ok {
         Ok(())
     } else {
@@ -298,7 +300,10 @@ mod tests {
     #[test]
     fn names_are_checked_before_the_kernel_sees_them() {
         for bad in ["", "0123456789abcdef", "a/b", "a b", "a\0b"] {
-            assert!(matches!(Tap::open(bad), Err(TapError::BadName(_))), "{bad:?}");
+            assert!(
+                matches!(Tap::open(bad), Err(TapError::BadName(_))),
+                "{bad:?}"
+            );
         }
     }
 

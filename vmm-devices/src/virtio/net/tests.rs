@@ -81,7 +81,7 @@ impl Host {
             let ctl = OwnedFd::from_raw_fd(ctl);
             let mut r = ifreq(ifname, mtu);
             assert_eq!(libc::ioctl(ctl.as_raw_fd(), libc::SIOCSIFMTU, &mut r), 0);
-            let mut r = ifreq(ifname, (libc::IFF_UP | libc::IFF_NOARP) as i32);
+            let mut r = ifreq(ifname, libc::IFF_UP | libc::IFF_NOARP);
             assert_eq!(libc::ioctl(ctl.as_raw_fd(), libc::SIOCSIFFLAGS, &mut r), 0);
             let proto = (libc::ETH_P_ALL as u16).to_be();
             let s = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto));
@@ -130,7 +130,8 @@ impl Host {
         let mut buf = vec![0u8; 70000];
         loop {
             // SAFETY: a local buffer of its length.
-            let n = unsafe { libc::recv(self.sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            let n =
+                unsafe { libc::recv(self.sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n < 0 {
                 return None;
             }
@@ -230,7 +231,11 @@ fn frames_from_the_guest_reach_the_host_whole() {
         for (len, split) in [(60, 4096), (1514, 4096), (1514, 100), (64, 7)] {
             let f = frame(len, len as u8);
             s.transmit(&f, split);
-            assert_eq!(s.host.recv().as_deref(), Some(&f[..]), "{len} bytes in {split}-byte pieces");
+            assert_eq!(
+                s.host.recv().as_deref(),
+                Some(&f[..]),
+                "{len} bytes in {split}-byte pieces"
+            );
         }
         assert_eq!(s.tx.used_idx(), 4);
         let m = s.dev.metrics();
@@ -320,7 +325,8 @@ fn hostile_chains_are_dropped_or_refused_and_the_device_goes_on() {
         // A header the TAP refuses: an unknown GSO type.
         let mut bad = vec![0u8; VNET_HDR_LEN + 60];
         bad[1] = 0x7f;
-        mem.write_slice(&bad, GuestAddress(TX_BUF + 0x10_0000)).unwrap();
+        mem.write_slice(&bad, GuestAddress(TX_BUF + 0x10_0000))
+            .unwrap();
         s.tx.add(&[Buf(TX_BUF + 0x10_0000, bad.len() as u32, false)]);
         s.dev.process_queue(1);
         assert_eq!(s.tx.used_idx(), 3, "every chain is given back");
@@ -419,7 +425,14 @@ fn rate_limiters_hold_frames_until_their_timer_fires() {
         }
         s.dev.process_event(EV_TAP);
         let m = s.dev.metrics();
-        assert_eq!(s.rx.used_idx(), 2, "throttled {} packets {} nobuf {}", m.rx_rate_limiter_throttled.get(), m.rx_packets_count.get(), m.rx_no_buffers.get());
+        assert_eq!(
+            s.rx.used_idx(),
+            2,
+            "throttled {} packets {} nobuf {}",
+            m.rx_rate_limiter_throttled.get(),
+            m.rx_packets_count.get(),
+            m.rx_no_buffers.get()
+        );
         for _ in 0..4 {
             if s.rx.used_idx() == 4 {
                 break;
@@ -449,9 +462,17 @@ fn offloads_follow_the_features_the_driver_took() {
         let mut d: Net<GuestMemoryMmap> = Net::new(tap, None).unwrap();
         let rx = Driver::new(&mem, RXQ, 64);
         let tx = Driver::new(&mem, TXQ, 16);
-        let (ctx, _) = context(&mem, vec![rx.queue(), tx.queue()], FEATURES | (1 << VIRTIO_NET_F_GUEST_TSO4));
+        let (ctx, _) = context(
+            &mem,
+            vec![rx.queue(), tx.queue()],
+            FEATURES | (1 << VIRTIO_NET_F_GUEST_TSO4),
+        );
         d.activate(ctx).unwrap();
-        assert_eq!(d.device_features() & (1 << VIRTIO_NET_F_MAC), 0, "no MAC offered when none is set");
+        assert_eq!(
+            d.device_features() & (1 << VIRTIO_NET_F_MAC),
+            0,
+            "no MAC offered when none is set"
+        );
     });
 }
 
@@ -478,8 +499,20 @@ fn mac_addresses_parse_print_and_refuse_multicast() {
     let m: MacAddr = "06:00:AC:10:00:02".parse().unwrap();
     assert_eq!(m.to_string(), "06:00:ac:10:00:02");
     assert_eq!(serde_json::to_string(&m).unwrap(), "\"06:00:ac:10:00:02\"");
-    for bad in ["", "06:00:ac:10:00", "06:00:ac:10:00:02:03", "6:00:ac:10:00:02", "zz:00:ac:10:00:02"] {
-        assert!(matches!(bad.parse::<MacAddr>(), Err(MacAddrError::Syntax(_))), "{bad}");
+    for bad in [
+        "",
+        "06:00:ac:10:00",
+        "06:00:ac:10:00:02:03",
+        "6:00:ac:10:00:02",
+        "zz:00:ac:10:00:02",
+    ] {
+        assert!(
+            matches!(bad.parse::<MacAddr>(), Err(MacAddrError::Syntax(_))),
+            "{bad}"
+        );
     }
-    assert!(matches!("01:00:5e:00:00:01".parse::<MacAddr>(), Err(MacAddrError::Multicast(_))));
+    assert!(matches!(
+        "01:00:5e:00:00:01".parse::<MacAddr>(),
+        Err(MacAddrError::Multicast(_))
+    ));
 }

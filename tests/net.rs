@@ -1,0 +1,230 @@
+//! virtio-net end to end: the test guest on a TAP in a network namespace
+//! each test makes (and removes), talking to the host's own network stack.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::UdpSocket;
+use std::process::{Child, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+use common::netns::{NetNs, GUEST_IP, GUEST_MAC, HOST_IP};
+use vmm_kit::core::{HostIo, KernelSource, NetConfig, VmConfig, VmExit, Vmm};
+
+/// The reference VMM in `ns` with `args`, its stdout lines on a channel.
+fn spawn_in(ns: &NetNs, args: &[&str]) -> (Child, Receiver<String>) {
+    common::require_kvm();
+    let mut child = ns
+        .command(&common::minimal_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("start the reference VMM");
+    let out = child.stdout.take().expect("stdout");
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// Lines up to (and with) the first containing `needle`.
+fn wait_line(rx: &Receiver<String>, needle: &str, seen: &mut Vec<String>) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                let hit = line.contains(needle);
+                seen.push(line);
+                if hit {
+                    return;
+                }
+            }
+            Err(_) => panic!("no {needle:?}; output so far:\n{}", seen.join("\n")),
+        }
+    }
+}
+
+fn finish(mut child: Child, rx: &Receiver<String>, seen: &mut Vec<String>) -> (i32, String) {
+    let status = child.wait().expect("wait for the VMM");
+    seen.extend(rx.try_iter());
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        std::io::Read::read_to_string(&mut e, &mut err).ok();
+    }
+    (status.code().unwrap_or(-1), err)
+}
+
+#[test]
+fn the_guest_and_the_host_stack_talk_both_ways() {
+    let ns = NetNs::new("both");
+    let net = format!("tap=tap0,mac={GUEST_MAC}");
+    let (child, rx) = spawn_in(
+        &ns,
+        &[
+            "--net",
+            &net,
+            "--cmdline",
+            "console=ttyS0 testguest.run=net,exit testguest.net_serve=3",
+        ],
+    );
+    let mut seen = Vec::new();
+    wait_line(&rx, "net serve ready", &mut seen);
+    // The host resolves the guest by ARP, then UDP echo to port 7.
+    ns.run(|| {
+        let s = UdpSocket::bind((HOST_IP, 0)).expect("bind");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        for i in 0..3u8 {
+            let msg: Vec<u8> = (0..200u16).map(|b| (b as u8).wrapping_add(i)).collect();
+            s.send_to(&msg, (GUEST_IP, 7)).expect("send");
+            let mut buf = [0u8; 512];
+            let (n, from) = s.recv_from(&mut buf).expect("the guest's echo");
+            assert_eq!(from.ip().to_string(), GUEST_IP);
+            assert_eq!(&buf[..n], &msg[..], "echo {i} comes back whole");
+        }
+    });
+    let (code, err) = finish(child, &rx, &mut seen);
+    let out = seen.join("\n");
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        out.contains(&format!("net mac={GUEST_MAC} ip={GUEST_IP} link=up")),
+        "{out}"
+    );
+    assert!(out.contains(&format!("net arp peer={HOST_IP}")), "{out}");
+    for seq in 1..=4 {
+        assert!(out.contains(&format!("net ping seq={seq} ok")), "{out}");
+    }
+    assert!(out.contains("net ok pings=4 served=3"), "{out}");
+}
+
+#[test]
+fn link_down_and_up_reach_the_guest_and_frames_flow_again() {
+    common::require_kvm();
+    let ns = NetNs::new("link");
+    ns.run(|| {
+        let serial = common::SharedBuf::default();
+        let mut nic = NetConfig::new("eth0", "tap0");
+        nic.mac = Some(GUEST_MAC.parse().unwrap());
+        let config = VmConfig {
+            kernel: KernelSource::Bytes(vmm_kit::testguest::IMAGE),
+            cmdline: "console=ttyS0 testguest.run=net-link,exit".into(),
+            nets: vec![nic],
+            ..VmConfig::default()
+        };
+        let vmm = Vmm::new(&config, HostIo::serial(Box::new(serial.clone()))).expect("build");
+        let handle = vmm.handle();
+        let running = vmm.start().expect("start");
+        serial.wait_for("net-link state=up", Duration::from_secs(30));
+        assert!(handle.set_net_link("nope", false).is_err(), "no such NIC");
+        handle.set_net_link("eth0", false).expect("link down");
+        serial.wait_for("net-link state=down", Duration::from_secs(30));
+        handle.set_net_link("eth0", true).expect("link up");
+        serial.wait_for("net-link state=up-again", Duration::from_secs(30));
+        let exit = running.wait().expect("run");
+        assert_eq!(exit, VmExit::GuestStatus(0), "{}", serial.text());
+        assert!(serial.text().contains("net-link ok"), "{}", serial.text());
+    });
+}
+
+/// The transmit limiter holds the guest to its rate: 1500-byte frames sent
+/// as fast as the guest can through a 2 MB/s bucket refilled every
+/// millisecond arrive at 2 MB/s, within a few percent.
+#[test]
+fn a_transmit_rate_limit_holds_the_guest_to_its_rate() {
+    let ns = NetNs::new("txlimit");
+    let frames = 2000u64;
+    let size = 1514u64;
+    let iters = format!(
+        "console=ttyS0 testguest.run=net-bench,exit testguest.bench_iters={frames} testguest.net_size={size}"
+    );
+    // 2000 bytes of frame per millisecond.
+    let net = format!("tap=tap0,mac={GUEST_MAC},tx-bandwidth=2000/1");
+    let counted = ns.run(|| {
+        let s = UdpSocket::bind((HOST_IP, 5001)).expect("bind 5001");
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let (child, rx) = spawn_in(&ns, &["--net", &net, "--cmdline", &iters]);
+        let mut times = Vec::new();
+        let mut buf = [0u8; 2048];
+        while (times.len() as u64) < frames {
+            match s.recv(&mut buf) {
+                Ok(_) => times.push(Instant::now()),
+                Err(_) => break,
+            }
+        }
+        let mut seen = Vec::new();
+        let _ = finish(child, &rx, &mut seen);
+        (times, seen)
+    });
+    let (times, seen) = counted;
+    assert!(
+        times.len() as u64 >= frames * 95 / 100,
+        "{} of {frames} frames arrived; guest said:\n{}",
+        times.len(),
+        seen.join("\n")
+    );
+    // The rate over the second half (the bucket's first fill long spent).
+    let half = times.len() / 2;
+    let elapsed = times[times.len() - 1] - times[half];
+    let bytes = ((times.len() - 1 - half) as u64 * size) as f64;
+    let rate = bytes / elapsed.as_secs_f64();
+    let expected = 2_000_000.0;
+    assert!(
+        (rate - expected).abs() / expected < 0.05,
+        "measured {rate:.0} B/s, limit {expected} B/s"
+    );
+}
+
+#[test]
+fn bad_nic_flags_and_a_busy_tap_are_refused_clearly() {
+    common::require_kvm();
+    for (flag, needle) in [
+        ("mac=06:00:00:00:00:01", "a NIC needs tap=NAME or fd=N"),
+        ("tap=tap0,mac=01:00:5e:00:00:01", "multicast"),
+        ("tap=tap0,mac=nonsense", "bad MAC address"),
+        ("tap=tap0,speed=10", "unknown NIC option"),
+        ("tap=tap0,tx-bandwidth=0/100", "not a usable size"),
+        ("tap=tap0,tx-bandwidth=10/0", "must not be 0"),
+        ("tap=tap0,rx-ops=100", "SIZE/MS"),
+        ("tap=this-name-is-too-long", "bad TAP interface name"),
+    ] {
+        let o = common::run_minimal(&["--net", flag]);
+        common::assert_clean_failure(&o, needle);
+    }
+    let o = common::run_minimal(&["--net", "fd=0"]);
+    common::assert_clean_failure(&o, "not a TAP device");
+    let o = common::run_minimal(&["--net", "tap=tap0,id=a", "--net", "tap=tap1,id=a"]);
+    common::assert_clean_failure(&o, "two NICs have the id \"a\"");
+
+    // A TAP another VMM is using.
+    let ns = NetNs::new("busy");
+    let net = format!("tap=tap0,mac={GUEST_MAC}");
+    let (mut first, rx) = spawn_in(
+        &ns,
+        &[
+            "--net",
+            &net,
+            "--cmdline",
+            "console=ttyS0 testguest.run=spin",
+        ],
+    );
+    let mut seen = Vec::new();
+    wait_line(&rx, "spin", &mut seen);
+    let second = ns
+        .command(&common::minimal_bin())
+        .args(["--net", &net])
+        .stdin(Stdio::null())
+        .output()
+        .expect("second VMM");
+    first.kill().ok();
+    first.wait().ok();
+    common::assert_clean_failure(&second, "cannot attach to TAP interface tap0");
+}
