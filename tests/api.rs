@@ -420,7 +420,19 @@ fn bad_requests_get_400_with_a_message_and_the_vmm_lives_on() {
             "PUT",
             "/network-interfaces/eth0",
             json!({}),
-            "not supported",
+            "missing field",
+        ),
+        (
+            "PUT",
+            "/network-interfaces/eth0",
+            json!({"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "01:00:00:00:00:01"}),
+            "multicast",
+        ),
+        (
+            "PUT",
+            "/network-interfaces/eth0",
+            json!({"iface_id": "eth0", "host_dev_name": "a-name-far-too-long-for-a-tap"}),
+            "bad TAP interface name",
         ),
         (
             "PUT",

@@ -228,3 +228,87 @@ fn bad_nic_flags_and_a_busy_tap_are_refused_clearly() {
     first.wait().ok();
     common::assert_clean_failure(&second, "cannot attach to TAP interface tap0");
 }
+
+/// Firecracker's `network-interfaces`: PUT before boot (checked against
+/// the TAP and the other interfaces), the guest's network up, PATCH of the
+/// rate limiters while it runs, and the interface in the configuration.
+#[test]
+fn the_api_configures_interfaces_and_patches_their_limits() {
+    use common::api::{call, fault, Vmm as ApiVmm};
+    use serde_json::json;
+
+    let ns = NetNs::new("api");
+    ns.add_tap("tap1", "172.16.1.1");
+    let mut vmm = ApiVmm::start_in_netns(&ns.name, &[]);
+    let sock = vmm.sock.clone();
+    let put = |path: &str, body: serde_json::Value| call(&sock, "PUT", path, Some(body));
+    let (code, resp) = put(
+        "/boot-source",
+        json!({"kernel_image_path": vmm.kernel(),
+               "boot_args": "console=ttyS0 testguest.run=net,net-link,exit testguest.net_serve=0"}),
+    );
+    assert_eq!(code, 204, "{resp}");
+    let eth0 = json!({"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": GUEST_MAC,
+                      "tx_rate_limiter": {"ops": {"size": 1000, "refill_time": 1000}}});
+    let (code, resp) = put("/network-interfaces/eth0", eth0.clone());
+    assert_eq!(code, 204, "{resp}");
+    // Another interface on the same TAP, or with the same MAC, is refused.
+    let (code, resp) = put(
+        "/network-interfaces/eth1",
+        json!({"iface_id": "eth1", "host_dev_name": "tap0"}),
+    );
+    assert_eq!(code, 400);
+    assert!(fault(&resp).contains("tap0 is already in use"), "{resp}");
+    let (code, resp) = put(
+        "/network-interfaces/eth1",
+        json!({"iface_id": "eth1", "host_dev_name": "tap1", "guest_mac": GUEST_MAC}),
+    );
+    assert_eq!(code, 400);
+    assert!(
+        fault(&resp).contains("MAC address is already in use"),
+        "{resp}"
+    );
+    // PATCH is for a running VM.
+    let (code, _) = call(
+        &sock,
+        "PATCH",
+        "/network-interfaces/eth0",
+        Some(json!({"iface_id": "eth0"})),
+    );
+    assert_eq!(code, 400);
+    let (code, resp) = put("/actions", json!({"action_type": "InstanceStart"}));
+    assert_eq!(code, 204, "{resp}");
+    vmm.wait_serial("net ok pings=4");
+    vmm.wait_serial("net-link state=up");
+    let (code, resp) = call(
+        &sock,
+        "PATCH",
+        "/network-interfaces/eth0",
+        Some(json!({"iface_id": "eth0",
+                    "rx_rate_limiter": {"bandwidth": {"size": 1000000, "refill_time": 100}},
+                    "tx_rate_limiter": {"ops": {"size": 0, "refill_time": 0}}})),
+    );
+    assert_eq!(code, 204, "{resp}");
+    let (code, resp) = call(
+        &sock,
+        "PATCH",
+        "/network-interfaces/nope",
+        Some(json!({"iface_id": "nope"})),
+    );
+    assert_eq!(code, 400);
+    assert!(
+        fault(&resp).contains("Invalid network interface ID"),
+        "{resp}"
+    );
+    let (code, resp) = call(&sock, "GET", "/vm/config", None);
+    assert_eq!(code, 200);
+    let config: serde_json::Value = serde_json::from_str(&resp).unwrap();
+    let nic = &config["network-interfaces"][0];
+    assert_eq!(nic["host_dev_name"], "tap0");
+    assert_eq!(nic["guest_mac"], GUEST_MAC);
+    assert_eq!(nic["rx_rate_limiter"]["bandwidth"]["size"], 1000000);
+    assert!(nic["tx_rate_limiter"].get("ops").is_none(), "{nic}");
+    let (code, _) = put("/actions", json!({"action_type": "InstanceStop"}));
+    assert_eq!(code, 204);
+    vmm.wait();
+}

@@ -84,10 +84,31 @@ impl Vmm {
     /// Starts the VMM serving the API on `base/NAME.sock`, its serial output
     /// in `base/NAME.serial`, with `extra` flags.
     pub fn start_in(base: &Path, name: &str, extra: &[&str]) -> Vmm {
+        Vmm::launch(base, name, extra, None)
+    }
+
+    /// As [`Vmm::start`], inside the network namespace `netns`.
+    pub fn start_in_netns(netns: &str, extra: &[&str]) -> Vmm {
+        let dir = TempFile::new("guest.elf", vmm_kit::testguest::IMAGE);
+        let base = dir.path.parent().expect("test step").to_path_buf();
+        let mut vmm = Vmm::launch(&base, "vmm", extra, Some(netns));
+        vmm.dir = Some(dir);
+        vmm
+    }
+
+    fn launch(base: &Path, name: &str, extra: &[&str], netns: Option<&str>) -> Vmm {
         require_kvm();
         let sock = base.join(format!("{name}.sock"));
         let serial = base.join(format!("{name}.serial"));
-        let child = Command::new(minimal_bin())
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(minimal_bin());
+                c
+            }
+            None => Command::new(minimal_bin()),
+        };
+        let child = command
             .arg("--api-sock")
             .arg(&sock)
             .arg("--serial")

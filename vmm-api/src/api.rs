@@ -10,7 +10,11 @@ use std::sync::Arc;
 
 use serde_json::Value;
 use vmm_core::snapshot::{RestoreConfig, SnapshotKind, SnapshotRequest};
-use vmm_core::{DiskConfig, KernelSource, LifecycleError, LifecycleState, VmConfig, VmController};
+use vmm_core::{
+    DiskConfig, KernelSource, LifecycleError, LifecycleState, NetConfig, TapSource, VmConfig,
+    VmController,
+};
+use vmm_devices::virtio::net::{MacAddr, Tap};
 use vmm_memory::RamBacking;
 
 use crate::logger::ApiLogger;
@@ -80,6 +84,8 @@ pub struct Api {
     boot_source_set: bool,
     /// The disks the controller had before any `PUT /drives`.
     base_disks: Vec<DiskConfig>,
+    /// The NICs the controller had before any `PUT /network-interfaces`.
+    base_nets: Vec<NetConfig>,
     counters: Arc<ApiCounters>,
     metrics: MetricsSink,
     /// A boot resource (machine, boot source, drive, entropy) was set
@@ -144,6 +150,7 @@ impl Api {
             view,
             boot_source_set,
             base_disks: config.disks.clone(),
+            base_nets: config.nets.clone(),
             counters: Arc::default(),
             metrics: MetricsSink::default(),
             boot_configured: false,
@@ -174,9 +181,6 @@ impl Api {
     /// Applies a whole configuration (the config file's), as the matching
     /// `PUT` requests would, in Firecracker's order.
     pub fn apply(&mut self, config: FullVmConfiguration) -> Result<(), ApiError> {
-        if !config.network_interfaces.is_empty() {
-            return Err(ApiError::NotSupported("network-interfaces".into()));
-        }
         for (name, present) in [
             ("vsock", config.vsock.is_some()),
             ("balloon", config.balloon.is_some()),
@@ -204,6 +208,9 @@ impl Api {
         for d in config.drives {
             self.put_drive(d)?;
         }
+        for n in config.network_interfaces {
+            self.put_net(n)?;
+        }
         if let Some(e) = config.entropy {
             self.put_entropy(e)?;
         }
@@ -228,6 +235,7 @@ impl Api {
                 | ApiRequest::PatchMachineConfig(_)
                 | ApiRequest::PutBootSource(_)
                 | ApiRequest::PutDrive(_)
+                | ApiRequest::PutNetworkInterface(_)
                 | ApiRequest::PutEntropy(_)
         );
         let out = self.dispatch_inner(request);
@@ -283,6 +291,8 @@ impl Api {
             ApiRequest::PutDrive(d) => self.put_drive(d).map(|_| None),
             ApiRequest::PatchDrive(d) => self.patch_drive(d).map(|_| None),
             ApiRequest::PutEntropy(e) => self.put_entropy(e).map(|_| None),
+            ApiRequest::PutNetworkInterface(n) => self.put_net(n).map(|_| None),
+            ApiRequest::PatchNetworkInterface(n) => self.patch_net(n).map(|_| None),
             ApiRequest::Action(ActionType::InstanceStart) => {
                 if !self.boot_source_set && self.controller.state() == LifecycleState::NotStarted {
                     return Err(ApiError::Invalid(
@@ -417,8 +427,8 @@ impl Api {
 
     /// Applies the current resources to the controller's configuration.
     fn commit(&mut self, view: FullVmConfiguration) -> Result<(), ApiError> {
-        let base = &self.base_disks;
-        let edit = |c: &mut VmConfig| -> Result<(), ApiError> { apply_view(&view, base, c) };
+        let (disks, nets) = (&self.base_disks, &self.base_nets);
+        let edit = |c: &mut VmConfig| -> Result<(), ApiError> { apply_view(&view, disks, nets, c) };
         self.controller.try_configure(edit)??;
         self.view = view;
         Ok(())
@@ -537,6 +547,118 @@ impl Api {
         Ok(())
     }
 
+    fn put_net(&mut self, n: NetworkInterface) -> Result<(), ApiError> {
+        self.pre_boot()?;
+        if let Some(mac) = &n.guest_mac {
+            mac.parse::<MacAddr>()
+                .map_err(|e| ApiError::Invalid(e.to_string()))?;
+        }
+        for l in [&n.rx_rate_limiter, &n.tx_rate_limiter]
+            .into_iter()
+            .flatten()
+        {
+            vmm_devices::rate_limiter::RateLimiter::check(&effective(l))
+                .map_err(|e| ApiError::Invalid(format!("rate limiter: {e}")))?;
+        }
+        let others = || {
+            self.view
+                .network_interfaces
+                .iter()
+                .filter(|o| o.iface_id != n.iface_id)
+        };
+        if others().any(|o| o.host_dev_name == n.host_dev_name) {
+            return Err(ApiError::Invalid(format!(
+                "The host device name {} is already in use.",
+                n.host_dev_name
+            )));
+        }
+        if let Some(mac) = &n.guest_mac {
+            let mac: MacAddr =
+                mac.parse()
+                    .map_err(|e: vmm_devices::virtio::net::MacAddrError| {
+                        ApiError::Invalid(e.to_string())
+                    })?;
+            if others()
+                .any(|o| o.guest_mac.as_ref().and_then(|m| m.parse::<MacAddr>().ok()) == Some(mac))
+            {
+                return Err(ApiError::Invalid(format!(
+                    "The MAC address is already in use: {mac}"
+                )));
+            }
+        }
+        // Attach to the TAP once now, so that a missing, busy or forbidden
+        // one is this request's error, not InstanceStart's.
+        let name = n.host_dev_name.clone();
+        self.controller.on_owner(move || {
+            Tap::open(&name).map(drop).map_err(|e| {
+                ApiError::Invalid(format!(
+                    "Could not create the network device: {}",
+                    error_chain(&e)
+                ))
+            })
+        })??;
+        let mut view = self.view.clone();
+        match view
+            .network_interfaces
+            .iter_mut()
+            .find(|o| o.iface_id == n.iface_id)
+        {
+            Some(slot) => *slot = n,
+            None => view.network_interfaces.push(n),
+        }
+        self.commit(view)
+    }
+
+    fn patch_net(&mut self, p: PartialNetworkInterface) -> Result<(), ApiError> {
+        self.controller.handle()?;
+        let Some(nic) = self
+            .view
+            .network_interfaces
+            .iter()
+            .find(|o| o.iface_id == p.iface_id)
+            .cloned()
+            .or_else(|| {
+                self.base_nets
+                    .iter()
+                    .find(|b| b.id == p.iface_id)
+                    .map(|b| NetworkInterface {
+                        iface_id: b.id.clone(),
+                        host_dev_name: String::new(),
+                        guest_mac: None,
+                        rx_rate_limiter: b.rx_rate_limiter,
+                        tx_rate_limiter: b.tx_rate_limiter,
+                    })
+            })
+        else {
+            return Err(ApiError::Invalid(format!(
+                "Invalid network interface ID: {}",
+                p.iface_id
+            )));
+        };
+        let rx = p.rx_rate_limiter.map(|u| merge(nic.rx_rate_limiter, &u));
+        let tx = p.tx_rate_limiter.map(|u| merge(nic.tx_rate_limiter, &u));
+        for l in [&rx, &tx].into_iter().flatten() {
+            vmm_devices::rate_limiter::RateLimiter::check(l)
+                .map_err(|e| ApiError::Invalid(format!("rate limiter: {e}")))?;
+        }
+        self.controller
+            .update_net_rate_limiters(&p.iface_id, rx.as_ref(), tx.as_ref())?;
+        if let Some(v) = self
+            .view
+            .network_interfaces
+            .iter_mut()
+            .find(|o| o.iface_id == p.iface_id)
+        {
+            if rx.is_some() {
+                v.rx_rate_limiter = rx;
+            }
+            if tx.is_some() {
+                v.tx_rate_limiter = tx;
+            }
+        }
+        Ok(())
+    }
+
     fn put_entropy(&mut self, e: EntropyDevice) -> Result<(), ApiError> {
         self.pre_boot()?;
         unsupported_limiter("the entropy device", &e.rate_limiter)?;
@@ -574,11 +696,52 @@ impl Api {
     }
 }
 
+/// A limiter as Firecracker reads it: a bucket of size or refill time 0
+/// limits nothing.
+fn effective(c: &RateLimiterConfig) -> RateLimiterConfig {
+    let keep = |b: Option<TokenBucketConfig>| b.filter(|b| b.size > 0 && b.refill_time > 0);
+    RateLimiterConfig {
+        bandwidth: keep(c.bandwidth),
+        ops: keep(c.ops),
+    }
+}
+
+/// `old` with the buckets `update` gives (as [`effective`] reads them).
+fn merge(old: Option<RateLimiterConfig>, update: &RateLimiterConfig) -> RateLimiterConfig {
+    let old = old.unwrap_or_default();
+    let new = effective(update);
+    RateLimiterConfig {
+        bandwidth: if update.bandwidth.is_some() {
+            new.bandwidth
+        } else {
+            old.bandwidth
+        },
+        ops: if update.ops.is_some() {
+            new.ops
+        } else {
+            old.ops
+        },
+    }
+}
+
+/// An error and its causes, as one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
 /// The controller's configuration as the resources describe it; what they
 /// do not describe (consoles, seccomp, exit port) stays as it was.
 fn apply_view(
     view: &FullVmConfiguration,
     base_disks: &[DiskConfig],
+    base_nets: &[NetConfig],
     c: &mut VmConfig,
 ) -> Result<(), ApiError> {
     if let Some(m) = &view.machine_config {
@@ -632,6 +795,22 @@ fn apply_view(
         }
         c.cmdline = line;
     }
+    c.nets = view
+        .network_interfaces
+        .iter()
+        .map(|n| {
+            Ok(NetConfig {
+                id: n.iface_id.clone(),
+                tap: TapSource::Name(n.host_dev_name.clone()),
+                mac: n.guest_mac.as_deref().map(str::parse).transpose().map_err(
+                    |e: vmm_devices::virtio::net::MacAddrError| ApiError::Invalid(e.to_string()),
+                )?,
+                rx_rate_limiter: n.rx_rate_limiter.as_ref().map(effective),
+                tx_rate_limiter: n.tx_rate_limiter.as_ref().map(effective),
+            })
+        })
+        .chain(base_nets.iter().cloned().map(Ok))
+        .collect::<Result<_, ApiError>>()?;
     c.rng = view.entropy.is_some() || c.rng;
     Ok(())
 }
@@ -648,6 +827,8 @@ fn metric_name(r: &ApiRequest) -> (&'static str, &'static str) {
         ApiRequest::PutDrive(_) => ("put_api_requests", "drive_count"),
         ApiRequest::PatchDrive(_) => ("patch_api_requests", "drive_count"),
         ApiRequest::PutEntropy(_) => ("put_api_requests", "entropy_count"),
+        ApiRequest::PutNetworkInterface(_) => ("put_api_requests", "network_count"),
+        ApiRequest::PatchNetworkInterface(_) => ("patch_api_requests", "network_count"),
         ApiRequest::Action(_) => ("put_api_requests", "actions_count"),
         ApiRequest::PatchVm(_) => ("patch_api_requests", "vm_count"),
         ApiRequest::PutLogger(_) => ("put_api_requests", "logger_count"),

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+pub use vmm_devices::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
 
 /// `GET /`: what this VMM is and where its VM is.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -169,6 +170,41 @@ pub struct PartialDrive {
     pub rate_limiter: Option<Value>,
 }
 
+/// `PUT /network-interfaces/{iface_id}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterface {
+    /// The interface's id.
+    pub iface_id: String,
+    /// The host TAP interface it is on.
+    pub host_dev_name: String,
+    /// The MAC address the guest is offered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+    /// Limits on what the guest receives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Limits on what the guest sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// `PATCH /network-interfaces/{iface_id}`: new limits for a running VM's
+/// interface. A bucket given replaces that bucket (one of size or refill
+/// time 0 removes it); a bucket left out stays as it was.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialNetworkInterface {
+    /// The interface's id.
+    pub iface_id: String,
+    /// New receive limits.
+    #[serde(default)]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// New transmit limits.
+    #[serde(default)]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
 /// `PUT /entropy`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -326,9 +362,9 @@ pub struct FullVmConfiguration {
     /// The entropy device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entropy: Option<EntropyDevice>,
-    /// Network interfaces (none offered yet: must be empty).
+    /// Network interfaces.
     #[serde(rename = "network-interfaces", default)]
-    pub network_interfaces: Vec<Value>,
+    pub network_interfaces: Vec<NetworkInterface>,
     /// A vsock device (not offered yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<Value>,

@@ -37,6 +37,10 @@ pub enum ApiRequest {
     PatchDrive(PartialDrive),
     /// `PUT /entropy`.
     PutEntropy(EntropyDevice),
+    /// `PUT /network-interfaces/{id}`.
+    PutNetworkInterface(NetworkInterface),
+    /// `PATCH /network-interfaces/{id}`.
+    PatchNetworkInterface(PartialNetworkInterface),
     /// `PUT /actions`.
     Action(ActionType),
     /// `PATCH /vm`.
@@ -171,6 +175,18 @@ pub fn parse_request(method: &str, path: &str, bytes: &[u8]) -> Result<ApiReques
             ApiRequest::PatchDrive(drive)
         }
         ("PUT", ["entropy"]) => ApiRequest::PutEntropy(body("PUT", bytes)?),
+        ("PUT", ["network-interfaces", id]) => {
+            check_id(id)?;
+            let nic: NetworkInterface = body("PUT", bytes)?;
+            same_id(id, &nic.iface_id)?;
+            ApiRequest::PutNetworkInterface(nic)
+        }
+        ("PATCH", ["network-interfaces", id]) => {
+            check_id(id)?;
+            let nic: PartialNetworkInterface = body("PATCH", bytes)?;
+            same_id(id, &nic.iface_id)?;
+            ApiRequest::PatchNetworkInterface(nic)
+        }
         ("PUT", ["actions"]) => {
             let info: InstanceActionInfo = body("PUT", bytes)?;
             ApiRequest::Action(info.action_type)
@@ -202,8 +218,7 @@ pub fn parse_request(method: &str, path: &str, bytes: &[u8]) -> Result<ApiReques
         }
         (
             "GET" | "PUT" | "PATCH",
-            ["network-interfaces" | "vsock" | "balloon" | "mmds" | "cpu-config" | "pmem" | "hotplug"
-            | "serial", ..],
+            ["vsock" | "balloon" | "mmds" | "cpu-config" | "pmem" | "hotplug" | "serial", ..],
         ) => {
             return Err(ApiError::NotSupported(format!(
                 "{method} /{}",
@@ -315,7 +330,25 @@ mod tests {
                 "unknown variant `Reboot`",
             ),
             ("PATCH", "/vm", r#"{"state": "Stopped"}"#, "unknown variant"),
-            ("PUT", "/network-interfaces/eth0", "{}", "not supported"),
+            (
+                "PUT",
+                "/network-interfaces/eth0",
+                "{}",
+                "missing field `iface_id`",
+            ),
+            (
+                "PUT",
+                "/network-interfaces/eth0",
+                r#"{"iface_id": "eth1", "host_dev_name": "tap0"}"#,
+                "eth1",
+            ),
+            (
+                "PATCH",
+                "/network-interfaces/eth0",
+                r#"{"iface_id": "eth0", "rx_rate_limiter": {"bandwidth": {"size": 1}}}"#,
+                "missing field `refill_time`",
+            ),
+            ("PUT", "/vsock", "{}", "not supported"),
             ("PUT", "/snapshot/create", "{}", "missing field"),
             (
                 "PUT",

@@ -302,6 +302,18 @@ impl VmController {
         Ok(())
     }
 
+    /// Replaces the running VM's NIC `id`'s limits (see
+    /// [`VmHandle::update_net_rate_limiters`]).
+    pub fn update_net_rate_limiters(
+        &self,
+        id: &str,
+        rx: Option<&vmm_devices::rate_limiter::RateLimiterConfig>,
+        tx: Option<&vmm_devices::rate_limiter::RateLimiterConfig>,
+    ) -> Result<(), LifecycleError> {
+        self.handle()?.update_net_rate_limiters(id, rx, tx)?;
+        Ok(())
+    }
+
     /// On the owner thread: carries out [`on_owner`](Self::on_owner) tasks
     /// and [`start`](Self::start) requests until a start succeeds, and
     /// returns the running VM. `io` gives the consoles' host I/O for each

@@ -217,6 +217,15 @@ impl RateLimiter {
         })
     }
 
+    /// Checks a configuration without making a limiter (no timer).
+    pub fn check(config: &RateLimiterConfig) -> Result<(), RateLimiterError> {
+        let now = Instant::now();
+        for c in [&config.bandwidth, &config.ops].into_iter().flatten() {
+            TokenBucket::new(c, now)?;
+        }
+        Ok(())
+    }
+
     /// Takes one operation and `bytes` bytes, both or neither. When they
     /// are not there, the limiter is blocked and its timer armed for when
     /// they will be; the caller stops and waits for

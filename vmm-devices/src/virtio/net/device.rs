@@ -156,11 +156,8 @@ impl<M> Net<M> {
         rx: Option<&RateLimiterConfig>,
         tx: Option<&RateLimiterConfig>,
     ) -> Result<(), NetError> {
-        if let Some(c) = rx {
-            RateLimiter::new(c)?;
-        }
-        if let Some(c) = tx {
-            RateLimiter::new(c)?;
+        for c in [rx, tx].into_iter().flatten() {
+            RateLimiter::check(c)?;
         }
         if let Some(c) = rx {
             self.rx_limiter.update(c)?;
