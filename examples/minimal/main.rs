@@ -109,8 +109,10 @@ struct Args {
     #[arg(long, value_name = "PORT", default_value_t = DEBUG_EXIT_PORT, value_parser = parse_port)]
     exit_port: u16,
     /// A virtio-blk disk on a raw image, locked against other users (shared
-    /// when ro): PATH[,ro][,id=SERIAL][,nolock]. Repeatable.
-    #[arg(long, value_name = "PATH[,ro][,id=SERIAL][,nolock]", value_parser = parse_disk)]
+    /// when ro): PATH[,ro][,id=SERIAL][,nolock][,bandwidth=SIZE/MS[+BURST]]
+    /// [,ops=N/MS[+BURST]] (token buckets: SIZE bytes or N requests every MS
+    /// milliseconds, with a one-time BURST). Repeatable.
+    #[arg(long, value_name = "PATH[,ro][,id=SERIAL][,nolock][,bandwidth=..][,ops=..]", value_parser = parse_disk)]
     disk: Vec<DiskConfig>,
     /// A virtio-net NIC on a host TAP interface (made beforehand, e.g.
     /// `ip tuntap add tap0 mode tap`), or on a TAP this process inherited
@@ -435,9 +437,19 @@ fn parse_disk(s: &str) -> Result<DiskConfig, String> {
                     id.len()
                 ))
             }
+            Some(("bandwidth", v)) => {
+                disk.rate_limiter
+                    .get_or_insert_with(RateLimiterConfig::default)
+                    .bandwidth = Some(parse_bucket(v)?)
+            }
+            Some(("ops", v)) => {
+                disk.rate_limiter
+                    .get_or_insert_with(RateLimiterConfig::default)
+                    .ops = Some(parse_bucket(v)?)
+            }
             _ => {
                 return Err(format!(
-                    "unknown disk option {opt:?} (expected ro, nolock or id=SERIAL)"
+                    "unknown disk option {opt:?} (expected ro, nolock, id=SERIAL, bandwidth=SIZE/MS[+BURST] or ops=N/MS[+BURST])"
                 ))
             }
         }

@@ -494,7 +494,9 @@ impl Api {
         if d.io_engine == IoEngine::Async {
             return Err(ApiError::NotSupported("io_engine Async".into()));
         }
-        unsupported_limiter("drives", &d.rate_limiter)?;
+        if let Some(l) = &d.rate_limiter {
+            check_limiter(&effective(l))?;
+        }
         let path = d
             .path_on_host
             .clone()
@@ -531,7 +533,26 @@ impl Api {
                 d.drive_id
             )));
         }
-        unsupported_limiter("drives", &d.rate_limiter)?;
+        if let Some(update) = &d.rate_limiter {
+            let old = self
+                .view
+                .drives
+                .iter()
+                .find(|o| o.drive_id == d.drive_id)
+                .and_then(|o| o.rate_limiter.as_ref().map(effective));
+            let limits = merge(old, update);
+            check_limiter(&limits)?;
+            self.controller
+                .update_disk_rate_limiter(&d.drive_id, &limits)?;
+            if let Some(drive) = self
+                .view
+                .drives
+                .iter_mut()
+                .find(|o| o.drive_id == d.drive_id)
+            {
+                drive.rate_limiter = Some(limits);
+            }
+        }
         if let Some(path) = &d.path_on_host {
             self.controller
                 .replace_disk(&d.drive_id, std::path::Path::new(path))?;
@@ -638,8 +659,7 @@ impl Api {
         let rx = p.rx_rate_limiter.map(|u| merge(nic.rx_rate_limiter, &u));
         let tx = p.tx_rate_limiter.map(|u| merge(nic.tx_rate_limiter, &u));
         for l in [&rx, &tx].into_iter().flatten() {
-            vmm_devices::rate_limiter::RateLimiter::check(l)
-                .map_err(|e| ApiError::Invalid(format!("rate limiter: {e}")))?;
+            check_limiter(l)?;
         }
         self.controller
             .update_net_rate_limiters(&p.iface_id, rx.as_ref(), tx.as_ref())?;
@@ -694,6 +714,11 @@ impl Api {
         self.view.metrics = Some(m);
         Ok(())
     }
+}
+
+fn check_limiter(l: &RateLimiterConfig) -> Result<(), ApiError> {
+    vmm_devices::rate_limiter::RateLimiter::check(l)
+        .map_err(|e| ApiError::Invalid(format!("rate limiter: {e}")))
 }
 
 /// A limiter as Firecracker reads it: a bucket of size or refill time 0
@@ -777,6 +802,7 @@ fn apply_view(
             serial: Some(d.drive_id.chars().take(20).collect()),
             name: Some(d.drive_id.clone()),
             lock: true,
+            rate_limiter: d.rate_limiter.as_ref().map(effective),
         })
         .chain(base_disks.iter().cloned())
         .collect();

@@ -147,9 +147,10 @@ pub struct Drive {
     /// The image on the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_on_host: Option<String>,
-    /// A rate limiter (refused: not offered yet).
+    /// Limits on bytes and requests (a bucket of size or refill time 0
+    /// limits nothing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limiter: Option<Value>,
+    pub rate_limiter: Option<RateLimiterConfig>,
     /// The I/O engine.
     #[serde(default)]
     pub io_engine: IoEngine,
@@ -166,8 +167,8 @@ pub struct PartialDrive {
     pub drive_id: String,
     /// A new image on the host.
     pub path_on_host: Option<String>,
-    /// A new rate limiter.
-    pub rate_limiter: Option<Value>,
+    /// New limits: a bucket given replaces that bucket, one left out stays.
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// `PUT /network-interfaces/{iface_id}`.

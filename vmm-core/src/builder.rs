@@ -24,7 +24,7 @@ use vmm_devices::legacy::{
     I8042_KBD_IRQ, I8042_PORT, I8042_PORT_SIZE,
 };
 use vmm_devices::persist::Persist;
-use vmm_devices::virtio::block::Block;
+use vmm_devices::virtio::block::{Block, BlockError};
 use vmm_devices::virtio::console::Console;
 use vmm_devices::virtio::net::{Net, Tap, TapError};
 use vmm_devices::virtio::rng::Rng;
@@ -445,8 +445,13 @@ impl VmBuilder {
         if disk.lock {
             lock_image(&file, &disk.path, disk.read_only).map_err(host)?;
         }
-        let block =
+        let mut block =
             Block::from_file(file, disk.read_only, disk.serial.as_deref()).map_err(disk_err)?;
+        if let Some(limits) = &disk.rate_limiter {
+            block
+                .set_rate_limiter(limits)
+                .map_err(|e| disk_err(BlockError::RateLimiter(e.to_string())))?;
+        }
         let name = match disk.name.as_ref().or(disk.serial.as_ref()) {
             Some(id) => format!("block_{id}"),
             None => format!("block_{}", self.disks.len()),

@@ -42,6 +42,8 @@ pub struct DiskConfig {
     /// Take an OFD lock on the image (shared when read-only, exclusive
     /// otherwise), so that no other VMM writes it meanwhile.
     pub lock: bool,
+    /// Limits on the bytes the guest reads and writes and on its requests.
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 impl DiskConfig {
@@ -53,6 +55,7 @@ impl DiskConfig {
             serial: None,
             name: None,
             lock: true,
+            rate_limiter: None,
         }
     }
 }

@@ -302,6 +302,17 @@ impl VmController {
         Ok(())
     }
 
+    /// Replaces the running VM's disk `id`'s limits (see
+    /// [`VmHandle::update_disk_rate_limiter`]).
+    pub fn update_disk_rate_limiter(
+        &self,
+        id: &str,
+        limits: &vmm_devices::rate_limiter::RateLimiterConfig,
+    ) -> Result<(), LifecycleError> {
+        self.handle()?.update_disk_rate_limiter(id, limits)?;
+        Ok(())
+    }
+
     /// Replaces the running VM's NIC `id`'s limits (see
     /// [`VmHandle::update_net_rate_limiters`]).
     pub fn update_net_rate_limiters(

@@ -527,6 +527,49 @@ impl VmHandle {
         Ok(())
     }
 
+    /// Replaces disk `id`'s limits (a config with no buckets lifts them),
+    /// at once.
+    pub fn update_disk_rate_limiter(
+        &self,
+        id: &str,
+        limits: &vmm_devices::rate_limiter::RateLimiterConfig,
+    ) -> Result<(), ControlError> {
+        let index = self
+            .control
+            .disks
+            .iter()
+            .position(|d| {
+                d.config
+                    .name
+                    .as_ref()
+                    .or(d.config.serial.as_ref())
+                    .map(String::as_str)
+                    == Some(id)
+            })
+            .ok_or_else(|| ControlError::NoSuchDisk(id.to_string()))?;
+        let transport = self.control.disks[index]
+            .transport
+            .upgrade()
+            .ok_or(ControlError::NotRunning)?;
+        let mut t = transport.lock().map_err(|_| ControlError::NotRunning)?;
+        let block = t
+            .device_as_mut::<vmm_devices::virtio::block::Block<vmm_memory::GuestRam>>()
+            .ok_or_else(|| ControlError::NoSuchDisk(id.to_string()))?;
+        block.set_rate_limiter(limits).map_err(|e| {
+            ControlError::Disk(DeviceError::Disk {
+                path: self.control.disks[index].config.path.clone(),
+                source: vmm_devices::virtio::block::BlockError::RateLimiter(e.to_string()),
+            })
+        })?;
+        drop(t);
+        if let Ok(mut m) = self.control.machine.lock() {
+            if let Some(d) = m.disks.get_mut(index) {
+                d.rate_limiter = Some(*limits);
+            }
+        }
+        Ok(())
+    }
+
     /// Puts the disk whose id (serial) is `id` on the image at `path`,
     /// opened and locked as the disk was configured (read-only or not); the
     /// guest sees a configuration change with the new capacity. This opens

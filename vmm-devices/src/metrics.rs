@@ -86,6 +86,8 @@ counters!(
         queue_event_count,
         /// Chains without a status byte or outside guest memory.
         event_fails,
+        /// Times the rate limiter made a request wait.
+        rate_limiter_throttled_events,
     }
 );
 

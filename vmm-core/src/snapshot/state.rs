@@ -34,6 +34,9 @@ pub struct DiskDescription {
     pub name: Option<String>,
     /// Whether the image is locked.
     pub lock: bool,
+    /// Its limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 impl From<&DiskConfig> for DiskDescription {
@@ -44,6 +47,7 @@ impl From<&DiskConfig> for DiskDescription {
             serial: d.serial.clone(),
             name: d.name.clone(),
             lock: d.lock,
+            rate_limiter: d.rate_limiter,
         }
     }
 }
@@ -57,6 +61,7 @@ impl DiskDescription {
             serial: self.serial.clone(),
             name: self.name.clone(),
             lock: self.lock,
+            rate_limiter: self.rate_limiter,
         }
     }
 

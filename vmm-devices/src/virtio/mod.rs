@@ -23,7 +23,7 @@ use std::sync::Arc;
 use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::GuestMemoryBackend;
 
-pub use queue::{drain_queue, QueueBudget};
+pub use queue::{drain_queue, drain_queue_until, QueueBudget, Step};
 
 /// `VIRTIO_F_VERSION_1`: the modern interface, required by the transport.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -203,6 +203,17 @@ impl<M: GuestMemoryBackend> VirtioCommon<M> {
     where
         F: FnMut(&M, DescriptorChain<&M>) -> Option<u32>,
     {
+        self.drain_until(index, device, |mem, chain| {
+            handle(mem, chain).map(Step::Used)
+        })
+    }
+
+    /// [`drain`](VirtioCommon::drain) with a handler that may also put a
+    /// chain back for later ([`Step::Later`], see [`drain_queue_until`]).
+    pub fn drain_until<F>(&mut self, index: usize, device: &str, mut handle: F) -> Drained
+    where
+        F: FnMut(&M, DescriptorChain<&M>) -> Option<Step>,
+    {
         let Some(ctx) = self.active.as_mut() else {
             return Drained::default();
         };
@@ -212,10 +223,10 @@ impl<M: GuestMemoryBackend> VirtioCommon<M> {
         let mem = &ctx.mem;
         let mut broken_chains = 0;
         let budget = QueueBudget::for_queue(queue);
-        let result = drain_queue(queue, mem, ctx.interrupt.as_ref(), budget, |chain| {
+        let result = drain_queue_until(queue, mem, ctx.interrupt.as_ref(), budget, |chain| {
             handle(mem, chain).unwrap_or_else(|| {
                 broken_chains += 1;
-                0
+                Step::Used(0)
             })
         });
         let more = ctx.settle(device, broken_chains, result);

@@ -19,6 +19,16 @@ impl QueueBudget {
     }
 }
 
+/// What a handler of [`drain_queue_until`] did with a chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Answered, with this many bytes written into its buffers.
+    Used(u32),
+    /// Not now (a rate limiter said wait): the chain goes back to the
+    /// queue, to be taken again first, and the pass ends.
+    Later,
+}
+
 /// Handles every available chain of `q` with `handle`, which returns the
 /// number of bytes it wrote into the chain's buffers. Returns `Ok(true)` when
 /// the budget ran out with chains left (the caller should come back), and an
@@ -34,6 +44,24 @@ pub fn drain_queue<M, F>(
 where
     M: GuestMemoryBackend,
     F: FnMut(DescriptorChain<&M>) -> u32,
+{
+    drain_queue_until(q, mem, interrupt, budget, |c| Step::Used(handle(c)))
+}
+
+/// [`drain_queue`] with a handler that may put a chain back for later
+/// ([`Step::Later`]): the pass then ends with notifications still
+/// suppressed (whoever said "later" brings the device back, a limiter's
+/// timer say) and returns `Ok(false)`.
+pub fn drain_queue_until<M, F>(
+    q: &mut Queue,
+    mem: &M,
+    interrupt: &dyn VirtioInterrupt,
+    budget: QueueBudget,
+    mut handle: F,
+) -> Result<bool, virtio_queue::Error>
+where
+    M: GuestMemoryBackend,
+    F: FnMut(DescriptorChain<&M>) -> Step,
 {
     let mut done = 0usize;
     let mut more = false;
@@ -57,7 +85,13 @@ where
             };
             let Some(chain) = chain else { break };
             let head = chain.head_index();
-            let len = handle(chain);
+            let len = match handle(chain) {
+                Step::Used(len) => len,
+                Step::Later => {
+                    q.go_to_previous_position();
+                    break 'outer;
+                }
+            };
             if let Err(e) = q.add_used(mem, head, len) {
                 result = Err(e);
                 break 'outer;

@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -24,10 +24,12 @@ use serde::{Deserialize, Serialize};
 use crate::host_files::{lock_image, open_input, HostFileError, InputKind};
 use crate::metrics::BlockMetrics;
 use crate::persist::{Persist, RestoreError};
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError};
 use crate::virtio::{
-    read_config_bytes, VirtioCommon, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    read_config_bytes, Step, VirtioCommon, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
 };
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Size of the request queue.
 pub const BLOCK_QUEUE_SIZE: u16 = 256;
@@ -95,6 +97,12 @@ pub enum BlockError {
     /// The image's size could not be read.
     #[error("cannot read the size of the disk image")]
     Size(#[source] io::Error),
+    /// The rate limiter could not be made.
+    #[error("cannot set up the rate limiter: {0}")]
+    RateLimiter(String),
+    /// An eventfd could not be made.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] io::Error),
     /// The serial is longer than virtio-blk's 20-byte id.
     #[error("disk serial {serial:?} is longer than {ID_BYTES} bytes")]
     SerialTooLong {
@@ -111,6 +119,7 @@ struct Backend {
     buf: Vec<u8>,
     broken_chains: u64,
     metrics: Arc<BlockMetrics>,
+    limiter: RateLimiter,
 }
 
 /// Why a request's I/O failed: the host (logged), or the guest's buffers.
@@ -146,7 +155,7 @@ impl Backend {
         &mut self,
         mem: &M,
         chain: DescriptorChain<&M>,
-    ) -> Option<u32> {
+    ) -> Option<Step> {
         let data_chain = chain.clone();
         let (mut reader, mut writer) = match (chain.clone().reader(mem), chain.writer(mem)) {
             (Ok(r), Ok(w)) => (r, w),
@@ -165,6 +174,15 @@ impl Backend {
         let (status, written) = match Request::parse(&mut reader, readable, writable - 1, self.disk)
         {
             Ok(request) => {
+                let bytes = match request {
+                    Request::In { len, .. } | Request::Out { len, .. } => len,
+                    _ => 0,
+                };
+                if !self.limiter.consume(bytes) {
+                    // The limiter's timer brings the request back.
+                    self.metrics.rate_limiter_throttled_events.inc();
+                    return Some(Step::Later);
+                }
                 let kind = request;
                 let (status, written) =
                     self.execute(request, mem, data_chain, &mut reader, &mut writer);
@@ -177,7 +195,7 @@ impl Backend {
             }
         };
         status_writer.write_all(&[status]).ok()?;
-        Some(written + 1)
+        Some(Step::Used(written + 1))
     }
 
     /// Counts a request the device executed.
@@ -366,6 +384,8 @@ pub struct Block<M> {
     backend: Backend,
     config: BlockConfigSpace,
     common: VirtioCommon<M>,
+    /// Written when the device wants to come back to its queue.
+    kick: EventFd,
 }
 
 impl<M> Block<M> {
@@ -438,7 +458,10 @@ impl<M> Block<M> {
                 buf: vec![0; CHUNK],
                 broken_chains: 0,
                 metrics: Arc::default(),
+                limiter: RateLimiter::new(&RateLimiterConfig::default())
+                    .map_err(|e| BlockError::RateLimiter(e.to_string()))?,
             },
+            kick: EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?,
             config,
             common: VirtioCommon::new(TYPE_BLOCK, features, &[BLOCK_QUEUE_SIZE]),
         })
@@ -457,6 +480,15 @@ impl<M> Block<M> {
         self.backend.file = file;
         self.backend.disk.capacity = capacity;
         self.config.capacity = Le64::from(capacity);
+        Ok(())
+    }
+
+    /// Sets new limits (bytes read or written, and requests), taking
+    /// effect at once; a config with no buckets lifts them.
+    pub fn set_rate_limiter(&mut self, config: &RateLimiterConfig) -> Result<(), RateLimiterError> {
+        self.backend.limiter.update(config)?;
+        // Requests that were waiting may go.
+        let _ = self.kick.write(1);
         Ok(())
     }
 
@@ -594,13 +626,33 @@ impl<M: GuestMemoryBackend + Send + 'static> VirtioDevice<M> for Block<M> {
 
     fn process_queue(&mut self, index: usize) -> bool {
         let backend = &mut self.backend;
+        if backend.limiter.is_blocked() {
+            // The limiter's timer brings the device back.
+            return false;
+        }
         let done = self
             .common
-            .drain(index, "virtio-blk", |mem, chain| backend.handle(mem, chain));
+            .drain_until(index, "virtio-blk", |mem, chain| backend.handle(mem, chain));
         backend.broken_chains += done.broken_chains;
         backend.metrics.queue_event_count.inc();
         backend.metrics.event_fails.add(done.broken_chains);
         done.more
+    }
+
+    fn event_fds(&self) -> Vec<RawFd> {
+        vec![self.backend.limiter.timer_fd(), self.kick.as_raw_fd()]
+    }
+
+    fn process_event(&mut self, index: usize) {
+        match index {
+            0 => self.backend.limiter.timer_fired(),
+            _ => {
+                let _ = self.kick.read();
+            }
+        }
+        if self.is_active() && self.process_queue(0) {
+            let _ = self.kick.write(1);
+        }
     }
 }
 

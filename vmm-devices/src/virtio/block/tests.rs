@@ -466,3 +466,58 @@ fn a_disk_restores_only_the_state_of_the_same_disk() {
     let garbage = serde_json::json!({"capacity_sectors": "lots"});
     assert!(same.restore_device_state(Some(&garbage)).is_err());
 }
+
+#[test]
+fn a_rate_limited_disk_puts_requests_back_until_its_timer_fires() {
+    let mem = memory();
+    let mut s = setup(&mem, false, true);
+    s.dev
+        .set_rate_limiter(&crate::rate_limiter::RateLimiterConfig {
+            bandwidth: Some(crate::rate_limiter::TokenBucketConfig {
+                size: 8192,
+                one_time_burst: None,
+                refill_time: 40,
+            }),
+            ops: None,
+        })
+        .unwrap();
+    // Four 4 KiB reads: two fit in the bucket, the others wait.
+    for i in 0..4u64 {
+        let hdr = HDR + i * 16;
+        let h = RequestHeader {
+            request_type: Le32::from(VIRTIO_BLK_T_IN),
+            reserved: Le32::from(0),
+            sector: Le64::from(i * 8),
+        };
+        mem.write_obj(h, GuestAddress(hdr)).unwrap();
+        s.driver.add(&[
+            Buf(hdr, 16, false),
+            Buf(DATA + i * 4096, 4096, true),
+            Buf(STATUS + i, 1, true),
+        ]);
+    }
+    assert!(!s.dev.process_queue(0));
+    assert_eq!(s.driver.used_idx(), 2, "two requests, then the limiter");
+    assert_eq!(s.dev.metrics().rate_limiter_throttled_events.get(), 1);
+    // A notification while throttled does nothing.
+    s.dev.process_queue(0);
+    assert_eq!(s.driver.used_idx(), 2);
+    let timer = s.dev.event_fds()[0];
+    for _ in 0..4 {
+        if s.driver.used_idx() == 4 {
+            break;
+        }
+        let mut p = [libc::pollfd {
+            fd: timer,
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: one valid pollfd.
+        assert_eq!(unsafe { libc::poll(p.as_mut_ptr(), 1, 2000) }, 1);
+        s.dev.process_event(0);
+    }
+    assert_eq!(s.driver.used_idx(), 4, "the rest once the timer fired");
+    for i in 0..4 {
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(), OK);
+    }
+}

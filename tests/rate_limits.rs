@@ -1,0 +1,58 @@
+//! Disk rate limits end to end: the guest's benchmark against a limited
+//! disk takes as long as the limit says.
+
+mod common;
+
+use std::time::Instant;
+
+/// 1252 requests against 1000 requests/s (100 every 100 ms, the first 100
+/// at once) take 1.15 s; unlimited, a fraction of that.
+#[test]
+fn an_operations_limit_paces_the_guests_disk_requests() {
+    common::require_kvm();
+    let img = common::TempFile::new("disk.img", &[]);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img.path)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let disk = format!("{},ops=100/100", img.arg());
+    let start = Instant::now();
+    let o = common::run_minimal(&[
+        "--disk",
+        &disk,
+        "--cmdline",
+        "console=ttyS0 testguest.run=bench-blk,exit testguest.bench_iters=200",
+    ]);
+    let elapsed = start.elapsed().as_secs_f64();
+    let out = common::stdout(&o);
+    assert!(o.status.success(), "{out}\n{}", common::stderr(&o));
+    // Every load's timed requests and its warm-up round.
+    let requests: u64 = out
+        .lines()
+        .filter_map(vmm_kit::testguest::parse_line)
+        .filter(|r| r.event == "bench-blk")
+        .filter_map(|r| Some(r.get_u64("requests")? + r.get_u64("depth")?))
+        .sum();
+    assert_eq!(requests, 1252, "{out}");
+    let expected = (requests - 100) as f64 / 1000.0;
+    assert!(
+        elapsed >= expected * 0.98 && elapsed < expected + 0.3,
+        "{requests} requests took {elapsed:.3} s, the limit says {expected:.3} s"
+    );
+}
+
+/// Bad limits are refused with a clear message.
+#[test]
+fn bad_disk_limits_are_refused() {
+    for (spec, needle) in [
+        ("bandwidth=1M", "SIZE/MS"),
+        ("ops=0/100", "not a usable size"),
+        ("ops=10/0", "must not be 0"),
+        ("iops=10/10", "unknown disk option"),
+    ] {
+        let o = common::run_minimal(&["--disk", &format!("/dev/null,{spec}")]);
+        common::assert_clean_failure(&o, needle);
+    }
+}
