@@ -28,7 +28,7 @@ use vmm_kit::core::snapshot::{read_state_file, RestoreConfig, SnapshotState};
 use vmm_kit::core::{
     exit_status, seccomp, ConsoleConfig, DiskConfig, HostIo, KernelSource, NetConfig,
     SeccompPolicy, SerialConfig, StopCause, TapSource, ThreadKind, VmBuilder, VmConfig,
-    VmController, VmEvent, VmEventSender, VmExit, DEFAULT_CMDLINE,
+    VmController, VmEvent, VmEventSender, VmExit, VsockConfig, DEFAULT_CMDLINE,
 };
 use vmm_kit::devices::host_files::{open_input, InputKind, OutputMode};
 use vmm_kit::devices::legacy::DEBUG_EXIT_PORT;
@@ -123,6 +123,12 @@ struct Args {
     /// one-time BURST). The id defaults to eth0, eth1, ... Repeatable.
     #[arg(long, value_name = "tap=NAME|fd=N[,id=ID][,mac=MAC][,LIMIT...]", value_parser = parse_net)]
     net: Vec<NetConfig>,
+    /// A virtio-vsock device with Firecracker's host side: `cid=N,uds=PATH`
+    /// (the guest's context id, 3 or more; host programs connect to the
+    /// Unix socket PATH and write `CONNECT <port>\n`; guest connections to
+    /// port P reach PATH_P).
+    #[arg(long, value_name = "cid=N,uds=PATH", value_parser = parse_vsock)]
+    vsock: Option<VsockConfig>,
     /// A virtio-rng device fed by the host's getrandom.
     #[arg(long)]
     rng: bool,
@@ -207,7 +213,7 @@ struct Args {
     /// (the machine is the snapshot's: --kernel, --mem, --vcpus, --disk,
     /// --rng are not used; the host's side, --serial, --console, seccomp,
     /// still is). Needs --restore-memory.
-    #[arg(long, value_name = "STATE", requires = "restore_memory", conflicts_with_all = ["kernel", "initrd", "config_file", "disk", "net"])]
+    #[arg(long, value_name = "STATE", requires = "restore_memory", conflicts_with_all = ["kernel", "initrd", "config_file", "disk", "net", "vsock"])]
     restore: Option<PathBuf>,
     /// A memory file of the snapshot: the full snapshot's first, then each
     /// diff snapshot's in the order they were taken. Repeatable.
@@ -226,6 +232,10 @@ struct Args {
     /// own): ID=TAP. Repeatable.
     #[arg(long, value_name = "ID=TAP", requires = "restore", value_parser = parse_net_override)]
     restore_net: Vec<(String, String)>,
+    /// Listen for vsock host programs on this Unix socket instead of the
+    /// one the snapshot names (each clone its own).
+    #[arg(long, value_name = "PATH", requires = "restore")]
+    restore_vsock: Option<PathBuf>,
     /// Restore paused (resume with the API's PATCH /vm).
     #[arg(long, requires = "restore")]
     restore_paused: bool,
@@ -246,6 +256,32 @@ fn parse_disk_override(s: &str) -> Result<(String, PathBuf), String> {
         }
         _ => Err("expected ID=PATH".into()),
     }
+}
+
+fn parse_vsock(s: &str) -> Result<VsockConfig, String> {
+    let (mut cid, mut uds) = (None, None);
+    for opt in s.split(',') {
+        match opt.split_once('=') {
+            Some(("cid", v)) => {
+                cid = Some(
+                    v.parse::<u64>()
+                        .ok()
+                        .filter(|c| (3..=u64::from(u32::MAX - 1)).contains(c))
+                        .ok_or_else(|| format!("bad vsock cid {v:?}: 3 to 4294967294"))?,
+                )
+            }
+            Some(("uds", v)) if !v.is_empty() => uds = Some(PathBuf::from(v)),
+            _ => {
+                return Err(format!(
+                    "unknown vsock option {opt:?} (expected cid=N,uds=PATH)"
+                ))
+            }
+        }
+    }
+    Ok(VsockConfig {
+        guest_cid: cid.ok_or("a vsock device needs cid=N")?,
+        uds_path: uds.ok_or("a vsock device needs uds=PATH")?,
+    })
 }
 
 fn parse_net_override(s: &str) -> Result<(String, String), String> {
@@ -720,6 +756,20 @@ fn jail_binds(args: &Args, file: Option<&FullVmConfiguration>) -> Vec<jail::Bind
     if let Some(ConsoleConfig::File { path, .. }) = &args.console {
         add(path, true, true);
     }
+    // The vsock socket's directory: the VMM makes its socket there and
+    // connects to the PATH_PORT sockets beside it.
+    let vsock_paths = args
+        .vsock
+        .as_ref()
+        .map(|v| v.uds_path.clone())
+        .into_iter()
+        .chain(args.restore_vsock.clone())
+        .chain(file.and_then(|c| c.vsock.as_ref().map(|v| PathBuf::from(&v.uds_path))));
+    for uds in vsock_paths {
+        if let Some(dir) = jail::absolute(&uds).parent() {
+            add(dir, true, false);
+        }
+    }
     if let Some(c) = file {
         if let Some(b) = &c.boot_source {
             add(std::path::Path::new(&b.kernel_image_path), false, false);
@@ -939,6 +989,7 @@ fn main() -> ExitCode {
         exit_port: args.exit_port,
         disks: args.disk,
         nets: args.net,
+        vsock: args.vsock.clone(),
         rng: args.rng,
         console: args.console,
         serial: match &args.serial {
@@ -958,6 +1009,7 @@ fn main() -> ExitCode {
             eager: args.restore_eager,
             disks: args.restore_disk.clone(),
             nets: args.restore_net.clone(),
+            vsock_uds: args.restore_vsock.clone(),
             resume: !args.restore_paused,
         }),
         // This process runs one VM: confine its main thread too.

@@ -12,7 +12,7 @@ use serde_json::Value;
 use vmm_core::snapshot::{RestoreConfig, SnapshotKind, SnapshotRequest};
 use vmm_core::{
     DiskConfig, KernelSource, LifecycleError, LifecycleState, NetConfig, TapSource, VmConfig,
-    VmController,
+    VmController, VsockConfig,
 };
 use vmm_devices::virtio::net::{MacAddr, Tap};
 use vmm_memory::RamBacking;
@@ -182,7 +182,6 @@ impl Api {
     /// `PUT` requests would, in Firecracker's order.
     pub fn apply(&mut self, config: FullVmConfiguration) -> Result<(), ApiError> {
         for (name, present) in [
-            ("vsock", config.vsock.is_some()),
             ("balloon", config.balloon.is_some()),
             ("mmds-config", config.mmds_config.is_some()),
             ("cpu-config", config.cpu_config.is_some()),
@@ -211,6 +210,9 @@ impl Api {
         for n in config.network_interfaces {
             self.put_net(n)?;
         }
+        if let Some(v) = config.vsock {
+            self.put_vsock(v)?;
+        }
         if let Some(e) = config.entropy {
             self.put_entropy(e)?;
         }
@@ -236,6 +238,7 @@ impl Api {
                 | ApiRequest::PutBootSource(_)
                 | ApiRequest::PutDrive(_)
                 | ApiRequest::PutNetworkInterface(_)
+                | ApiRequest::PutVsock(_)
                 | ApiRequest::PutEntropy(_)
         );
         let out = self.dispatch_inner(request);
@@ -293,6 +296,7 @@ impl Api {
             ApiRequest::PutEntropy(e) => self.put_entropy(e).map(|_| None),
             ApiRequest::PutNetworkInterface(n) => self.put_net(n).map(|_| None),
             ApiRequest::PatchNetworkInterface(n) => self.patch_net(n).map(|_| None),
+            ApiRequest::PutVsock(v) => self.put_vsock(v).map(|_| None),
             ApiRequest::Action(ActionType::InstanceStart) => {
                 if !self.boot_source_set && self.controller.state() == LifecycleState::NotStarted {
                     return Err(ApiError::Invalid(
@@ -398,6 +402,7 @@ impl Api {
                 .iter()
                 .map(|o| (o.iface_id.clone(), o.host_dev_name.clone()))
                 .collect(),
+            vsock_uds: None,
             resume: l.resume_vm,
         };
         let before = self.controller.config();
@@ -679,6 +684,31 @@ impl Api {
         Ok(())
     }
 
+    fn put_vsock(&mut self, v: VsockDevice) -> Result<(), ApiError> {
+        self.pre_boot()?;
+        if !(3..=u64::from(u32::MAX - 1)).contains(&v.guest_cid) {
+            return Err(ApiError::Invalid(format!(
+                "Invalid guest CID {}: use 3 to 4294967294.",
+                v.guest_cid
+            )));
+        }
+        if v.uds_path.is_empty() {
+            return Err(ApiError::Invalid("uds_path must not be empty.".into()));
+        }
+        let path = v.uds_path.clone();
+        self.controller.on_owner(move || {
+            if std::fs::symlink_metadata(&path).is_ok() {
+                return Err(ApiError::Invalid(format!(
+                    "Cannot use {path} as the vsock socket: something is there already (remove it first)."
+                )));
+            }
+            Ok(())
+        })??;
+        let mut view = self.view.clone();
+        view.vsock = Some(v);
+        self.commit(view)
+    }
+
     fn put_entropy(&mut self, e: EntropyDevice) -> Result<(), ApiError> {
         self.pre_boot()?;
         unsupported_limiter("the entropy device", &e.rate_limiter)?;
@@ -837,6 +867,12 @@ fn apply_view(
         })
         .chain(base_nets.iter().cloned().map(Ok))
         .collect::<Result<_, ApiError>>()?;
+    if let Some(v) = &view.vsock {
+        c.vsock = Some(VsockConfig {
+            guest_cid: v.guest_cid,
+            uds_path: PathBuf::from(&v.uds_path),
+        });
+    }
     c.rng = view.entropy.is_some() || c.rng;
     Ok(())
 }
@@ -855,6 +891,7 @@ fn metric_name(r: &ApiRequest) -> (&'static str, &'static str) {
         ApiRequest::PutEntropy(_) => ("put_api_requests", "entropy_count"),
         ApiRequest::PutNetworkInterface(_) => ("put_api_requests", "network_count"),
         ApiRequest::PatchNetworkInterface(_) => ("patch_api_requests", "network_count"),
+        ApiRequest::PutVsock(_) => ("put_api_requests", "vsock_count"),
         ApiRequest::Action(_) => ("put_api_requests", "actions_count"),
         ApiRequest::PatchVm(_) => ("patch_api_requests", "vm_count"),
         ApiRequest::PutLogger(_) => ("put_api_requests", "logger_count"),

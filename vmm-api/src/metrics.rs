@@ -88,6 +88,7 @@ pub fn snapshot(devices: Option<&MetricsRegistry>, api: &ApiCounters) -> Value {
                     add_into(&mut net, &f);
                     f
                 }
+                DeviceMetrics::Vsock(v) => counters_json(&v.counters()),
                 DeviceMetrics::Entropy(e) => counters_json(&e.counters()),
                 DeviceMetrics::Uart(u) => counters_json(&u.counters()),
                 DeviceMetrics::Vcpu(v) => counters_json(&v.counters()),

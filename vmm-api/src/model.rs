@@ -206,6 +206,20 @@ pub struct PartialNetworkInterface {
     pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
+/// `PUT /vsock`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockDevice {
+    /// The guest's context id (3 or more).
+    pub guest_cid: u64,
+    /// The Unix socket host programs connect to (`<uds_path>_<port>` for
+    /// the guest's connections).
+    pub uds_path: String,
+    /// An id (deprecated in Firecracker; accepted and kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_id: Option<String>,
+}
+
 /// `PUT /entropy`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -366,9 +380,9 @@ pub struct FullVmConfiguration {
     /// Network interfaces.
     #[serde(rename = "network-interfaces", default)]
     pub network_interfaces: Vec<NetworkInterface>,
-    /// A vsock device (not offered yet).
+    /// The vsock device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vsock: Option<Value>,
+    pub vsock: Option<VsockDevice>,
     /// A balloon (not offered).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<Value>,

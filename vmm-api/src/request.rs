@@ -41,6 +41,8 @@ pub enum ApiRequest {
     PutNetworkInterface(NetworkInterface),
     /// `PATCH /network-interfaces/{id}`.
     PatchNetworkInterface(PartialNetworkInterface),
+    /// `PUT /vsock`.
+    PutVsock(VsockDevice),
     /// `PUT /actions`.
     Action(ActionType),
     /// `PATCH /vm`.
@@ -175,6 +177,7 @@ pub fn parse_request(method: &str, path: &str, bytes: &[u8]) -> Result<ApiReques
             ApiRequest::PatchDrive(drive)
         }
         ("PUT", ["entropy"]) => ApiRequest::PutEntropy(body("PUT", bytes)?),
+        ("PUT", ["vsock"]) => ApiRequest::PutVsock(body("PUT", bytes)?),
         ("PUT", ["network-interfaces", id]) => {
             check_id(id)?;
             let nic: NetworkInterface = body("PUT", bytes)?;
@@ -348,7 +351,8 @@ mod tests {
                 r#"{"iface_id": "eth0", "rx_rate_limiter": {"bandwidth": {"size": 1}}}"#,
                 "missing field `refill_time`",
             ),
-            ("PUT", "/vsock", "{}", "not supported"),
+            ("PUT", "/vsock", "{}", "missing field `guest_cid`"),
+            ("PATCH", "/vsock", "{}", "not supported"),
             ("PUT", "/snapshot/create", "{}", "missing field"),
             (
                 "PUT",

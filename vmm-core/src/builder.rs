@@ -28,6 +28,7 @@ use vmm_devices::virtio::block::{Block, BlockError};
 use vmm_devices::virtio::console::Console;
 use vmm_devices::virtio::net::{Net, Tap, TapError};
 use vmm_devices::virtio::rng::Rng;
+use vmm_devices::virtio::vsock::Vsock;
 use vmm_devices::virtio::VirtioDevice;
 use vmm_devices::EventFdTrigger;
 use vmm_memory::{
@@ -38,6 +39,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::config::{HostIo, KernelSource, SerialConfig, VmConfig, DEFAULT_CMDLINE};
 use crate::devices::{
     ConsoleConfig, DeviceError, DiskConfig, NetConfig, TapSource, VirtioHandle, VirtioSlot,
+    VsockConfig,
 };
 use crate::event_loop::Subscriber;
 use crate::events::{VmEvent, VmEventSender};
@@ -45,7 +47,7 @@ use crate::host_io::{BufferedOutput, OutputStatus, Pty};
 use crate::seccomp::{SeccompError, SeccompPolicy, ThreadFilters, ThreadKind};
 use crate::snapshot::{
     read_state_file, DiskDescription, MachineDescription, NetDescription, RestoreConfig,
-    RestoreError, SnapshotState,
+    RestoreError, SnapshotState, VsockDescription,
 };
 use crate::vcpu::Vcpu;
 use crate::vm::Vm;
@@ -110,6 +112,7 @@ pub struct VmBuilder {
     metrics: MetricsRegistry,
     disk_slots: Vec<crate::vmm::DiskSlot>,
     net_slots: Vec<crate::vmm::NetSlot>,
+    vsock: Option<VsockConfig>,
     track_dirty: bool,
     described: (bool, bool),
     restore: Option<Box<PendingRestore>>,
@@ -204,6 +207,7 @@ impl VmBuilder {
             metrics: MetricsRegistry::default(),
             disk_slots: Vec::new(),
             net_slots: Vec::new(),
+            vsock: None,
             track_dirty: false,
             described: (false, false),
             restore: None,
@@ -279,7 +283,7 @@ impl VmBuilder {
     /// if it is one of the inputs (by device and inode), and truncated only
     /// after that check.
     pub fn from_config(config: &VmConfig, mut io: HostIo) -> Result<Self, VmmError> {
-        let (mut b, disks, nets, rng, console) = match &config.restore {
+        let (mut b, disks, nets, vsock, rng, console) = match &config.restore {
             None => {
                 check_vcpus(config.vcpus)?;
                 let mut b = Self::new(config.mem_mib, config.ram_backing)?;
@@ -298,6 +302,7 @@ impl VmBuilder {
                     b,
                     config.disks.clone(),
                     config.nets.clone(),
+                    config.vsock.clone(),
                     config.rng,
                     config.console.clone(),
                 )
@@ -316,7 +321,14 @@ impl VmBuilder {
                 let console = machine
                     .console
                     .then(|| config.console.clone().unwrap_or(ConsoleConfig::Host));
-                (b, disks, nets, machine.rng, console)
+                let vsock = machine.vsock.as_ref().map(|v| VsockConfig {
+                    guest_cid: v.guest_cid,
+                    uds_path: restore
+                        .vsock_uds
+                        .clone()
+                        .unwrap_or_else(|| v.uds_path.clone()),
+                });
+                (b, disks, nets, vsock, machine.rng, console)
             }
         };
         b.seccomp(config.seccomp)
@@ -327,6 +339,9 @@ impl VmBuilder {
         }
         for n in &nets {
             b.add_net(n)?;
+        }
+        if let Some(v) = &vsock {
+            b.add_vsock(v)?;
         }
         if rng {
             let rng = Rng::new();
@@ -516,6 +531,41 @@ impl VmBuilder {
             config: net.clone(),
             transport: Arc::downgrade(handle.transport()),
         });
+        Ok(handle)
+    }
+
+    /// Adds a virtio-vsock device listening on `vsock.uds_path`, and lets
+    /// the device event loop make and accept Unix socket connections
+    /// (`socket`, `connect`, `accept4`, `recvfrom`/`sendto` for peeks and
+    /// writes without SIGPIPE, `shutdown`).
+    pub fn add_vsock(
+        &mut self,
+        vsock: &VsockConfig,
+    ) -> Result<VirtioHandle<Vsock<GuestRam>>, VmmError> {
+        if self.vsock.is_some() {
+            return Err(VmmError::Device(DeviceError::Vsock(
+                vmm_devices::virtio::vsock::VsockError::Listen {
+                    path: vsock.uds_path.clone(),
+                    source: std::io::Error::other("a VM has one vsock device"),
+                },
+            )));
+        }
+        let dev = Vsock::new(vsock.guest_cid, vsock.uds_path.clone()).map_err(DeviceError::from)?;
+        self.metrics
+            .register("vsock", DeviceMetrics::Vsock(dev.metrics()));
+        self.allow_syscalls(
+            ThreadKind::EventLoop,
+            &[
+                libc::SYS_socket,
+                libc::SYS_connect,
+                libc::SYS_accept4,
+                libc::SYS_recvfrom,
+                libc::SYS_sendto,
+                libc::SYS_shutdown,
+            ],
+        );
+        let handle = self.add_virtio(dev)?;
+        self.vsock = Some(vsock.clone());
         Ok(handle)
     }
 
@@ -921,6 +971,10 @@ impl VmBuilder {
                 .iter()
                 .map(|n| NetDescription::from(&n.config))
                 .collect(),
+            vsock: self.vsock.as_ref().map(|v| VsockDescription {
+                guest_cid: v.guest_cid,
+                uds_path: v.uds_path.clone(),
+            }),
             rng: self.described.0,
             console: self.described.1,
         }

@@ -10,7 +10,7 @@ use vmm_devices::host_files::OutputMode;
 use vmm_devices::legacy::DEBUG_EXIT_PORT;
 use vmm_memory::RamBacking;
 
-use crate::devices::{ConsoleConfig, DiskConfig, NetConfig};
+use crate::devices::{ConsoleConfig, DiskConfig, NetConfig, VsockConfig};
 use crate::seccomp::SeccompPolicy;
 
 /// Default kernel command line: what a Linux guest needs on this machine
@@ -50,6 +50,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// virtio-net NICs (after the disks).
     pub nets: Vec<NetConfig>,
+    /// A virtio-vsock device (after the NICs).
+    pub vsock: Option<VsockConfig>,
     /// A virtio-rng device.
     pub rng: bool,
     /// A virtio-console.
@@ -88,6 +90,7 @@ impl Default for VmConfig {
             exit_port: DEBUG_EXIT_PORT,
             disks: Vec::new(),
             nets: Vec::new(),
+            vsock: None,
             rng: false,
             console: None,
             serial: SerialConfig::Host,

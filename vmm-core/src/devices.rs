@@ -102,6 +102,17 @@ impl NetConfig {
     }
 }
 
+/// A virtio-vsock device with Firecracker's host side (see
+/// [`vmm_devices::virtio::vsock`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's context id (3 or more).
+    pub guest_cid: u64,
+    /// The Unix socket host programs connect to; guest connections to port
+    /// `P` go to `<uds_path>_<P>`.
+    pub uds_path: PathBuf,
+}
+
 /// Where a virtio console goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConsoleConfig {
@@ -149,6 +160,9 @@ pub enum DeviceError {
         #[source]
         source: NetError,
     },
+    /// The vsock device could not be set up.
+    #[error("vsock")]
+    Vsock(#[from] vmm_devices::virtio::vsock::VsockError),
     /// Two NICs have the same id.
     #[error("two NICs have the id {0:?}")]
     NetIdTwice(String),

@@ -38,7 +38,7 @@ pub use builder::VmBuilder;
 pub use config::{HostIo, KernelSource, SerialConfig, VmConfig, DEFAULT_CMDLINE};
 pub use devices::{
     ConsoleConfig, DeviceError, DiskConfig, NetConfig, TapSource, Transport, VirtioHandle,
-    VirtioSlot,
+    VirtioSlot, VsockConfig,
 };
 pub use event_loop::{EventLoop, EventLoopError, Subscriber};
 pub use events::{exit_status, EventTrigger, OwnerTask, StopCause, VmEvent, VmEventSender, VmExit};

@@ -137,6 +137,38 @@ counters!(
 );
 
 counters!(
+    /// A virtio-vsock device's counters.
+    VsockMetrics {
+        /// Packets given to the guest.
+        rx_packets_count,
+        /// Bytes of host data given to the guest.
+        rx_bytes_count,
+        /// Times the device waited for the guest to post receive buffers.
+        rx_no_buffers,
+        /// Reads from host sockets that failed.
+        rx_read_fails,
+        /// Packets the guest sent.
+        tx_packets_count,
+        /// Bytes of data the guest sent.
+        tx_bytes_count,
+        /// Packets dropped or refused as malformed or misaddressed.
+        tx_malformed,
+        /// Writes to host sockets that failed.
+        tx_write_fails,
+        /// Connections opened.
+        conns_added,
+        /// Connections closed.
+        conns_removed,
+        /// Connections closed by a device reset.
+        conns_killed,
+        /// Connections refused (nobody listening, too many, bad CONNECT).
+        conn_refused,
+        /// Connections reset because the guest sent past its credit.
+        credit_violations,
+    }
+);
+
+counters!(
     /// A virtio-rng device's counters.
     EntropyMetrics {
         /// Requests answered.
@@ -189,6 +221,8 @@ pub enum DeviceMetrics {
     Entropy(Arc<EntropyMetrics>),
     /// A virtio-net device.
     Net(Arc<NetMetrics>),
+    /// A virtio-vsock device.
+    Vsock(Arc<VsockMetrics>),
     /// The serial port.
     Uart(Arc<UartMetrics>),
 }

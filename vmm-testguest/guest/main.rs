@@ -30,6 +30,7 @@ mod shared;
 mod smp;
 mod snapshot;
 mod virtio;
+mod vsock;
 
 use bootinfo::BootInfo;
 

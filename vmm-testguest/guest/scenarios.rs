@@ -38,6 +38,8 @@ pub fn run(name: &str, boot: &BootInfo, args: &Args) -> u8 {
         "net" => crate::net::net(boot, args),
         "net-link" => crate::net::net_link(boot),
         "net-bench" => crate::net::net_bench(boot, args),
+        "vsock" => crate::vsock::vsock(boot),
+        "vsock-bench" => crate::vsock::vsock_bench(boot, args.bench_iters.unwrap_or(2_000)),
         "probe" => harness::probe(boot, args),
         "acpi" => acpi::acpi(boot),
         "smp" => smp::smp(boot),

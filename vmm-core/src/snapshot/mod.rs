@@ -51,7 +51,8 @@ mod state;
 
 pub use state::{
     BadSnapshot, DiskDescription, MachineDescription, MemoryDescription, NetDescription,
-    SnapshotKind, SnapshotState, VirtioDeviceSnapshot, MAX_MEMORY_LAYERS, MAX_SNAPSHOT_DEVICES,
+    SnapshotKind, SnapshotState, VirtioDeviceSnapshot, VsockDescription, MAX_MEMORY_LAYERS,
+    MAX_SNAPSHOT_DEVICES,
 };
 
 /// What to write when taking a snapshot.
@@ -98,6 +99,10 @@ pub struct RestoreConfig {
     /// TAP interfaces to use instead of those the snapshot names, by NIC id
     /// (Firecracker's `network_overrides`): each clone its own TAP.
     pub nets: Vec<(String, String)>,
+    /// The Unix socket the vsock device listens on instead of the one the
+    /// snapshot names (each clone its own; the saved one may still be in
+    /// use by the VM that was saved).
+    pub vsock_uds: Option<std::path::PathBuf>,
     /// Run the guest at once; otherwise the VM starts paused.
     pub resume: bool,
 }

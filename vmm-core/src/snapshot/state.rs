@@ -121,6 +121,16 @@ impl NetDescription {
     }
 }
 
+/// The vsock device as the machine description keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockDescription {
+    /// The guest's context id.
+    pub guest_cid: u64,
+    /// The Unix socket host programs connected to.
+    pub uds_path: PathBuf,
+}
+
 /// What the VM was built from, as far as a restore needs it to build the
 /// same machine again (the guest's view: RAM, vCPUs, devices in order).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,7 +151,10 @@ pub struct MachineDescription {
     /// The built-in NICs, in order (after the disks).
     #[serde(default)]
     pub nets: Vec<NetDescription>,
-    /// Whether the built-in virtio-rng is there (after the NICs).
+    /// The built-in vsock device, if there is one (after the NICs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockDescription>,
+    /// Whether the built-in virtio-rng is there (after the vsock device).
     pub rng: bool,
     /// Whether the built-in virtio-console is there (after the rng).
     pub console: bool,

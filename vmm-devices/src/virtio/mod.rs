@@ -15,6 +15,7 @@ pub mod mmio;
 pub mod net;
 mod queue;
 pub mod rng;
+pub mod vsock;
 
 use std::any::Any;
 use std::os::fd::RawFd;
@@ -36,6 +37,8 @@ pub const TYPE_BLOCK: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 pub const TYPE_CONSOLE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 /// Device type of virtio-net.
 pub const TYPE_NET: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+/// Device type of virtio-vsock.
+pub const TYPE_VSOCK: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 /// Device type of virtio-rng.
 pub const TYPE_RNG: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 

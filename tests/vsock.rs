@@ -1,0 +1,187 @@
+//! virtio-vsock end to end: the test guest and host programs on Unix
+//! sockets, in both directions, as Firecracker's host side works.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::process::{Command, Stdio};
+use std::sync::mpsc::channel;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+fn pattern(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+fn guest_and_host_programs_connect_both_ways_and_echo() {
+    common::require_kvm();
+    let dir = common::TempFile::new("unused", b"");
+    let uds = dir.path.with_file_name("v.sock");
+    // The host service the guest connects to: echo everything.
+    let listener = UnixListener::bind(format!("{}_52", uds.display())).expect("bind port 52");
+    let echo = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("the guest connects");
+        let mut buf = vec![0u8; 6000];
+        s.read_exact(&mut buf).expect("the guest's message");
+        s.write_all(&buf).expect("echo");
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).expect("the guest closes");
+        (buf, rest.len())
+    });
+    let vsock = format!("cid=3,uds={}", uds.display());
+    let mut child = Command::new(common::minimal_bin())
+        .args([
+            "--vsock",
+            &vsock,
+            "--cmdline",
+            "console=ttyS0 testguest.run=vsock,exit",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the VMM");
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("vsock listen port=1234 ready"))
+    {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("no listen line; so far:\n{}", seen.join("\n")));
+        seen.push(line);
+    }
+    // A host program connects to the guest's port 1234.
+    let mut s = UnixStream::connect(&uds).expect("connect to the VMM's socket");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(b"CONNECT 1234\n").unwrap();
+    let mut ok = Vec::new();
+    let mut byte = [0u8; 1];
+    while !ok.ends_with(b"\n") {
+        s.read_exact(&mut byte).expect("the OK line");
+        ok.push(byte[0]);
+    }
+    let ok = String::from_utf8(ok).unwrap();
+    assert!(
+        ok.starts_with("OK ") && ok[3..].trim().parse::<u32>().is_ok(),
+        "{ok:?}"
+    );
+    let msg = pattern(10_000, 9);
+    s.write_all(&msg).unwrap();
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back).expect("the guest's echo");
+    assert_eq!(back, msg);
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).expect("the connection ends");
+    let status = child.wait().unwrap();
+    seen.extend(rx.try_iter());
+    let out = seen.join("\n");
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).ok();
+    assert!(status.success(), "{out}\n{err}");
+    let (got, extra) = echo.join().unwrap();
+    let sent: Vec<u8> = (0..6000u64)
+        .map(|i| ((i % 4096) as u8).wrapping_mul(13).wrapping_add(5))
+        .collect();
+    assert_eq!(got, sent, "the guest's message arrived whole");
+    assert_eq!(extra, 0);
+    assert!(out.contains("vsock cid=3"), "{out}");
+    assert!(
+        out.contains("vsock connect port=52 echo=ok bytes=6000"),
+        "{out}"
+    );
+    assert!(
+        out.contains("vsock accept ok port=1234 bytes=10000"),
+        "{out}"
+    );
+    assert!(!uds.exists(), "the VMM removes its socket");
+}
+
+#[test]
+fn bad_vsock_settings_are_refused_clearly() {
+    let dir = common::TempFile::new("taken.sock", b"");
+    for (spec, needle) in [
+        ("cid=2,uds=/tmp/x".to_string(), "bad vsock cid"),
+        ("cid=3".to_string(), "needs uds=PATH"),
+        ("uds=/tmp/x".to_string(), "needs cid=N"),
+        (
+            "cid=3,uds=/tmp/x,port=1".to_string(),
+            "unknown vsock option",
+        ),
+        (format!("cid=3,uds={}", dir.arg()), "cannot listen on"),
+    ] {
+        let o = common::run_minimal(&["--vsock", &spec]);
+        common::assert_clean_failure(&o, needle);
+    }
+}
+
+#[test]
+fn the_api_takes_a_vsock_device() {
+    use common::api::{call, fault, Vmm};
+    let mut vmm = Vmm::start(&[]);
+    let sock = vmm.sock.clone();
+    let uds = vmm.file("guest.vsock");
+    let put = |body| call(&sock, "PUT", "/vsock", Some(body));
+    let (code, resp) = put(json!({"guest_cid": 1, "uds_path": uds}));
+    assert_eq!(code, 400);
+    assert!(fault(&resp).contains("Invalid guest CID"), "{resp}");
+    let taken = vmm.kernel();
+    let (code, resp) = put(json!({"guest_cid": 3, "uds_path": taken}));
+    assert_eq!(code, 400);
+    assert!(
+        fault(&resp).contains("something is there already"),
+        "{resp}"
+    );
+    let (code, resp) = put(json!({"guest_cid": 3, "uds_path": uds, "vsock_id": "v"}));
+    assert_eq!(code, 204, "{resp}");
+    let (code, resp) = call(
+        &sock,
+        "PUT",
+        "/boot-source",
+        Some(json!({"kernel_image_path": vmm.kernel(),
+                    "boot_args": "console=ttyS0 testguest.run=spin"})),
+    );
+    assert_eq!(code, 204, "{resp}");
+    let (code, resp) = call(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(json!({"action_type": "InstanceStart"})),
+    );
+    assert_eq!(code, 204, "{resp}");
+    vmm.wait_serial("spin");
+    assert!(uds.exists(), "the device listens");
+    let (code, resp) = call(&sock, "GET", "/vm/config", None);
+    assert_eq!(code, 200);
+    let config: serde_json::Value = serde_json::from_str(&resp).unwrap();
+    assert_eq!(config["vsock"]["guest_cid"], 3);
+    let (code, _) = call(
+        &sock,
+        "PUT",
+        "/vsock",
+        Some(json!({"guest_cid": 4, "uds_path": uds})),
+    );
+    assert_eq!(code, 400, "not after the start");
+    let (code, _) = call(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(json!({"action_type": "InstanceStop"})),
+    );
+    assert_eq!(code, 204);
+    vmm.wait();
+}
