@@ -19,7 +19,7 @@ secs=${1:-60}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(virtio_queue virtio_blk virtio_rng virtio_console mmio_transport serial i8042 boot_image api_request snapshot_state)
+    targets=(virtio_queue virtio_blk virtio_rng virtio_console virtio_net virtio_vsock mmio_transport serial i8042 boot_image api_request snapshot_state)
 fi
 
 if ! cargo +nightly --version >/dev/null 2>&1; then

@@ -126,6 +126,83 @@ fn main() {
         write(dir, "virtio_console", name, &c);
     }
 
+    // virtio-net: receive buffers, a frame to send, frames from the host.
+    for (name, cfg, rx_len) in [
+        ("mrg", 2u8, 2048u32),
+        ("mrg-big", 3, 0x10000),
+        ("plain", 0, 1600),
+    ] {
+        let mut out = vec![cfg];
+        let rx = QueueScenario {
+            size_log2: 4,
+            descs: (0..4)
+                .map(|i| buf(0x1000 + i * 0x2000, rx_len.min(0x2000), WRITE, 0))
+                .collect(),
+            heads: vec![0, 1, 2, 3],
+            ..Default::default()
+        };
+        rx.encode(&mut out);
+        let mut frame = vec![0u8; 12];
+        frame.extend_from_slice(&[0xff; 6]);
+        frame.extend_from_slice(&[0x06, 0, 0, 0, 0, 2, 0x88, 0xb5]);
+        frame.resize(12 + 60, 0x5a);
+        one_chain(
+            vec![buf(0xc000, frame.len() as u32, 0, 0)],
+            vec![(0xc000, frame)],
+        )
+        .encode(&mut out);
+        out.push(2);
+        for len in [86u16, 2986] {
+            out.extend_from_slice(&len.to_le_bytes());
+            out.extend_from_slice(&[0x11; 64]);
+        }
+        out.extend_from_slice(&[0, 1, 2, 3, 0, 4, 2, 0]);
+        write(dir, "virtio_net", name, &out);
+    }
+
+    // virtio-vsock: a guest connection request, a host CONNECT line.
+    let vsock_hdr = |op: u16, len: u32| {
+        let mut h = Vec::new();
+        h.extend_from_slice(&3u64.to_le_bytes());
+        h.extend_from_slice(&2u64.to_le_bytes());
+        h.extend_from_slice(&le32(1000));
+        h.extend_from_slice(&le32(52));
+        h.extend_from_slice(&le32(len));
+        h.extend_from_slice(&1u16.to_le_bytes());
+        h.extend_from_slice(&op.to_le_bytes());
+        h.extend_from_slice(&le32(0));
+        h.extend_from_slice(&le32(65536));
+        h.extend_from_slice(&le32(0));
+        h
+    };
+    for (name, op, cfg) in [("request", 1u16, 0u8), ("rw", 5, 1), ("restored", 1, 2)] {
+        let mut out = vec![cfg];
+        QueueScenario {
+            size_log2: 4,
+            descs: (0..3)
+                .map(|i| buf(0x1000 + i * 0x1100, 44 + 4096, WRITE, 0))
+                .collect(),
+            heads: vec![0, 1, 2],
+            ..Default::default()
+        }
+        .encode(&mut out);
+        let mut pkt = vsock_hdr(op, if op == 5 { 5 } else { 0 });
+        pkt.extend_from_slice(b"hello");
+        one_chain(
+            vec![buf(0x8000, pkt.len() as u32, 0, 0)],
+            vec![(0x8000, pkt)],
+        )
+        .encode(&mut out);
+        one_chain(vec![buf(0x9000, 4, WRITE, 0)], Vec::new()).encode(&mut out);
+        let hello = b"CONNECT 1234\n";
+        out.push(hello.len() as u8);
+        out.extend_from_slice(hello);
+        out.push(4);
+        out.extend_from_slice(b"data");
+        out.extend_from_slice(&[1, 0, 2, 1, 0, 3, 2, 0]);
+        write(dir, "virtio_vsock", name, &out);
+    }
+
     // A driver bringing the transport up: (op=write to REGS[i], value).
     let mut t = Vec::new();
     QueueScenario {
