@@ -149,6 +149,8 @@ const COMMON: &[i64] = &[
     libc::SYS_futex,
     libc::SYS_mmap,
     libc::SYS_munmap,
+    // The allocator grows large buffers in place.
+    libc::SYS_mremap,
     libc::SYS_mprotect,
     libc::SYS_madvise,
     libc::SYS_brk,

@@ -278,6 +278,9 @@ pub fn hostile(boot: &BootInfo) -> u8 {
         }),
     );
     case("notify-storm", notify_storm(&disk, &b));
+    let mut more = |name: &str, r: Result<&'static str, DriverError>| case(name, r);
+    let nic = crate::net::hostile_cases(boot, outside, &mut more);
+    let vsock = crate::vsock::hostile_cases(boot, &mut more);
 
     // Both devices still serve honest requests.
     let disk_ok = up(&disk).and_then(|(mut dev, mut q)| {
@@ -301,7 +304,7 @@ pub fn hostile(boot: &BootInfo) -> u8 {
     });
     match (disk_ok, rng_ok) {
         (Ok(first), Ok(())) if failed == 0 => {
-            report!("hostile ok cases={} first_byte={:#x}", cases, first);
+            report!("hostile ok cases={} first_byte={:#x} nic={} vsock={}", cases, first, nic as u8, vsock as u8);
             EXIT_OK
         }
         (d, r) => {

@@ -98,6 +98,7 @@ pub struct Nic {
     rxq: Queue,
     txq: Queue,
     rx_base: u64,
+    rx_len: u32,
     tx: u64,
     mac: [u8; 6],
     ip: [u8; 4],
@@ -113,6 +114,12 @@ pub struct Nic {
 
 impl Nic {
     fn up(boot: &BootInfo) -> Result<Nic, DriverError> {
+        Nic::up_with(boot, RX_BUF as u32, u16::MAX, None)
+    }
+
+    /// A NIC with `count` receive buffers (at most the queue size) of
+    /// `len` bytes each, at `base` (2 KiB apart) or in fresh DMA memory.
+    fn up_with(boot: &BootInfo, len: u32, count: u16, base: Option<u64>) -> Result<Nic, DriverError> {
         if !dma_fits(boot.ram_top) {
             return Err("needs at least 6 MiB of RAM");
         }
@@ -128,11 +135,15 @@ impl Nic {
                 *b = dev.config8(i as u64);
             }
         }
-        let rx_base = dma_alloc(RX_BUF * u64::from(rxq.size), 4096).ok_or("out of DMA memory")?;
+        let count = count.min(rxq.size);
+        let rx_base = match base {
+            Some(b) => b,
+            None => dma_alloc(RX_BUF * u64::from(count), 4096).ok_or("out of DMA memory")?,
+        };
         let tx = dma_alloc(HDR as u64 + TX_MAX as u64, 64).ok_or("out of DMA memory")?;
         dev.start()?;
-        for i in 0..rxq.size {
-            Device::write_desc(&rxq, i, rx_base + u64::from(i) * RX_BUF, RX_BUF as u32, DESC_F_WRITE, 0);
+        for i in 0..count {
+            Device::write_desc(&rxq, i, rx_base + u64::from(i) * RX_BUF, len, DESC_F_WRITE, 0);
             dev.publish(&mut rxq, i, 1);
         }
         Ok(Nic {
@@ -140,6 +151,7 @@ impl Nic {
             rxq,
             txq,
             rx_base,
+            rx_len: len,
             tx,
             mac,
             ip: ip_arg(boot, b"testguest.ip=", [172, 16, 0, 2]),
@@ -206,7 +218,7 @@ impl Nic {
     }
 
     fn repost(&mut self, head: u16) {
-        Device::write_desc(&self.rxq, head, self.rx_base + u64::from(head) * RX_BUF, RX_BUF as u32, DESC_F_WRITE, 0);
+        Device::write_desc(&self.rxq, head, self.rx_base + u64::from(head) * RX_BUF, self.rx_len, DESC_F_WRITE, 0);
         self.dev.publish(&mut self.rxq, head, 1);
     }
 
@@ -585,4 +597,121 @@ pub fn net_bench(boot: &BootInfo, args: &Args) -> u8 {
             Ok(())
         })(),
     )
+}
+
+/// Sends a raw transmit chain of `len` bytes at `addr`; the used length.
+fn tx_raw(nic: &mut Nic, addr: u64, len: u32) -> Result<u32, DriverError> {
+    nic.dev.transact(&mut nic.txq, &[(addr, len, false)])
+}
+
+/// The device still works: the peer answers ARP.
+fn works(nic: &mut Nic) -> Result<(), DriverError> {
+    nic.peer_mac = None;
+    nic.resolve_peer().map(|_| ())
+}
+
+/// Resets the NIC and brings it up again with `count` ordinary buffers.
+fn reinit(boot: &BootInfo, nic: &mut Nic, count: u16) -> Result<(), DriverError> {
+    nic.dev.reset();
+    *nic = Nic::up_with(boot, RX_BUF as u32, count, Some(nic.rx_base))?;
+    Ok(())
+}
+
+/// Expects the device to ask for a reset, then brings it up again and
+/// checks it works.
+fn expect_reset(boot: &BootInfo, nic: &mut Nic, count: u16) -> Result<&'static str, DriverError> {
+    let asked = nic.dev.wait_needs_reset();
+    reinit(boot, nic, count)?;
+    if !asked {
+        return Err("the device did not ask for a reset");
+    }
+    works(nic)?;
+    Ok("needs-reset")
+}
+
+/// The `hostile` scenario's NIC cases, on the first NIC (whose TAP has the
+/// peer's address): each must be dropped, given back or answered with
+/// DEVICE_NEEDS_RESET, and the NIC must answer ARP afterwards. Returns
+/// false when there is no NIC.
+pub fn hostile_cases(boot: &BootInfo, outside: u64, case: &mut dyn FnMut(&str, Result<&'static str, DriverError>)) -> bool {
+    let (entries, n) = find_devices(boot.cmdline);
+    if !entries[..n].iter().flatten().any(|e| device_type(e) == TYPE_NET) {
+        return false;
+    }
+    // 36 buffers of 2 KiB: more than a largest frame's room.
+    const COUNT: u16 = 36;
+    let (mut nic, big) = match (Nic::up_with(boot, RX_BUF as u32, COUNT, None), dma_alloc(70_000, 4096)) {
+        (Ok(n), Some(b)) => (n, b),
+        _ => {
+            case("net-up", Err("cannot bring the NIC up"));
+            return true;
+        }
+    };
+    let tx = nic.tx;
+    for i in 0..(HDR + 60) as u64 {
+        wr8(tx + i, 0);
+    }
+    let r = tx_raw(&mut nic, tx, 4).and_then(|_| works(&mut nic)).map(|()| "dropped");
+    case("net-tx-shorter-than-header", r);
+    let r = tx_raw(&mut nic, big, 70_000).and_then(|_| works(&mut nic)).map(|()| "dropped");
+    case("net-tx-oversized-frame", r);
+    // A header the host refuses: an unknown GSO type.
+    wr8(tx + 1, 0x7f);
+    let r = tx_raw(&mut nic, tx, (HDR + 60) as u32).and_then(|_| works(&mut nic)).map(|()| "dropped");
+    wr8(tx + 1, 0);
+    case("net-tx-bad-header", r);
+    // Receive buffers too small for a header: given back empty.
+    let r = (|| {
+        reinit(boot, &mut nic, 0)?;
+        for i in 0..8u16 {
+            Device::write_desc(&nic.rxq, i, nic.rx_base + u64::from(i) * RX_BUF, 4, DESC_F_WRITE, 0);
+            nic.dev.publish(&mut nic.rxq, i, 1);
+        }
+        let peer = nic.peer;
+        nic.arp(1, [0; 6], peer)?;
+        let start = rdtsc();
+        let len = loop {
+            if let Some((_, len)) = Device::try_used(&mut nic.rxq) {
+                break len;
+            }
+            if rdtsc().wrapping_sub(start) > TICK * 25 {
+                return Err("the tiny buffers were never given back");
+            }
+        };
+        reinit(boot, &mut nic, COUNT)?;
+        if len != 0 {
+            return Err("a frame written into a buffer smaller than its header");
+        }
+        works(&mut nic)?;
+        Ok("given-back")
+    })();
+    case("net-rx-buffer-shorter-than-header", r);
+    // Buffers outside guest RAM.
+    let r = tx_raw(&mut nic, outside, 100).map_or(Ok(()), |_| Ok(())).and_then(|()| expect_reset(boot, &mut nic, COUNT));
+    case("net-tx-buffer-outside-ram", r);
+    let good = nic.rx_base;
+    let r = (|| {
+        nic.dev.reset();
+        nic = Nic::up_with(boot, RX_BUF as u32, 8, Some(outside))?;
+        let peer = nic.peer;
+        nic.arp(1, [0; 6], peer)?;
+        let asked = nic.dev.wait_needs_reset();
+        nic.dev.reset();
+        nic = Nic::up_with(boot, RX_BUF as u32, COUNT, Some(good))?;
+        if !asked {
+            return Err("the device did not ask for a reset");
+        }
+        works(&mut nic)?;
+        Ok("needs-reset")
+    })();
+    // The NIC's buffers are back at their DMA memory for the next cases.
+    case("net-rx-buffer-outside-ram", r);
+    // A transmit index racing past the queue.
+    let size = nic.txq.size;
+    let head = Device::write_chain(&mut nic.txq, &[(tx, (HDR + 60) as u32, false)]);
+    nic.dev.publish(&mut nic.txq, head, size + 20);
+    let r = expect_reset(boot, &mut nic, COUNT);
+    case("net-tx-avail-index-racing-ahead", r);
+    nic.dev.reset();
+    true
 }

@@ -419,3 +419,102 @@ pub fn vsock_bench(boot: &BootInfo, iters: u64) -> u8 {
         })(),
     )
 }
+
+/// Sends a raw packet: `h` with stream type `type_`, in one descriptor of
+/// `chain_len` bytes.
+fn send_raw(v: &mut Vsock, h: Hdr, type_: u16, chain_len: u32) -> Result<(), DriverError> {
+    h.write(v.tx);
+    wr(v.tx + 28, type_);
+    v.dev.transact(&mut v.txq, &[(v.tx, chain_len, false)])?;
+    Ok(())
+}
+
+/// Waits for a reset to (`local`, `peer`).
+fn expect_rst(v: &mut Vsock, local: u32, peer: u32) -> Result<&'static str, DriverError> {
+    loop {
+        let p = v.recv(TICK * 25)?.ok_or("no reset from the device")?;
+        v.repost(&p);
+        if p.hdr.dst_port == local && p.hdr.src_port == peer {
+            return match p.hdr.op {
+                OP_RST => Ok("reset"),
+                _ => Err("an answer other than a reset"),
+            };
+        }
+    }
+}
+
+/// The device still works: a connection to the host's echo on `port`.
+fn vsock_works(v: &mut Vsock, local: u32, port: u32) -> Result<(), DriverError> {
+    let mut c = connect(v, local, port)?;
+    v.send_data(&mut c, |at, n| {
+        for i in 0..u64::from(n) {
+            wr(at + i, msg_byte(i));
+        }
+    }, 100)?;
+    let mut got = 0u32;
+    while got < 100 {
+        let p = v.next_on(&mut c, TICK * 25)?;
+        v.repost(&p);
+        if p.hdr.op == OP_RW {
+            got += p.hdr.len;
+            c.fwd_cnt = c.fwd_cnt.wrapping_add(p.hdr.len);
+        } else if p.hdr.op != OP_CREDIT_UPDATE {
+            return Err("no echo after the abuse");
+        }
+    }
+    close(v, &mut c)
+}
+
+/// The `hostile` scenario's vsock cases: packets misaddressed, of the
+/// wrong type, without a connection, shorter than a header, longer than
+/// their buffer, and a guest that sends past its credit to a host program
+/// that never reads (`testguest.vsock_sink`, default 53). Each must be
+/// refused with a reset or dropped, and a connection to the host's echo
+/// (`testguest.vsock_port`, default 52) must work afterwards. Returns false
+/// when there is no vsock device.
+pub fn hostile_cases(boot: &BootInfo, case: &mut dyn FnMut(&str, Result<&'static str, DriverError>)) -> bool {
+    let (entries, n) = find_devices(boot.cmdline);
+    if !entries[..n].iter().flatten().any(|e| device_type(e) == TYPE_VSOCK) {
+        return false;
+    }
+    let echo = key(boot, b"testguest.vsock_port=", 52) as u32;
+    let sink = key(boot, b"testguest.vsock_sink=", 53) as u32;
+    let mut v = match Vsock::up(boot) {
+        Ok(v) => v,
+        Err(e) => {
+            case("vsock-up", Err(e));
+            return true;
+        }
+    };
+    let cid = v.cid;
+    let base = Hdr { src_cid: cid, dst_cid: HOST_CID, src_port: 777, dst_port: echo, buf_alloc: BUF_ALLOC, ..Hdr::default() };
+    let r = send_raw(&mut v, Hdr { dst_cid: 7, op: OP_REQUEST, ..base }, 1, HDR as u32).and_then(|()| expect_rst(&mut v, 777, echo));
+    case("vsock-misaddressed", r);
+    let r = send_raw(&mut v, Hdr { op: OP_REQUEST, ..base }, 2, HDR as u32).and_then(|()| expect_rst(&mut v, 777, echo));
+    case("vsock-not-a-stream", r);
+    let r = send_raw(&mut v, Hdr { op: OP_RW, len: 10, ..base }, 1, HDR as u32 + 10).and_then(|()| expect_rst(&mut v, 777, echo));
+    case("vsock-data-without-connection", r);
+    let r = send_raw(&mut v, Hdr { op: OP_REQUEST, ..base }, 1, 20).and_then(|()| vsock_works(&mut v, 40100, echo)).map(|()| "dropped");
+    case("vsock-shorter-than-header", r);
+    let r = send_raw(&mut v, Hdr { op: OP_RW, len: 4096, ..base }, 1, HDR as u32).and_then(|()| vsock_works(&mut v, 40101, echo)).map(|()| "dropped");
+    case("vsock-length-past-buffer", r);
+    // A credit lie: stream to a host program that never reads, ignoring
+    // the credit the device gave, until the device resets the connection.
+    let r = (|| {
+        let mut c = connect(&mut v, 40102, sink)?;
+        for _ in 0..1024 {
+            v.send(&mut c, OP_RW, 0, DATA as u32)?;
+            if let Some(p) = v.recv(0)? {
+                v.repost(&p);
+                if p.hdr.op == OP_RST && p.hdr.dst_port == c.local {
+                    vsock_works(&mut v, 40103, echo)?;
+                    return Ok("reset");
+                }
+            }
+        }
+        Err("4 MiB past the credit and no reset")
+    })();
+    case("vsock-credit-lie", r);
+    v.dev.reset();
+    true
+}
