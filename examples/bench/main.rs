@@ -32,6 +32,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod net;
 mod snapshot;
 
 use clap::Parser;
@@ -53,6 +54,9 @@ struct Args {
     /// Only the snapshot rows.
     #[arg(long)]
     snapshots_only: bool,
+    /// Only the network, vsock and rate limiter rows (needs root, iproute2).
+    #[arg(long)]
+    net_only: bool,
     /// Internal: run the floor's one-instruction VM and exit.
     #[arg(long, hide = true)]
     floor_boot: bool,
@@ -643,6 +647,11 @@ fn main() {
         let _ = std::fs::remove_file(&image);
         return;
     }
+    if args.net_only {
+        net_rows(r, qemu, &image, tsc_ghz);
+        let _ = std::fs::remove_file(&image);
+        return;
+    }
     let qemu_stat = |f: &mut dyn FnMut() -> f64| qemu.then(|| measure(r, f));
     for (scenario, name) in [
         ("bench-pio", "port I/O exit, cycles"),
@@ -882,6 +891,7 @@ fn main() {
         Some(floor.1),
     );
     snapshot_rows(r, qemu, &image);
+    net_rows(r, qemu, &image, tsc_ghz);
     let whole = "testguest.run=hello,exit testguest.exit=0";
     let ours = measure(r, || {
         whole_run_ms(Command::new(minimal_bin()).args(["--cmdline", whole]))
@@ -965,6 +975,112 @@ fn snapshot_rows(r: usize, qemu: bool, image: &PathBuf) {
         None,
         None,
     );
+}
+
+/// The network, vsock and rate limiter rows (see the `net` module).
+fn net_rows(r: usize, qemu: bool, image: &PathBuf, tsc_ghz: f64) {
+    let ns = net::Ns::new();
+    let iters = 20_000u64;
+    for size in [1514usize, 64] {
+        let cmdline = |ip: u8| {
+            format!(
+                "console=ttyS0 testguest.run=net-bench,exit testguest.bench_iters={iters} testguest.net_size={size} testguest.ip=172.16.{ip}.2 testguest.peer=172.16.{ip}.1"
+            )
+        };
+        let ours_cmd = || {
+            let mut c = ns.command(&minimal_bin());
+            c.args([
+                "--net",
+                "tap=tap0,mac=06:00:ac:10:00:02",
+                "--cmdline",
+                &cmdline(0),
+            ]);
+            c
+        };
+        let ours: Vec<net::NetRun> = (0..r)
+            .map(|_| net::net_run(&ns, ours_cmd(), "tap0", 0, size, iters, tsc_ghz))
+            .collect();
+        let q: Option<Vec<net::NetRun>> = qemu.then(|| {
+            (0..r)
+                .map(|_| {
+                    net::net_run(
+                        &ns,
+                        net::qemu_net(&ns, image, &cmdline(1)),
+                        "tap1",
+                        1,
+                        size,
+                        iters,
+                        tsc_ghz,
+                    )
+                })
+                .collect()
+        });
+        let floors: Vec<(f64, f64)> = (0..r).map(|_| net::floor(&ns, size, iters)).collect();
+        let pick = |v: &[net::NetRun], f: fn(&net::NetRun) -> f64| stat(v.iter().map(f).collect());
+        row(
+            &format!("guest to host, {size}-byte frames, thousand frames/s (higher is better; floor: a host program writing into a TAP)"),
+            pick(&ours, |x| x.tx_fps / 1e3),
+            q.as_ref().map(|q| pick(q, |x| x.tx_fps / 1e3)),
+            Some(stat(floors.iter().map(|f| f.0 / 1e3).collect())),
+        );
+        row(
+            &format!("host to guest, {size}-byte frames, thousand frames/s while they came (floor: a host program reading a TAP)"),
+            pick(&ours, |x| x.rx_fps / 1e3),
+            q.as_ref().map(|q| pick(q, |x| x.rx_fps / 1e3)),
+            Some(stat(floors.iter().map(|f| f.1 / 1e3).collect())),
+        );
+        if size == 1514 {
+            row(
+                "ping round trip, guest to the host's stack over the TAP, us",
+                pick(&ours, |x| x.rtt_us),
+                q.as_ref().map(|q| pick(q, |x| x.rtt_us)),
+                None,
+            );
+        }
+    }
+    let vs: Vec<(f64, f64)> = (0..r)
+        .map(|_| net::vsock_run(&minimal_bin(), 20_000, tsc_ghz))
+        .collect();
+    let unix = measure(r, || net::unix_floor(20_000) / 1e6);
+    row(
+        "vsock guest to host, 4 KiB packets, MB/s (higher is better; floor: a host Unix socket pair)",
+        stat(vs.iter().map(|v| v.0 / 1e6).collect()),
+        None,
+        Some(unix),
+    );
+    row(
+        "vsock host to guest, MB/s",
+        stat(vs.iter().map(|v| v.1 / 1e6).collect()),
+        None,
+        Some(unix),
+    );
+    for refill in [1u64, 100] {
+        let acc: Vec<(f64, f64, f64)> = (0..r)
+            .map(|_| net::limiter_accuracy(&ns, &minimal_bin(), 10_000_000, refill))
+            .collect();
+        row(
+            &format!("transmit limit 10 MB/s, refill {refill} ms: whole run, % of the limit"),
+            stat(acc.iter().map(|a| a.0 * 100.0).collect()),
+            None,
+            None,
+        );
+        row(
+            &format!(
+                "transmit limit 10 MB/s, refill {refill} ms: busiest 20 ms window, % of the limit"
+            ),
+            stat(acc.iter().map(|a| a.1 * 100.0).collect()),
+            None,
+            None,
+        );
+        row(
+            &format!(
+                "transmit limit 10 MB/s, refill {refill} ms: quietest 20 ms window, % of the limit"
+            ),
+            stat(acc.iter().map(|a| a.2 * 100.0).collect()),
+            None,
+            None,
+        );
+    }
 }
 
 /// The TSC rate, measured against the monotonic clock.

@@ -110,6 +110,9 @@ counters!(
         rx_dropped_too_big,
         /// Receive buffers too small for a header, given back empty.
         rx_bad_buffers,
+        /// Frames larger than the TAP's MTU said (the MTU grew), dropped
+        /// once before the device expects the largest frames.
+        rx_truncated,
         /// Times the receive limiter made the device wait.
         rx_rate_limiter_throttled,
         /// Frames sent for the guest.

@@ -511,7 +511,8 @@ pub fn net_link(boot: &BootInfo) -> u8 {
 
 /// `net-bench`: sends `testguest.bench_iters` UDP datagrams of
 /// `testguest.net_size` bytes of frame (64 to 1514, default 1514) to the
-/// peer's port 5001, timed; then reports `net-bench rx-ready` and counts
+/// peer's port 5001, timed; times 50 pings of the peer; then reports
+/// `net-bench rx-ready` and counts
 /// the datagrams the host sends to its port 5001 until as many came or
 /// the host sends none for a while, and reports how many and how fast.
 pub fn net_bench(boot: &BootInfo, args: &Args) -> u8 {
@@ -567,6 +568,18 @@ pub fn net_bench(boot: &BootInfo, args: &Args) -> u8 {
             }
             let cycles = rdtsc().wrapping_sub(start);
             report!("net-bench tx size={} frames={} cycles={}", size, sent, cycles);
+            // Round trips: ICMP echo to the peer's own stack.
+            let rounds = 50u16;
+            let mut best = u64::MAX;
+            let mut total = 0u64;
+            for seq in 1..=rounds {
+                let t = rdtsc();
+                nic.ping(peer_mac, seq)?;
+                let rtt = rdtsc().wrapping_sub(t);
+                best = best.min(rtt);
+                total += rtt;
+            }
+            report!("net-bench ping rounds={} cycles_per_rtt={} best={}", rounds, total / u64::from(rounds), best);
             report!("net-bench rx-ready");
             let mut first = 0u64;
             let mut last = 0u64;

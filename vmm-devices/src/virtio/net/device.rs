@@ -87,6 +87,13 @@ pub struct Net<M> {
     link_up: bool,
     /// A frame read into `bounce` that waits for guest buffers: its length.
     held: Option<usize>,
+    /// The TAP's MTU when the device was made.
+    mtu: usize,
+    /// The largest frame (with its header) the TAP is expected to hand
+    /// over: a whole 64 KiB segment when the driver takes segmentation
+    /// offloads, else an MTU-sized frame (with a VLAN tag). Frames up to it
+    /// are read straight into guest buffers.
+    frame_max: usize,
     bounce: Vec<u8>,
     rx_limiter: RateLimiter,
     tx_limiter: RateLimiter,
@@ -115,12 +122,15 @@ impl<M> Net<M> {
             features |= bit(VIRTIO_NET_F_MAC);
         }
         let unlimited = RateLimiterConfig::default();
+        let mtu = tap.mtu().unwrap_or(1500);
         Ok(Self {
             common: VirtioCommon::new(TYPE_NET, features, &[NET_QUEUE_SIZE; 2]),
             tap,
             mac,
             link_up: true,
             held: None,
+            mtu,
+            frame_max: MAX_FRAME,
             bounce: vec![0; MAX_FRAME],
             rx_limiter: RateLimiter::new(&unlimited)?,
             tx_limiter: RateLimiter::new(&unlimited)?,
@@ -262,6 +272,8 @@ impl<M: GuestMemoryBackend + Send + 'static> Net<M> {
         let mut delivered = 0usize;
         let mut broken = false;
         let mut pass = RxPass {
+            frame_max: &mut self.frame_max,
+            iov: Vec::new(),
             tap: &self.tap,
             bounce: &mut self.bounce,
             held: &mut self.held,
@@ -416,6 +428,8 @@ impl<M: GuestMemoryBackend + Send + 'static> Net<M> {
 /// The state of one receive pass: chains popped from the queue and not yet
 /// used (given back at the end of the pass).
 struct RxPass<'a, 'm, M: GuestMemoryBackend + 'm> {
+    frame_max: &'a mut usize,
+    iov: Vec<libc::iovec>,
     tap: &'a Tap,
     bounce: &'a mut Vec<u8>,
     held: &'a mut Option<usize>,
@@ -572,7 +586,7 @@ impl<'m, M: GuestMemoryBackend> RxPass<'_, 'm, M> {
         }
         let want = match *self.held {
             Some(len) => len,
-            None => MAX_FRAME,
+            None => *self.frame_max + 1,
         };
         self.gather(queue, mem, want)?;
         if *self.broken {
@@ -597,19 +611,40 @@ impl<'m, M: GuestMemoryBackend> RxPass<'_, 'm, M> {
         if self.chains.is_empty() {
             return self.wait_for_buffers(queue, mem);
         }
-        let range = self.pieces(if self.mrg { self.chains.len() } else { 1 });
-        let room: usize = if self.mrg {
-            self.chains.iter().map(|c| c.capacity).sum()
-        } else {
-            self.chains[0].capacity
-        };
-        if room >= MAX_FRAME && range.len() <= MAX_IOV {
+        // The chains that hold the largest expected frame.
+        let frame_max = *self.frame_max;
+        let mut k = 0;
+        let mut room = 0usize;
+        // One byte more than the largest frame: the kernel cuts a frame
+        // that does not fit without saying so, and a read that fills the
+        // buffers is how a larger frame shows.
+        for c in &self.chains {
+            if room > frame_max || (!self.mrg && k == 1) {
+                break;
+            }
+            room += c.capacity;
+            k += 1;
+        }
+        let range = self.pieces(k);
+        if room > frame_max && range.len() <= MAX_IOV {
             // Straight into guest memory.
-            let iov: Vec<libc::iovec> = self.slices[range.clone()].iter().map(iovec_of).collect();
+            self.iov.clear();
+            self.iov
+                .extend(self.slices[range.clone()].iter().map(iovec_of));
             // SAFETY: every iovec is a slice of guest memory, mapped while
             // `mem` is borrowed; the kernel writes at most their lengths.
-            let read = unsafe { self.tap.readv(&iov) };
+            let read = unsafe { self.tap.readv(&self.iov) };
             match read {
+                Ok(Some(n)) if n >= room => {
+                    // Larger than expected (the MTU grew): the kernel cut
+                    // it. Expect the largest frames from now on.
+                    self.metrics.rx_truncated.inc();
+                    crate::host_warn!(
+                        "virtio-net: a frame from the TAP of {n} bytes or more, larger than its MTU said; dropped, and frames up to {MAX_FRAME} bytes expected from now on"
+                    );
+                    *self.frame_max = MAX_FRAME;
+                    Ok(Rx::Again)
+                }
                 Ok(Some(n)) if n >= VNET_HDR_LEN => {
                     let mut left = n;
                     for s in &self.slices[range] {
@@ -740,10 +775,17 @@ impl<M: GuestMemoryBackend + Send + 'static> VirtioDevice<M> for Net<M> {
     }
 
     fn activate(&mut self, ctx: ActivationContext<M>) -> Result<(), ActivateError> {
+        let offloads = tap_offloads(ctx.acked_features);
         self.tap
-            .set_offload(tap_offloads(ctx.acked_features))
+            .set_offload(offloads)
             .map_err(|e| ActivateError::Setup(Box::new(e)))?;
         self.held = None;
+        self.frame_max = if offloads & (TUN_F_TSO4 | TUN_F_TSO6) != 0 {
+            MAX_FRAME
+        } else {
+            // Ethernet header, a VLAN tag, the MTU.
+            (VNET_HDR_LEN + 18 + self.mtu).min(MAX_FRAME)
+        };
         self.common.activate(ctx)?;
         // Frames may already wait in the TAP, before any edge is seen.
         let _ = self.kick.write(1);

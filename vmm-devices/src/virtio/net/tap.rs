@@ -229,6 +229,36 @@ impl Tap {
         Ok(())
     }
 
+    /// The interface's MTU (asked through a socket of the calling
+    /// thread's network namespace, which should be the TAP's).
+    pub fn mtu(&self) -> io::Result<usize> {
+        // SAFETY: socket(2) with constant arguments.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor nothing else owns.
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut req = IfReq::new();
+        req.name[..self.name.len()].copy_from_slice(self.name.as_bytes());
+        // SAFETY: SIOCGIFMTU fills the int at the start of the union of one
+        // `struct ifreq`, which `req` is.
+        let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU, &mut req) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mtu = i32::from_ne_bytes([
+            req.flags.to_ne_bytes()[0],
+            req.flags.to_ne_bytes()[1],
+            req._pad[0],
+            req._pad[1],
+        ]);
+        usize::try_from(mtu)
+            .ok()
+            .filter(|&m| (68..=65535).contains(&m))
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidData))
+    }
+
     /// Tells the kernel which offloads the guest takes on the frames it
     /// receives (`TUN_F_*`); 0: none, every frame complete and checksummed.
     pub fn set_offload(&self, flags: u32) -> Result<(), TapError> {

@@ -516,3 +516,36 @@ fn mac_addresses_parse_print_and_refuse_multicast() {
         Err(MacAddrError::Multicast(_))
     ));
 }
+
+#[test]
+fn a_frame_past_the_mtu_seen_at_start_is_dropped_once_then_expected() {
+    in_netns(|| {
+        let mem = memory();
+        let mut s = setup(&mem, FEATURES, 1500);
+        s.post(0, 40, BUF);
+        let small = s.host.send(1514, 1);
+        s.dev.process_event(EV_TAP);
+        assert_eq!(
+            s.received(0),
+            (1, small),
+            "an MTU-sized frame fits one buffer"
+        );
+        // The host raises the MTU while the guest runs.
+        let _ = Host::new("vt0", 9000);
+        s.host.send(3000, 2);
+        s.dev.process_event(EV_TAP);
+        let m = s.dev.metrics();
+        assert_eq!(
+            m.rx_truncated.get(),
+            1,
+            "fails {} used {} bounced {}",
+            m.tap_read_fails.get(),
+            s.rx.used_idx(),
+            m.rx_bounced.get()
+        );
+        assert_eq!(s.rx.used_idx(), 1, "the cut frame is not delivered");
+        let big = s.host.send(3000, 3);
+        s.dev.process_event(EV_TAP);
+        assert_eq!(s.received(1), (2, big), "the next one is");
+    });
+}
