@@ -312,3 +312,92 @@ fn the_api_configures_interfaces_and_patches_their_limits() {
     assert_eq!(code, 204);
     vmm.wait();
 }
+
+/// UDP echo through the guest `n` times, from inside `ns`.
+fn echo_through_guest(ns: &NetNs, n: u8) {
+    ns.run(|| {
+        let s = UdpSocket::bind((HOST_IP, 0)).expect("bind");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        for i in 0..n {
+            let msg = vec![i; 100];
+            s.send_to(&msg, (GUEST_IP, 7)).expect("send");
+            let mut buf = [0u8; 256];
+            let (len, _) = s.recv_from(&mut buf).expect("the guest's echo");
+            assert_eq!(&buf[..len], &msg[..]);
+        }
+    });
+}
+
+/// A paused guest with a NIC is saved over the API and loaded in another
+/// process in another namespace, its NIC put on another TAP by
+/// `network_overrides`: the guest, in the middle of answering echo
+/// requests, answers the new host's.
+#[test]
+fn a_snapshot_keeps_the_nic_and_network_overrides_move_it() {
+    use common::api::{call, Vmm as ApiVmm};
+    use serde_json::json;
+
+    let first_ns = NetNs::new("snap");
+    let second_ns = NetNs::with_tap("snap2", "tapc");
+    let dir = common::TempFile::new("guest.elf", vmm_kit::testguest::IMAGE);
+    let base = dir.path.parent().unwrap().to_path_buf();
+    let kernel = dir.arg().to_string();
+    let net = format!("tap=tap0,mac={GUEST_MAC}");
+    let mut first = ApiVmm::start_in_ns(
+        &base,
+        "first",
+        &[
+            "--kernel",
+            &kernel,
+            "--net",
+            &net,
+            "--cmdline",
+            "console=ttyS0 testguest.run=net,exit testguest.net_serve=4",
+        ],
+        &first_ns.name,
+    );
+    let put = |vmm: &ApiVmm, path: &str, body: serde_json::Value| {
+        let (code, resp) = call(&vmm.sock, "PUT", path, Some(body));
+        assert_eq!(code, 204, "PUT {path}: {resp}");
+    };
+    put(&first, "/actions", json!({"action_type": "InstanceStart"}));
+    first.wait_serial("net serve ready");
+    echo_through_guest(&first_ns, 2);
+    let (code, resp) = call(
+        &first.sock,
+        "PATCH",
+        "/vm",
+        Some(json!({"state": "Paused"})),
+    );
+    assert_eq!(code, 204, "{resp}");
+    let (state, mem) = (base.join("vm.state"), base.join("vm.mem"));
+    put(
+        &first,
+        "/snapshot/create",
+        json!({"snapshot_path": state, "mem_file_path": mem}),
+    );
+    put(&first, "/actions", json!({"action_type": "InstanceStop"}));
+    first.wait();
+
+    let mut second = ApiVmm::start_in_ns(&base, "second", &[], &second_ns.name);
+    // An override naming no interface of the snapshot is refused.
+    let (code, _) = call(
+        &second.sock,
+        "PUT",
+        "/snapshot/load",
+        Some(json!({"snapshot_path": state, "mem_file_path": mem,
+                    "network_overrides": [{"iface_id": "eth9", "host_dev_name": "tapc"}]})),
+    );
+    assert_eq!(code, 400);
+    put(
+        &second,
+        "/snapshot/load",
+        json!({"snapshot_path": state, "mem_file_path": mem, "resume_vm": true,
+               "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tapc"}]}),
+    );
+    echo_through_guest(&second_ns, 2);
+    let (status, err) = second.wait();
+    let serial = std::fs::read_to_string(&second.serial).unwrap_or_default();
+    assert_eq!(status.code(), Some(0), "{serial}\n{err}");
+    assert!(serial.contains("net ok pings=4 served=4"), "{serial}");
+}

@@ -87,6 +87,11 @@ impl Vmm {
         Vmm::launch(base, name, extra, None)
     }
 
+    /// As [`Vmm::start_in`], inside the network namespace `netns`.
+    pub fn start_in_ns(base: &Path, name: &str, extra: &[&str], netns: &str) -> Vmm {
+        Vmm::launch(base, name, extra, Some(netns))
+    }
+
     /// As [`Vmm::start`], inside the network namespace `netns`.
     pub fn start_in_netns(netns: &str, extra: &[&str]) -> Vmm {
         let dir = TempFile::new("guest.elf", vmm_kit::testguest::IMAGE);

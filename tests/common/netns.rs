@@ -37,6 +37,11 @@ pub struct NetNs {
 impl NetNs {
     /// A namespace with `lo` up and `tap0` at [`HOST_IP`]/24, up.
     pub fn new(tag: &str) -> NetNs {
+        NetNs::with_tap(tag, "tap0")
+    }
+
+    /// A namespace with `lo` up and the TAP `tap` at [`HOST_IP`]/24, up.
+    pub fn with_tap(tag: &str, tap: &str) -> NetNs {
         let name = format!("vmmkit-{tag}-{}", std::process::id());
         // A namespace left by an earlier, killed run.
         let _ = Command::new("ip")
@@ -45,7 +50,7 @@ impl NetNs {
             .status();
         ip(&["netns", "add", &name]);
         let ns = NetNs { name };
-        ns.add_tap("tap0", HOST_IP);
+        ns.add_tap(tap, HOST_IP);
         ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
         ns
     }
