@@ -3,7 +3,7 @@
 # (Debian's qemu-system-x86) when missing so that its microvm machine runs
 # the same guest as a peer, and prints the table.
 #
-# Usage: scripts/bench.sh [--repeats N] [--iters N]
+# Usage: scripts/bench.sh [--repeats N] [--iters N] [--snapshots-only | --net-only]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v qemu-system-x86_64 >/dev/null; then

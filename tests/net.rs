@@ -82,7 +82,8 @@ fn the_guest_and_the_host_stack_talk_both_ways() {
     // The host resolves the guest by ARP, then UDP echo to port 7.
     ns.run(|| {
         let s = UdpSocket::bind((HOST_IP, 0)).expect("bind");
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("test step");
         for i in 0..3u8 {
             let msg: Vec<u8> = (0..200u16).map(|b| (b as u8).wrapping_add(i)).collect();
             s.send_to(&msg, (GUEST_IP, 7)).expect("send");
@@ -113,7 +114,7 @@ fn link_down_and_up_reach_the_guest_and_frames_flow_again() {
     ns.run(|| {
         let serial = common::SharedBuf::default();
         let mut nic = NetConfig::new("eth0", "tap0");
-        nic.mac = Some(GUEST_MAC.parse().unwrap());
+        nic.mac = Some(GUEST_MAC.parse().expect("test step"));
         let config = VmConfig {
             kernel: KernelSource::Bytes(vmm_kit::testguest::IMAGE),
             cmdline: "console=ttyS0 testguest.run=net-link,exit".into(),
@@ -150,7 +151,8 @@ fn a_transmit_rate_limit_holds_the_guest_to_its_rate() {
     let net = format!("tap=tap0,mac={GUEST_MAC},tx-bandwidth=2000/1");
     let counted = ns.run(|| {
         let s = UdpSocket::bind((HOST_IP, 5001)).expect("bind 5001");
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("test step");
         let (child, rx) = spawn_in(&ns, &["--net", &net, "--cmdline", &iters]);
         let mut times = Vec::new();
         let mut buf = [0u8; 2048];
@@ -302,7 +304,7 @@ fn the_api_configures_interfaces_and_patches_their_limits() {
     );
     let (code, resp) = call(&sock, "GET", "/vm/config", None);
     assert_eq!(code, 200);
-    let config: serde_json::Value = serde_json::from_str(&resp).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&resp).expect("test step");
     let nic = &config["network-interfaces"][0];
     assert_eq!(nic["host_dev_name"], "tap0");
     assert_eq!(nic["guest_mac"], GUEST_MAC);
@@ -317,7 +319,8 @@ fn the_api_configures_interfaces_and_patches_their_limits() {
 fn echo_through_guest(ns: &NetNs, n: u8) {
     ns.run(|| {
         let s = UdpSocket::bind((HOST_IP, 0)).expect("bind");
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("test step");
         for i in 0..n {
             let msg = vec![i; 100];
             s.send_to(&msg, (GUEST_IP, 7)).expect("send");
@@ -340,7 +343,7 @@ fn a_snapshot_keeps_the_nic_and_network_overrides_move_it() {
     let first_ns = NetNs::new("snap");
     let second_ns = NetNs::with_tap("snap2", "tapc");
     let dir = common::TempFile::new("guest.elf", vmm_kit::testguest::IMAGE);
-    let base = dir.path.parent().unwrap().to_path_buf();
+    let base = dir.path.parent().expect("test step").to_path_buf();
     let kernel = dir.arg().to_string();
     let net = format!("tap=tap0,mac={GUEST_MAC}");
     let mut first = ApiVmm::start_in_ns(

@@ -14,9 +14,9 @@ fn an_operations_limit_paces_the_guests_disk_requests() {
     std::fs::OpenOptions::new()
         .write(true)
         .open(&img.path)
-        .unwrap()
+        .expect("test step")
         .set_len(16 << 20)
-        .unwrap();
+        .expect("test step");
     let disk = format!("{},ops=100/100", img.arg());
     let start = Instant::now();
     let o = common::run_minimal(&[

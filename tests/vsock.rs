@@ -46,7 +46,7 @@ fn guest_and_host_programs_connect_both_ways_and_echo() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start the VMM");
-    let out = child.stdout.take().unwrap();
+    let out = child.stdout.take().expect("test step");
     let (tx, rx) = channel();
     std::thread::spawn(move || {
         for line in BufReader::new(out).lines().map_while(Result::ok) {
@@ -66,34 +66,40 @@ fn guest_and_host_programs_connect_both_ways_and_echo() {
     }
     // A host program connects to the guest's port 1234.
     let mut s = UnixStream::connect(&uds).expect("connect to the VMM's socket");
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    s.write_all(b"CONNECT 1234\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("test step");
+    s.write_all(b"CONNECT 1234\n").expect("test step");
     let mut ok = Vec::new();
     let mut byte = [0u8; 1];
     while !ok.ends_with(b"\n") {
         s.read_exact(&mut byte).expect("the OK line");
         ok.push(byte[0]);
     }
-    let ok = String::from_utf8(ok).unwrap();
+    let ok = String::from_utf8(ok).expect("test step");
     assert!(
         ok.starts_with("OK ") && ok[3..].trim().parse::<u32>().is_ok(),
         "{ok:?}"
     );
     let msg = pattern(10_000, 9);
-    s.write_all(&msg).unwrap();
+    s.write_all(&msg).expect("test step");
     let mut back = vec![0u8; msg.len()];
     s.read_exact(&mut back).expect("the guest's echo");
     assert_eq!(back, msg);
-    s.shutdown(std::net::Shutdown::Write).unwrap();
+    s.shutdown(std::net::Shutdown::Write).expect("test step");
     let mut rest = Vec::new();
     s.read_to_end(&mut rest).expect("the connection ends");
-    let status = child.wait().unwrap();
+    let status = child.wait().expect("test step");
     seen.extend(rx.try_iter());
     let out = seen.join("\n");
     let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).ok();
+    child
+        .stderr
+        .take()
+        .expect("test step")
+        .read_to_string(&mut err)
+        .ok();
     assert!(status.success(), "{out}\n{err}");
-    let (got, extra) = echo.join().unwrap();
+    let (got, extra) = echo.join().expect("test step");
     let sent: Vec<u8> = (0..6000u64)
         .map(|i| ((i % 4096) as u8).wrapping_mul(13).wrapping_add(5))
         .collect();
@@ -167,7 +173,7 @@ fn the_api_takes_a_vsock_device() {
     assert!(uds.exists(), "the device listens");
     let (code, resp) = call(&sock, "GET", "/vm/config", None);
     assert_eq!(code, 200);
-    let config: serde_json::Value = serde_json::from_str(&resp).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&resp).expect("test step");
     assert_eq!(config["vsock"]["guest_cid"], 3);
     let (code, _) = call(
         &sock,

@@ -1024,7 +1024,7 @@ fn net_rows(r: usize, qemu: bool, image: &PathBuf, tsc_ghz: f64) {
             Some(stat(floors.iter().map(|f| f.0 / 1e3).collect())),
         );
         row(
-            &format!("host to guest, {size}-byte frames, thousand frames/s while they came (floor: a host program reading a TAP)"),
+            &format!("host to guest, {size}-byte frames, thousand frames/s while they came (floor: a host program reading frames queued on a TAP)"),
             pick(&ours, |x| x.rx_fps / 1e3),
             q.as_ref().map(|q| pick(q, |x| x.rx_fps / 1e3)),
             Some(stat(floors.iter().map(|f| f.1 / 1e3).collect())),
