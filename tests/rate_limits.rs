@@ -56,3 +56,51 @@ fn bad_disk_limits_are_refused() {
         common::assert_clean_failure(&o, needle);
     }
 }
+
+/// A disk limited to 10 requests a second holds the guest's benchmark back
+/// until `PATCH /drives` lifts the limit (a bucket of size 0), while its
+/// requests wait on the limiter's timer: the guest then finishes at once.
+#[test]
+fn patching_a_running_disks_limit_over_the_api_takes_effect_at_once() {
+    use common::api::{call, Vmm};
+    use serde_json::json;
+
+    let mut vmm = Vmm::start(&[]);
+    let img = vmm.file("disk.img");
+    std::fs::write(&img, vec![0u8; 16 << 20]).expect("test step");
+    let sock = vmm.sock.clone();
+    let put = |path: &str, body: serde_json::Value| {
+        let (code, resp) = call(&sock, "PUT", path, Some(body));
+        assert_eq!(code, 204, "PUT {path}: {resp}");
+    };
+    put(
+        "/boot-source",
+        json!({"kernel_image_path": vmm.kernel(),
+               "boot_args": "console=ttyS0 testguest.run=hello,bench-blk,exit testguest.bench_iters=200"}),
+    );
+    put(
+        "/drives/d0",
+        json!({"drive_id": "d0", "path_on_host": img, "is_root_device": false,
+               "rate_limiter": {"ops": {"size": 10, "refill_time": 1000}}}),
+    );
+    put("/actions", json!({"action_type": "InstanceStart"}));
+    vmm.wait_serial("hello");
+    // Let the guest run into the limit.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let start = Instant::now();
+    let (code, resp) = call(
+        &sock,
+        "PATCH",
+        "/drives/d0",
+        Some(json!({"drive_id": "d0", "rate_limiter": {"ops": {"size": 0, "refill_time": 0}}})),
+    );
+    assert_eq!(code, 204, "{resp}");
+    let (status, err) = vmm.wait();
+    let serial = std::fs::read_to_string(&vmm.serial).unwrap_or_default();
+    assert_eq!(status.code(), Some(0), "{serial}\n{err}");
+    assert!(
+        start.elapsed().as_secs() < 20,
+        "the guest finished {:?} after the limit was lifted (at 10 requests/s it takes two minutes)",
+        start.elapsed()
+    );
+}

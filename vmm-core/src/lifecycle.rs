@@ -302,18 +302,22 @@ impl VmController {
         Ok(())
     }
 
-    /// Replaces the running VM's disk `id`'s limits (see
-    /// [`VmHandle::update_disk_rate_limiter`]).
+    /// Replaces the running VM's disk `id`'s limits, on the owner thread
+    /// (see [`VmHandle::update_disk_rate_limiter`]).
     pub fn update_disk_rate_limiter(
         &self,
         id: &str,
         limits: &vmm_devices::rate_limiter::RateLimiterConfig,
     ) -> Result<(), LifecycleError> {
-        self.handle()?.update_disk_rate_limiter(id, limits)?;
+        // On the owner thread, whose filter lets it re-arm the limiter's
+        // timer.
+        let handle = self.handle()?;
+        let (id, limits) = (id.to_string(), *limits);
+        self.on_owner(move || handle.update_disk_rate_limiter(&id, &limits))??;
         Ok(())
     }
 
-    /// Replaces the running VM's NIC `id`'s limits (see
+    /// Replaces the running VM's NIC `id`'s limits, on the owner thread (see
     /// [`VmHandle::update_net_rate_limiters`]).
     pub fn update_net_rate_limiters(
         &self,
@@ -321,7 +325,11 @@ impl VmController {
         rx: Option<&vmm_devices::rate_limiter::RateLimiterConfig>,
         tx: Option<&vmm_devices::rate_limiter::RateLimiterConfig>,
     ) -> Result<(), LifecycleError> {
-        self.handle()?.update_net_rate_limiters(id, rx, tx)?;
+        // On the owner thread, whose filter lets it re-arm the limiters'
+        // timers.
+        let handle = self.handle()?;
+        let (id, rx, tx) = (id.to_string(), rx.copied(), tx.copied());
+        self.on_owner(move || handle.update_net_rate_limiters(&id, rx.as_ref(), tx.as_ref()))??;
         Ok(())
     }
 
