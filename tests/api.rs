@@ -630,7 +630,11 @@ fn a_config_file_boots_without_a_socket() {
     );
 
     // One the API refuses (a section not offered yet): no socket left behind.
-    std::fs::write(&cfg, r#"{"vsock": {"guest_cid": 3, "uds_path": "/tmp/v"}}"#).expect("cfg");
+    std::fs::write(
+        &cfg,
+        r#"{"balloon": {"amount_mib": 1, "deflate_on_oom": false}}"#,
+    )
+    .expect("cfg");
     let sock = dir.join("api.sock");
     let out = Command::new(minimal_bin())
         .arg("--config-file")
@@ -642,7 +646,7 @@ fn a_config_file_boots_without_a_socket() {
         .expect("test step");
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("vsock is not supported"), "{err}");
+    assert!(err.contains("balloon is not supported"), "{err}");
     assert!(!sock.exists(), "the socket is removed");
 
     let out = Command::new(minimal_bin())

@@ -401,14 +401,14 @@ mod tests {
         let r = rules(ThreadKind::Vcpu, &[libc::SYS_ioctl], &[]).unwrap();
         assert_eq!(
             r[&libc::SYS_ioctl].len(),
-            6 + VCPU_SAVE_IOCTLS.len(),
-            "still only the KVM ioctls and the terminal's two"
+            6 + VCPU_SAVE_IOCTLS.len() + ACTIVATION_IOCTLS.len(),
+            "still only the KVM ioctls, the NIC's offloads and the terminal's two"
         );
         let r = rules(ThreadKind::Main, &[], &[libc::TIOCGWINSZ]).unwrap();
         assert_eq!(
             r[&libc::SYS_ioctl].len(),
-            3 + VM_SAVE_IOCTLS.len(),
-            "the VM state reads, the terminal's two and the one asked for"
+            3 + VM_SAVE_IOCTLS.len() + ACTIVATION_IOCTLS.len(),
+            "the VM state reads, the NIC's offloads, the terminal's two and the one asked for"
         );
         let filters = ThreadFilters::build(|k| {
             if k == ThreadKind::Input {
@@ -422,6 +422,13 @@ mod tests {
             assert!(filters.get(kind).is_some());
         }
         assert!(ThreadFilters::none().get(ThreadKind::Vcpu).is_none());
+    }
+
+    #[test]
+    fn the_activation_ioctl_is_tunsetoffload() {
+        // _IOW('T', 208, unsigned int)
+        let tunsetoffload = (1u64 << 30) | (4 << 16) | ((b'T' as u64) << 8) | 208;
+        assert_eq!(ACTIVATION_IOCTLS, [tunsetoffload]);
     }
 
     #[test]
@@ -447,8 +454,8 @@ mod tests {
         }
         assert_eq!(
             rules(ThreadKind::Main, &[], &[]).unwrap()[&libc::SYS_ioctl].len(),
-            2 + VM_SAVE_IOCTLS.len(),
-            "main: the terminal's two and the VM state reads only"
+            2 + VM_SAVE_IOCTLS.len() + ACTIVATION_IOCTLS.len(),
+            "main: the terminal's two, the VM state reads and the NIC's offloads only"
         );
         for kind in [
             ThreadKind::Vcpu,
