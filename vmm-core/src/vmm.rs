@@ -527,15 +527,9 @@ impl VmHandle {
         Ok(())
     }
 
-    /// Replaces disk `id`'s limits (a config with no buckets lifts them),
-    /// at once.
-    pub fn update_disk_rate_limiter(
-        &self,
-        id: &str,
-        limits: &vmm_devices::rate_limiter::RateLimiterConfig,
-    ) -> Result<(), ControlError> {
-        let index = self
-            .control
+    /// The position of the disk whose id (name, else serial) is `id`.
+    fn disk_index(&self, id: &str) -> Result<usize, ControlError> {
+        self.control
             .disks
             .iter()
             .position(|d| {
@@ -546,7 +540,17 @@ impl VmHandle {
                     .map(String::as_str)
                     == Some(id)
             })
-            .ok_or_else(|| ControlError::NoSuchDisk(id.to_string()))?;
+            .ok_or_else(|| ControlError::NoSuchDisk(id.to_string()))
+    }
+
+    /// Replaces disk `id`'s limits (a config with no buckets lifts them),
+    /// at once.
+    pub fn update_disk_rate_limiter(
+        &self,
+        id: &str,
+        limits: &vmm_devices::rate_limiter::RateLimiterConfig,
+    ) -> Result<(), ControlError> {
+        let index = self.disk_index(id)?;
         let transport = self.control.disks[index]
             .transport
             .upgrade()
@@ -576,19 +580,8 @@ impl VmHandle {
     /// a file: call it where the thread's seccomp filter allows that (see
     /// [`VmEvent::Run`]).
     pub fn replace_disk(&self, id: &str, path: &std::path::Path) -> Result<(), ControlError> {
-        let slot = self
-            .control
-            .disks
-            .iter()
-            .find(|d| {
-                d.config
-                    .name
-                    .as_ref()
-                    .or(d.config.serial.as_ref())
-                    .map(String::as_str)
-                    == Some(id)
-            })
-            .ok_or_else(|| ControlError::NoSuchDisk(id.to_string()))?;
+        let index = self.disk_index(id)?;
+        let slot = &self.control.disks[index];
         let ro = slot.config.read_only;
         let host = |e| ControlError::Disk(DeviceError::Host(e));
         let file = vmm_devices::host_files::open_input(
@@ -615,12 +608,7 @@ impl VmHandle {
         t.config_changed();
         drop(t);
         if let Ok(mut m) = self.control.machine.lock() {
-            let index = self
-                .control
-                .disks
-                .iter()
-                .position(|d| std::ptr::eq(d, slot));
-            if let Some(d) = index.and_then(|i| m.disks.get_mut(i)) {
+            if let Some(d) = m.disks.get_mut(index) {
                 d.path = path.to_path_buf();
             }
         }

@@ -21,7 +21,7 @@ use crate::metrics::NetMetrics;
 use crate::persist::RestoreError;
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError};
 use crate::virtio::{
-    decode_device_state, read_config_bytes, ActivateError, ActivationContext, QueueBudget,
+    decode_device_state, read_config_bytes, ActivateError, ActivationContext, QueueBudget, Step,
     VirtioCommon, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
@@ -321,107 +321,57 @@ impl<M: GuestMemoryBackend + Send + 'static> Net<M> {
     }
 
     /// Sends every available transmit chain to the TAP (within the work
-    /// budget: returns true to be called again).
+    /// budget: returns true to be called again), until the limiter says
+    /// wait (its timer brings the device back).
     fn transmit(&mut self) -> bool {
-        let Some(ctx) = self.common.active.as_mut() else {
+        if self.tx_limiter.is_blocked() {
             return false;
-        };
-        let queue = &mut ctx.queues[TX];
-        let mem = &ctx.mem;
-        let budget = QueueBudget::for_queue(queue).0;
-        let mut done = 0usize;
-        let mut more = false;
-        let mut slices = Vec::new();
+        }
+        let (tap, limiter, metrics, link_up) =
+            (&self.tap, &mut self.tx_limiter, &self.metrics, self.link_up);
         let mut iov: Vec<libc::iovec> = Vec::new();
-        let mut result: Result<(), virtio_queue::Error> = Ok(());
-        'outer: loop {
-            if let Err(e) = queue.disable_notification(mem) {
-                result = Err(e);
-                break;
+        let done = self.common.drain_until(TX, "virtio-net", |mem, chain| {
+            let mut slices = Vec::with_capacity(4);
+            let Some(len) = resolve(mem, chain, false, &mut slices) else {
+                metrics.tx_fails.inc();
+                crate::guest_warn!("virtio-net: a transmit buffer is outside guest memory");
+                return None;
+            };
+            if !(VNET_HDR_LEN..=MAX_FRAME).contains(&len) || slices.len() > MAX_IOV {
+                metrics.tx_malformed_frames.inc();
+                crate::guest_warn!(
+                    "virtio-net: dropped a {len}-byte transmit chain of {} pieces (header {VNET_HDR_LEN}, at most {MAX_FRAME} bytes and {MAX_IOV} pieces)",
+                    slices.len()
+                );
+                return Some(Step::Used(0));
             }
-            loop {
-                if self.tx_limiter.is_blocked() {
-                    // The limiter's timer brings the device back.
-                    break 'outer;
-                }
-                if done >= budget {
-                    more = true;
-                    break 'outer;
-                }
-                let chain = match queue.iter(mem) {
-                    Ok(mut it) => it.next(),
-                    Err(e) => {
-                        result = Err(e);
-                        break 'outer;
-                    }
-                };
-                let Some(chain) = chain else { break };
-                let head = chain.head_index();
-                slices.clear();
-                let Some(len) = resolve(mem, chain, false, &mut slices) else {
-                    self.metrics.tx_fails.inc();
-                    crate::guest_warn!("virtio-net: a transmit buffer is outside guest memory");
-                    if let Err(e) = queue.add_used(mem, head, 0) {
-                        result = Err(e);
-                    }
-                    ctx.interrupt.set_needs_reset();
-                    break 'outer;
-                };
-                if !(VNET_HDR_LEN..=MAX_FRAME).contains(&len) || slices.len() > MAX_IOV {
-                    self.metrics.tx_malformed_frames.inc();
-                    crate::guest_warn!(
-                        "virtio-net: dropped a {len}-byte transmit chain of {} pieces (header {VNET_HDR_LEN}, at most {MAX_FRAME} bytes and {MAX_IOV} pieces)",
-                        slices.len()
-                    );
-                } else if !self.link_up {
-                    self.metrics.tx_dropped_link_down.inc();
-                } else {
-                    let frame = (len - VNET_HDR_LEN) as u64;
-                    if !self.tx_limiter.consume(frame) {
-                        self.metrics.tx_rate_limiter_throttled.inc();
-                        queue.go_to_previous_position();
-                        break 'outer;
-                    }
-                    iov.clear();
-                    iov.extend(slices.iter().map(iovec_of));
-                    // SAFETY: every iovec is a slice of guest memory, which
-                    // stays mapped while `mem` is borrowed here.
-                    match unsafe { self.tap.writev(&iov) } {
-                        Ok(true) => {
-                            self.metrics.tx_packets_count.inc();
-                            self.metrics.tx_bytes_count.add(frame);
-                        }
-                        Ok(false) => self.metrics.tx_dropped_tap_full.inc(),
-                        Err(e) => {
-                            self.metrics.tap_write_fails.inc();
-                            crate::guest_warn!(
-                                "virtio-net: the TAP refused a frame from the guest: {e}"
-                            );
-                        }
-                    }
-                }
-                if let Err(e) = queue.add_used(mem, head, 0) {
-                    result = Err(e);
-                    break 'outer;
-                }
-                done += 1;
+            if !link_up {
+                metrics.tx_dropped_link_down.inc();
+                return Some(Step::Used(0));
             }
-            match queue.enable_notification(mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
+            let frame = (len - VNET_HDR_LEN) as u64;
+            if !limiter.consume(frame) {
+                metrics.tx_rate_limiter_throttled.inc();
+                return Some(Step::Later);
+            }
+            iov.clear();
+            iov.extend(slices.iter().map(iovec_of));
+            // SAFETY: every iovec is a slice of guest memory, which stays
+            // mapped while `mem` is borrowed here.
+            match unsafe { tap.writev(&iov) } {
+                Ok(true) => {
+                    metrics.tx_packets_count.inc();
+                    metrics.tx_bytes_count.add(frame);
+                }
+                Ok(false) => metrics.tx_dropped_tap_full.inc(),
                 Err(e) => {
-                    result = Err(e);
-                    break;
+                    metrics.tap_write_fails.inc();
+                    crate::guest_warn!("virtio-net: the TAP refused a frame from the guest: {e}");
                 }
             }
-        }
-        if done > 0 {
-            match queue.needs_notification(mem) {
-                Ok(false) => {}
-                _ => ctx.interrupt.signal_used_queue(),
-            }
-        }
-        ctx.settle("virtio-net", 0, result.map(|()| more))
+            Some(Step::Used(0))
+        });
+        done.more
     }
 }
 
