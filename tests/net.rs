@@ -427,7 +427,7 @@ fn tsc_hz() -> f64 {
 /// 1 ms refills on an idle host.)
 #[test]
 fn a_receive_rate_limit_paces_what_the_guest_gets() {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use vmm_kit::devices::test_utils::{udp_frame, HostLink};
 
     let ns = NetNs::new("rxlimit");
     let net = format!("tap=tap0,mac={GUEST_MAC},rx-bandwidth=50000/10");
@@ -444,38 +444,16 @@ fn a_receive_rate_limit_paces_what_the_guest_gets() {
     wait_line(&rx, "net-bench rx-ready", &mut seen);
     // UDP frames to the guest's port 5001, from a packet socket on the TAP.
     ns.run(|| {
-        let mut f = vec![0u8; 1514];
-        f[..6].copy_from_slice(&[0x06, 0, 0xac, 0x10, 0, 0x02]);
-        f[6..12].copy_from_slice(&[0x06, 0, 0, 0, 0, 1]);
-        f[12] = 0x08;
-        f[14] = 0x45;
-        f[16..18].copy_from_slice(&1500u16.to_be_bytes());
-        f[23] = 17;
-        f[26..30].copy_from_slice(&[172, 16, 0, 1]);
-        f[30..34].copy_from_slice(&[172, 16, 0, 2]);
-        f[34..36].copy_from_slice(&5001u16.to_be_bytes());
-        f[36..38].copy_from_slice(&5001u16.to_be_bytes());
-        f[38..40].copy_from_slice(&1480u16.to_be_bytes());
-        let name = std::ffi::CString::new("tap0").expect("test step");
-        // SAFETY: plain socket calls on locals of the sizes given.
-        unsafe {
-            let proto = (libc::ETH_P_ALL as u16).to_be();
-            let s = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto));
-            assert!(s >= 0);
-            let sock = OwnedFd::from_raw_fd(s);
-            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_protocol = proto;
-            sll.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
-            let r = libc::bind(
-                sock.as_raw_fd(),
-                (&sll as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            );
-            assert_eq!(r, 0);
-            for _ in 0..3000 {
-                libc::send(sock.as_raw_fd(), f.as_ptr().cast(), f.len(), 0);
-            }
+        let f = udp_frame(
+            [0x06, 0, 0xac, 0x10, 0, 0x02],
+            [172, 16, 0, 1],
+            [172, 16, 0, 2],
+            5001,
+            1514,
+        );
+        let link = HostLink::bind("tap0").expect("a packet socket on the TAP");
+        for _ in 0..3000 {
+            let _ = link.send(&f);
         }
     });
     let (code, err) = finish(child, &rx, &mut seen);

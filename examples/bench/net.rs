@@ -7,12 +7,13 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use vmm_kit::devices::test_utils::{self, HostLink};
 use vmm_kit::devices::virtio::net::Tap;
 use vmm_kit::testguest::parse_output;
 
@@ -95,52 +96,19 @@ impl Drop for Ns {
     }
 }
 
-/// A raw UDP frame to the guest's benchmark port.
+/// A UDP frame to the guest's benchmark port (5001).
 fn udp_frame(dst_mac: [u8; 6], src_ip: [u8; 4], dst_ip: [u8; 4], size: usize) -> Vec<u8> {
-    let mut f = vec![0u8; size];
-    f[..6].copy_from_slice(&dst_mac);
-    f[6..12].copy_from_slice(&[0x06, 0, 0, 0, 0, 0x01]);
-    f[12..14].copy_from_slice(&[0x08, 0x00]);
-    let total = (size - 14) as u16;
-    f[14] = 0x45;
-    f[16..18].copy_from_slice(&total.to_be_bytes());
-    f[22] = 64;
-    f[23] = 17;
-    f[26..30].copy_from_slice(&src_ip);
-    f[30..34].copy_from_slice(&dst_ip);
-    f[34..36].copy_from_slice(&5001u16.to_be_bytes());
-    f[36..38].copy_from_slice(&5001u16.to_be_bytes());
-    f[38..40].copy_from_slice(&(total - 20).to_be_bytes());
-    f
+    test_utils::udp_frame(dst_mac, src_ip, dst_ip, 5001, size)
 }
 
 /// A packet socket on `ifname` (in the calling thread's namespace).
-fn packet_socket(ifname: &str) -> OwnedFd {
-    // SAFETY: plain socket calls on locals of the sizes given.
-    unsafe {
-        let proto = (libc::ETH_P_ALL as u16).to_be();
-        let s = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto));
-        assert!(s >= 0, "packet socket");
-        let sock = OwnedFd::from_raw_fd(s);
-        let name = std::ffi::CString::new(ifname).expect("name");
-        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = proto;
-        sll.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
-        let r = libc::bind(
-            sock.as_raw_fd(),
-            (&sll as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        );
-        assert_eq!(r, 0, "bind the packet socket");
-        sock
-    }
+fn packet_socket(ifname: &str) -> HostLink {
+    HostLink::bind(ifname).expect("a packet socket on the TAP")
 }
 
-fn blast(sock: &OwnedFd, frame: &[u8], n: u64) {
+fn blast(link: &HostLink, frame: &[u8], n: u64) {
     for _ in 0..n {
-        // SAFETY: a local buffer of its length.
-        unsafe { libc::send(sock.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        let _ = link.send(frame);
     }
 }
 

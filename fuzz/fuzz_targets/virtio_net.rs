@@ -6,12 +6,13 @@
 //! returns).
 #![no_main]
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use arbitrary::Unstructured;
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_devices::test_utils::HostLink;
 use vmm_devices::virtio::net::{Net, Tap, MAX_FRAME};
 use vmm_devices::virtio::{
     ActivationContext, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
@@ -21,84 +22,36 @@ use vmm_kit_fuzz::*;
 const IFNAME: &str = "fz0";
 const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
 
-#[repr(C)]
-struct IfReq {
-    name: [u8; 16],
-    value: i32,
-    _pad: [u8; 20],
-}
-
-/// The host end: a packet socket on the TAP's interface.
-struct Host {
-    sock: OwnedFd,
-}
-
-fn host() -> &'static Host {
-    static HOST: std::sync::OnceLock<Host> = std::sync::OnceLock::new();
+/// The host end, in a network namespace of this process's own: the TAP
+/// made persistent (each run attaches a new device to it), up, and a
+/// packet socket on it that never blocks.
+fn host() -> &'static HostLink {
+    static HOST: std::sync::OnceLock<HostLink> = std::sync::OnceLock::new();
     HOST.get_or_init(|| {
-        // SAFETY: plain system calls on locals of the sizes given; the
-        // namespace change affects this (single-threaded) process only.
-        unsafe {
-            assert_eq!(
-                libc::unshare(libc::CLONE_NEWNET),
-                0,
-                "the virtio_net target needs CAP_SYS_ADMIN (root) for a network namespace"
-            );
-            let _ = std::fs::write("/proc/sys/net/ipv6/conf/all/disable_ipv6", "1");
-            let _ = std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1");
-            let tap = Tap::open(IFNAME).expect("a TAP");
-            assert!(libc::ioctl(tap.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) >= 0);
-            let ctl = OwnedFd::from_raw_fd(libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0));
-            let mut r = IfReq {
-                name: [0; 16],
-                value: 9000,
-                _pad: [0; 20],
-            };
-            r.name[..IFNAME.len()].copy_from_slice(IFNAME.as_bytes());
-            libc::ioctl(ctl.as_raw_fd(), libc::SIOCSIFMTU, &mut r);
-            r.value = libc::IFF_UP | libc::IFF_NOARP;
-            assert!(libc::ioctl(ctl.as_raw_fd(), libc::SIOCSIFFLAGS, &mut r) >= 0);
-            let proto = (libc::ETH_P_ALL as u16).to_be();
-            let s = libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_NONBLOCK,
-                i32::from(proto),
-            );
-            assert!(s >= 0);
-            let sock = OwnedFd::from_raw_fd(s);
-            let name = std::ffi::CString::new(IFNAME).expect("name");
-            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_protocol = proto;
-            sll.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
-            assert_eq!(
-                libc::bind(
-                    sock.as_raw_fd(),
-                    (&sll as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32
-                ),
-                0
-            );
-            drop(tap);
-            Host { sock }
-        }
+        // SAFETY: unshare with a flag, no pointers; it affects this
+        // (single-threaded) process only.
+        let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(
+            r, 0,
+            "the virtio_net target needs CAP_SYS_ADMIN (root) for a network namespace"
+        );
+        let _ = std::fs::write("/proc/sys/net/ipv6/conf/all/disable_ipv6", "1");
+        let _ = std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1");
+        let tap = Tap::open(IFNAME).expect("a TAP");
+        // SAFETY: TUNSETPERSIST takes its argument by value.
+        let r = unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) };
+        assert!(r >= 0, "persistent TAP");
+        let link = HostLink::up(IFNAME, 9000).expect("the TAP up");
+        link.set_recv_timeout(None).expect("non-blocking");
+        drop(tap);
+        link
     })
 }
 
-impl Host {
-    fn send(&self, frame: &[u8]) {
-        // SAFETY: a local buffer of its length.
-        unsafe { libc::send(self.sock.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-    }
-
-    /// Takes whatever the guest sent (so the next run starts clean).
-    fn drain(&self) {
-        let mut buf = vec![0u8; 70_000];
-        // SAFETY: a local buffer of its length; the socket does not block.
-        while unsafe { libc::recv(self.sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) }
-            > 0
-        {}
-    }
+/// Takes whatever the guest sent (so the next run starts clean).
+fn drain(host: &HostLink) {
+    let mut buf = vec![0u8; 70_000];
+    while host.recv(&mut buf).is_ok() {}
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -150,7 +103,7 @@ fuzz_target!(|data: &[u8]| {
     };
     dev.activate(ctx).expect("activate");
     for f in &frames {
-        host.send(f);
+        let _ = host.send(f);
     }
     for s in steps {
         match s % 5 {
@@ -192,5 +145,5 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     drop(dev);
-    host.drain();
+    drain(host);
 });

@@ -228,3 +228,176 @@ pub fn context(
     };
     (ctx, interrupt)
 }
+
+/// The host's end of a TAP, for network tests and benchmarks: a packet
+/// socket bound to the TAP's interface, whose frames come out of the TAP's
+/// descriptor, and which sees every frame written into it. Made in the
+/// calling thread's network namespace (the TAP's).
+pub struct HostLink {
+    sock: std::os::fd::OwnedFd,
+}
+
+#[repr(C)]
+struct IfReqInt {
+    name: [u8; 16],
+    value: i32,
+    _pad: [u8; 20],
+}
+
+fn if_ioctl(ifname: &str, request: libc::c_ulong, value: i32) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    if ifname.len() >= 16 {
+        return Err(std::io::ErrorKind::InvalidInput.into());
+    }
+    let mut r = IfReqInt {
+        name: [0; 16],
+        value,
+        _pad: [0; 20],
+    };
+    r.name[..ifname.len()].copy_from_slice(ifname.as_bytes());
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    let ctl = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: the request reads one `struct ifreq` whose union starts with
+    // the int given, which `r` is.
+    if unsafe { libc::ioctl(ctl.as_raw_fd(), request, &mut r) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl HostLink {
+    /// Sets the interface's MTU, brings it up (without ARP), and binds to
+    /// it.
+    pub fn up(ifname: &str, mtu: i32) -> std::io::Result<Self> {
+        Self::set_mtu(ifname, mtu)?;
+        if_ioctl(ifname, libc::SIOCSIFFLAGS, libc::IFF_UP | libc::IFF_NOARP)?;
+        Self::bind(ifname)
+    }
+
+    /// Sets the interface's MTU.
+    pub fn set_mtu(ifname: &str, mtu: i32) -> std::io::Result<()> {
+        if_ioctl(ifname, libc::SIOCSIFMTU, mtu)
+    }
+
+    /// Binds to an interface as it is.
+    pub fn bind(ifname: &str) -> std::io::Result<Self> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        let name = std::ffi::CString::new(ifname)
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        // SAFETY: socket(2) with constant arguments.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                i32::from(proto),
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor nothing else owns.
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: an all-zero sockaddr_ll is valid; the name is
+        // NUL-terminated.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = proto;
+        // SAFETY: as above.
+        sll.sll_ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
+        // SAFETY: bind(2) with a sockaddr_ll of the size given.
+        let r = unsafe {
+            libc::bind(
+                sock.as_raw_fd(),
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self { sock })
+    }
+
+    /// Receives time out after `timeout` (`None`: they never wait).
+    pub fn set_recv_timeout(&self, timeout: Option<std::time::Duration>) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let (r, nonblock) = match timeout {
+            Some(t) => {
+                let tv = libc::timeval {
+                    tv_sec: t.as_secs() as libc::time_t,
+                    tv_usec: t.subsec_micros() as libc::suseconds_t,
+                };
+                // SAFETY: setsockopt with a local timeval of its size.
+                let r = unsafe {
+                    libc::setsockopt(
+                        self.sock.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_RCVTIMEO,
+                        (&tv as *const libc::timeval).cast(),
+                        std::mem::size_of::<libc::timeval>() as u32,
+                    )
+                };
+                (r, false)
+            }
+            None => (0, true),
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if nonblock {
+            // SAFETY: F_GETFL/F_SETFL on our own descriptor.
+            let ok = unsafe {
+                let fl = libc::fcntl(self.sock.as_raw_fd(), libc::F_GETFL);
+                fl >= 0
+                    && libc::fcntl(self.sock.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) >= 0
+            };
+            if !ok {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `frame` out of the TAP, to whoever reads its descriptor.
+    pub fn send(&self, frame: &[u8]) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: send(2) from a buffer of its length.
+        let n = unsafe { libc::send(self.sock.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+    }
+
+    /// The next frame written into the TAP, into `buf`.
+    pub fn recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: recv(2) into a buffer of its length.
+        let n = unsafe { libc::recv(self.sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+    }
+}
+
+/// An Ethernet frame of `size` bytes (at least 42) carrying a UDP datagram
+/// from `src` to `dst` (both to `port`), no checksums, to `dst_mac`.
+pub fn udp_frame(dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], port: u16, size: usize) -> Vec<u8> {
+    let size = size.max(42);
+    let mut f = vec![0u8; size];
+    f[..6].copy_from_slice(&dst_mac);
+    f[6..12].copy_from_slice(&[0x06, 0, 0, 0, 0, 0x01]);
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    let total = (size - 14) as u16;
+    f[14] = 0x45;
+    f[16..18].copy_from_slice(&total.to_be_bytes());
+    f[22] = 64;
+    f[23] = 17;
+    f[26..30].copy_from_slice(&src);
+    f[30..34].copy_from_slice(&dst);
+    f[34..36].copy_from_slice(&port.to_be_bytes());
+    f[36..38].copy_from_slice(&port.to_be_bytes());
+    f[38..40].copy_from_slice(&(total - 20).to_be_bytes());
+    f
+}

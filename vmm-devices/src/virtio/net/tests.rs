@@ -3,7 +3,6 @@
 //! on the TAP's interface stands for the host network, seeing what the
 //! guest sends and sending what the guest receives.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_net::*;
@@ -12,7 +11,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::device::{EV_RX_LIMITER, EV_TAP, EV_TX_LIMITER};
 use super::*;
 use crate::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
-use crate::test_utils::{context, memory, Buf, Driver, TestInterrupt};
+use crate::test_utils::{context, memory, Buf, Driver, HostLink, TestInterrupt};
 use crate::virtio::{VirtioDevice, VIRTIO_F_VERSION_1};
 
 const RXQ: u64 = 0x1000;
@@ -48,80 +47,25 @@ fn in_netns<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     })
 }
 
-#[repr(C)]
-struct IfReq {
-    name: [u8; 16],
-    value: i32,
-    _pad: [u8; 20],
-}
-
-fn ifreq(name: &str, value: i32) -> IfReq {
-    let mut r = IfReq {
-        name: [0; 16],
-        value,
-        _pad: [0; 20],
-    };
-    r.name[..name.len()].copy_from_slice(name.as_bytes());
-    r
-}
-
 /// The host side of the TAP: the interface up with `mtu`, and a packet
 /// socket on it.
 struct Host {
-    sock: OwnedFd,
+    link: HostLink,
 }
 
 impl Host {
     fn new(ifname: &str, mtu: i32) -> Self {
-        // SAFETY: plain socket calls; every pointer is to a local of the
-        // size given.
-        unsafe {
-            let ctl = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
-            assert!(ctl >= 0);
-            let ctl = OwnedFd::from_raw_fd(ctl);
-            let mut r = ifreq(ifname, mtu);
-            assert_eq!(libc::ioctl(ctl.as_raw_fd(), libc::SIOCSIFMTU, &mut r), 0);
-            let mut r = ifreq(ifname, libc::IFF_UP | libc::IFF_NOARP);
-            assert_eq!(libc::ioctl(ctl.as_raw_fd(), libc::SIOCSIFFLAGS, &mut r), 0);
-            let proto = (libc::ETH_P_ALL as u16).to_be();
-            let s = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto));
-            assert!(s >= 0);
-            let sock = OwnedFd::from_raw_fd(s);
-            let name = std::ffi::CString::new(ifname).unwrap();
-            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_protocol = proto;
-            sll.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
-            assert_eq!(
-                libc::bind(
-                    sock.as_raw_fd(),
-                    (&sll as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32
-                ),
-                0
-            );
-            let tv = libc::timeval {
-                tv_sec: 0,
-                tv_usec: 200_000,
-            };
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as u32,
-            );
-            Self { sock }
-        }
+        let link = HostLink::up(ifname, mtu).expect("the TAP's interface up");
+        link.set_recv_timeout(Some(std::time::Duration::from_millis(200)))
+            .expect("a receive timeout");
+        Self { link }
     }
 
     /// Sends a test frame of `len` bytes (with `tag` in its payload) to
     /// the guest.
     fn send(&self, len: usize, tag: u8) -> Vec<u8> {
         let f = frame(len, tag);
-        // SAFETY: a local buffer of its length.
-        let n = unsafe { libc::send(self.sock.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
-        assert_eq!(n, f.len() as isize, "{}", std::io::Error::last_os_error());
+        assert_eq!(self.link.send(&f).expect("send a frame"), f.len());
         f
     }
 
@@ -129,13 +73,8 @@ impl Host {
     fn recv(&self) -> Option<Vec<u8>> {
         let mut buf = vec![0u8; 70000];
         loop {
-            // SAFETY: a local buffer of its length.
-            let n =
-                unsafe { libc::recv(self.sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                return None;
-            }
-            let f = &buf[..n as usize];
+            let n = self.link.recv(&mut buf).ok()?;
+            let f = &buf[..n];
             if f.len() >= 14 && f[12..14] == ETHERTYPE {
                 return Some(f.to_vec());
             }
@@ -531,7 +470,7 @@ fn a_frame_past_the_mtu_seen_at_start_is_dropped_once_then_expected() {
             "an MTU-sized frame fits one buffer"
         );
         // The host raises the MTU while the guest runs.
-        let _ = Host::new("vt0", 9000);
+        HostLink::set_mtu("vt0", 9000).expect("a larger MTU");
         s.host.send(3000, 2);
         s.dev.process_event(EV_TAP);
         let m = s.dev.metrics();
