@@ -424,6 +424,33 @@ fn bad_requests_get_400_with_a_message_and_the_vmm_lives_on() {
         ),
         (
             "PUT",
+            "/drives/a",
+            json!({"drive_id": "a", "is_root_device": false, "path_on_host": "/dev/null",
+                   "rate_limiter": {"bandwidth": {"size": "lots", "refill_time": 100}}}),
+            "invalid type",
+        ),
+        (
+            "PUT",
+            "/drives/a",
+            json!({"drive_id": "a", "is_root_device": false, "path_on_host": "/dev/null",
+                   "rate_limiter": {"ops": {"size": 1, "refill_time": 1, "burst": 3}}}),
+            "unknown field `burst`",
+        ),
+        (
+            "PUT",
+            "/network-interfaces/eth0",
+            json!({"iface_id": "eth0", "host_dev_name": "tap0",
+                   "tx_rate_limiter": {"bandwidth": {"size": -1, "refill_time": 100}}}),
+            "invalid value",
+        ),
+        (
+            "PUT",
+            "/vsock",
+            json!({"guest_cid": "3", "uds_path": "/tmp/v.sock"}),
+            "invalid type",
+        ),
+        (
+            "PUT",
             "/network-interfaces/eth0",
             json!({"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "01:00:00:00:00:01"}),
             "multicast",

@@ -205,6 +205,31 @@ fn bad_nic_flags_and_a_busy_tap_are_refused_clearly() {
         let o = common::run_minimal(&["--net", flag]);
         common::assert_clean_failure(&o, needle);
     }
+    for args in [
+        &[
+            "--restore",
+            "/nonexistent",
+            "--restore-memory",
+            "/m",
+            "--restore-net",
+            "eth0",
+        ][..],
+        &[
+            "--restore",
+            "/nonexistent",
+            "--restore-memory",
+            "/m",
+            "--restore-net",
+            "=tap0",
+        ][..],
+    ] {
+        let o = common::run_minimal(args);
+        common::assert_clean_failure(&o, "expected ID=TAP");
+    }
+    let o = common::run_minimal(&["--restore-net", "eth0=tap1"]);
+    assert_eq!(o.status.code(), Some(3), "--restore-net needs --restore");
+    let o = common::run_minimal(&["--restore-vsock", "/tmp/v.sock"]);
+    assert_eq!(o.status.code(), Some(3), "--restore-vsock needs --restore");
     let o = common::run_minimal(&["--net", "fd=0"]);
     common::assert_clean_failure(&o, "not a TAP device");
     let o = common::run_minimal(&["--net", "tap=tap0,id=a", "--net", "tap=tap1,id=a"]);

@@ -543,12 +543,7 @@ impl VmBuilder {
         vsock: &VsockConfig,
     ) -> Result<VirtioHandle<Vsock<GuestRam>>, VmmError> {
         if self.vsock.is_some() {
-            return Err(VmmError::Device(DeviceError::Vsock(
-                vmm_devices::virtio::vsock::VsockError::Listen {
-                    path: vsock.uds_path.clone(),
-                    source: std::io::Error::other("a VM has one vsock device"),
-                },
-            )));
+            return Err(DeviceError::VsockTwice.into());
         }
         let dev = Vsock::new(vsock.guest_cid, vsock.uds_path.clone()).map_err(DeviceError::from)?;
         self.metrics
@@ -1413,6 +1408,39 @@ mod tests {
             kernel: KernelSource::Bytes(vmm_testguest::IMAGE),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_second_vsock_device_and_a_second_nic_id_are_refused() {
+        let dir = std::env::temp_dir().join(format!("vmm-builder-vsock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let mut b = VmBuilder::new(16, RamBacking::Anonymous).expect("builder");
+        let v = |name: &str| VsockConfig {
+            guest_cid: 3,
+            uds_path: dir.join(name),
+        };
+        b.add_vsock(&v("a.sock")).expect("the first");
+        assert!(matches!(
+            b.add_vsock(&v("b.sock")),
+            Err(VmmError::Device(DeviceError::VsockTwice))
+        ));
+        assert!(
+            !dir.join("b.sock").exists(),
+            "nothing listens for the refused one"
+        );
+        let mut nic = NetConfig::new("eth0", "this-name-is-too-long");
+        assert!(matches!(
+            b.add_net(&nic),
+            Err(VmmError::Device(DeviceError::Tap { .. }))
+        ));
+        nic.tap = TapSource::Fd(-1);
+        assert!(matches!(
+            b.add_net(&nic),
+            Err(VmmError::Device(DeviceError::Tap { .. }))
+        ));
+        drop(b);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -163,6 +163,10 @@ pub enum DeviceError {
     /// The vsock device could not be set up.
     #[error("vsock")]
     Vsock(#[from] vmm_devices::virtio::vsock::VsockError),
+    /// A second vsock device (a VM has one: the guest's context id is the
+    /// VM's).
+    #[error("a VM has one vsock device")]
+    VsockTwice,
     /// Two NICs have the same id.
     #[error("two NICs have the id {0:?}")]
     NetIdTwice(String),
