@@ -3,66 +3,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::UdpSocket;
-use std::process::{Child, Stdio};
-use std::sync::mpsc::{channel, Receiver};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
-use common::netns::{NetNs, GUEST_IP, GUEST_MAC, HOST_IP};
+use common::netns::{finish, spawn_in, wait_line, NetNs, GUEST_IP, GUEST_MAC, HOST_IP};
 use vmm_kit::core::{HostIo, KernelSource, NetConfig, VmConfig, VmExit, Vmm};
-
-/// The reference VMM in `ns` with `args`, its stdout lines on a channel.
-fn spawn_in(ns: &NetNs, args: &[&str]) -> (Child, Receiver<String>) {
-    common::require_kvm();
-    let mut child = ns
-        .command(&common::minimal_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .expect("start the reference VMM");
-    let out = child.stdout.take().expect("stdout");
-    let (tx, rx) = channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    (child, rx)
-}
-
-/// Lines up to (and with) the first containing `needle`.
-fn wait_line(rx: &Receiver<String>, needle: &str, seen: &mut Vec<String>) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => {
-                let hit = line.contains(needle);
-                seen.push(line);
-                if hit {
-                    return;
-                }
-            }
-            Err(_) => panic!("no {needle:?}; output so far:\n{}", seen.join("\n")),
-        }
-    }
-}
-
-fn finish(mut child: Child, rx: &Receiver<String>, seen: &mut Vec<String>) -> (i32, String) {
-    let status = child.wait().expect("wait for the VMM");
-    seen.extend(rx.try_iter());
-    let mut err = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        std::io::Read::read_to_string(&mut e, &mut err).ok();
-    }
-    (status.code().unwrap_or(-1), err)
-}
 
 #[test]
 fn the_guest_and_the_host_stack_talk_both_ways() {
@@ -134,59 +80,6 @@ fn link_down_and_up_reach_the_guest_and_frames_flow_again() {
         assert_eq!(exit, VmExit::GuestStatus(0), "{}", serial.text());
         assert!(serial.text().contains("net-link ok"), "{}", serial.text());
     });
-}
-
-/// The transmit limiter holds the guest to its rate: 1514-byte frames sent
-/// as fast as the guest can through a 2 MB/s bucket arrive at 2 MB/s,
-/// within 5 %.
-#[test]
-fn a_transmit_rate_limit_holds_the_guest_to_its_rate() {
-    let ns = NetNs::new("txlimit");
-    let frames = 2000u64;
-    let size = 1514u64;
-    let iters = format!(
-        "console=ttyS0 testguest.run=net-bench,exit testguest.bench_iters={frames} testguest.net_size={size}"
-    );
-    // 20,000 bytes every 10 ms (room for the scheduling delays of a busy
-    // test host; the bench measures 1 ms refills on an idle one).
-    let net = format!("tap=tap0,mac={GUEST_MAC},tx-bandwidth=20000/10");
-    let counted = ns.run(|| {
-        let s = UdpSocket::bind((HOST_IP, 5001)).expect("bind 5001");
-        s.set_read_timeout(Some(Duration::from_secs(20)))
-            .expect("test step");
-        let (child, rx) = spawn_in(&ns, &["--net", &net, "--cmdline", &iters]);
-        let mut times = Vec::new();
-        let mut buf = [0u8; 2048];
-        while (times.len() as u64) < frames {
-            match s.recv(&mut buf) {
-                Ok(_) => times.push(Instant::now()),
-                Err(_) => break,
-            }
-        }
-        // The guest goes on to pings and a receive phase nobody feeds.
-        let mut child = child;
-        let _ = child.kill();
-        let mut seen = Vec::new();
-        let _ = finish(child, &rx, &mut seen);
-        (times, seen)
-    });
-    let (times, seen) = counted;
-    assert!(
-        times.len() as u64 >= frames * 95 / 100,
-        "{} of {frames} frames arrived; guest said:\n{}",
-        times.len(),
-        seen.join("\n")
-    );
-    // The rate over the second half (the bucket's first fill long spent).
-    let half = times.len() / 2;
-    let elapsed = times[times.len() - 1] - times[half];
-    let bytes = ((times.len() - 1 - half) as u64 * size) as f64;
-    let rate = bytes / elapsed.as_secs_f64();
-    let expected = 2_000_000.0;
-    assert!(
-        (rate - expected).abs() / expected < 0.05,
-        "measured {rate:.0} B/s, limit {expected} B/s"
-    );
 }
 
 #[test]
@@ -432,69 +325,4 @@ fn a_snapshot_keeps_the_nic_and_network_overrides_move_it() {
     let serial = std::fs::read_to_string(&second.serial).unwrap_or_default();
     assert_eq!(status.code(), Some(0), "{serial}\n{err}");
     assert!(serial.contains("net ok pings=4 served=4"), "{serial}");
-}
-
-/// The host's TSC rate (the guest reports TSC cycles; on KVM the guest's
-/// TSC runs at the host's).
-fn tsc_hz() -> f64 {
-    // SAFETY: rdtsc has no side effects.
-    let t0 = unsafe { core::arch::x86_64::_rdtsc() };
-    let c0 = Instant::now();
-    std::thread::sleep(Duration::from_millis(100));
-    // SAFETY: as above.
-    let t1 = unsafe { core::arch::x86_64::_rdtsc() };
-    (t1 - t0) as f64 / c0.elapsed().as_secs_f64()
-}
-
-/// The receive limiter holds what the guest gets to its rate: frames the
-/// host floods at the guest arrive at 5 MB/s (a 50 KB bucket refilled every
-/// 10 ms), within 10 %, however fast they were sent. (The bench measures
-/// 1 ms refills on an idle host.)
-#[test]
-fn a_receive_rate_limit_paces_what_the_guest_gets() {
-    use vmm_kit::devices::test_utils::{udp_frame, HostLink};
-
-    let ns = NetNs::new("rxlimit");
-    let net = format!("tap=tap0,mac={GUEST_MAC},rx-bandwidth=50000/10");
-    let (child, rx) = spawn_in(
-        &ns,
-        &[
-            "--net",
-            &net,
-            "--cmdline",
-            "console=ttyS0 testguest.run=net-bench,exit testguest.bench_iters=3000",
-        ],
-    );
-    let mut seen = Vec::new();
-    wait_line(&rx, "net-bench rx-ready", &mut seen);
-    // UDP frames to the guest's port 5001, from a packet socket on the TAP.
-    ns.run(|| {
-        let f = udp_frame(
-            [0x06, 0, 0xac, 0x10, 0, 0x02],
-            [172, 16, 0, 1],
-            [172, 16, 0, 2],
-            5001,
-            1514,
-        );
-        let link = HostLink::bind("tap0").expect("a packet socket on the TAP");
-        for _ in 0..3000 {
-            let _ = link.send(&f);
-        }
-    });
-    let (code, err) = finish(child, &rx, &mut seen);
-    let out = seen.join("\n");
-    assert_eq!(code, 0, "{out}\n{err}");
-    let r = vmm_kit::testguest::parse_output(&out)
-        .into_iter()
-        .find(|r| r.event == "net-bench" && r.words.first().map(String::as_str) == Some("rx"))
-        .expect("the guest's receive report");
-    let frames = r.get_u64("frames").expect("frames");
-    let secs = r.get_u64("cycles").expect("cycles") as f64 / tsc_hz();
-    assert!(frames > 100, "only {frames} frames came: {out}");
-    // Between the first and the last frame: frames - 1 intervals.
-    let rate = (frames - 1) as f64 * 1514.0 / secs;
-    assert!(
-        (rate - 5_000_000.0).abs() / 5_000_000.0 < 0.10,
-        "the guest got {rate:.0} B/s ({frames} frames in {secs:.3} s), limit 5 MB/s"
-    );
 }

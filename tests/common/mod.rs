@@ -65,6 +65,47 @@ pub fn run_minimal_logging(args: &[&str], filter: &str) -> Output {
         .expect("cannot start the reference VMM")
 }
 
+/// Runs the reference VMM with `args` like [`run_minimal`], and also returns
+/// each line of its stdout with the time it arrived, counted from the start:
+/// for tests that time what the guest does apart from the process starting
+/// and stopping.
+pub fn run_minimal_timed(args: &[&str]) -> (Output, Vec<(Duration, String)>) {
+    use std::io::{BufRead, BufReader, Read};
+    let start = Instant::now();
+    let mut child = Command::new(minimal_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("cannot start the reference VMM");
+    let mut err = child.stderr.take().expect("stderr");
+    let errs = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let mut lines = Vec::new();
+    let mut out = Vec::new();
+    for line in BufReader::new(child.stdout.take().expect("stdout")).lines() {
+        let Ok(line) = line else { break };
+        out.extend_from_slice(line.as_bytes());
+        out.push(b'\n');
+        lines.push((start.elapsed(), line));
+    }
+    let status = child.wait().expect("the reference VMM");
+    let stderr = errs.join().expect("stderr reader");
+    (
+        Output {
+            status,
+            stdout: out,
+            stderr,
+        },
+        lines,
+    )
+}
+
 /// stdout as text.
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
