@@ -117,6 +117,56 @@ fn guest_and_host_programs_connect_both_ways_and_echo() {
     assert!(!uds.exists(), "the VMM removes its socket");
 }
 
+/// A host program's request that the guest never answers (here its driver
+/// never starts) ends after the device's timeout: the program's socket
+/// closes without an `OK`, and the VMM runs on.
+#[test]
+fn a_host_request_nobody_answers_ends_after_the_timeout() {
+    common::require_kvm();
+    let dir = common::TempFile::new("unused", b"");
+    let uds = dir.path.with_file_name("v.sock");
+    let serial = dir.path.with_file_name("serial.log");
+    let vsock = format!("cid=3,uds={}", uds.display());
+    let mut child = Command::new(common::minimal_bin())
+        .args([
+            "--vsock",
+            &vsock,
+            "--cmdline",
+            "console=ttyS0 testguest.run=spin",
+        ])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&serial).expect("test step"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the VMM");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&serial)
+        .unwrap_or_default()
+        .contains("testguest: spin")
+    {
+        assert!(Instant::now() < deadline, "the guest did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut s = UnixStream::connect(&uds).expect("connect to the VMM's socket");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("test step");
+    let asked = Instant::now();
+    s.write_all(b"CONNECT 52\n").expect("test step");
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).expect("the socket closes");
+    let waited = asked.elapsed();
+    let alive = child.try_wait().expect("test step").is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+    let timeout = vmm_kit::devices::virtio::vsock::CONN_REQUEST_TIMEOUT;
+    assert!(
+        waited >= timeout - Duration::from_millis(50) && waited < timeout * 3,
+        "closed after {waited:?}"
+    );
+    assert!(alive, "the VMM died on the timer");
+}
+
 #[test]
 fn bad_vsock_settings_are_refused_clearly() {
     let dir = common::TempFile::new("taken.sock", b"");

@@ -96,7 +96,8 @@ fuzz_target!(|data: &[u8]| {
                 if s & 0x80 != 0 {
                     client = None;
                 }
-                dev.process_event(1);
+                // The kick, or the connection timer (early: nothing is due).
+                dev.process_event(if s & 0x40 != 0 { 2 } else { 1 });
             }
         }
     }

@@ -168,6 +168,9 @@ counters!(
         conn_refused,
         /// Connections reset because the guest sent past its credit.
         credit_violations,
+        /// Connections reset because the guest did not answer a host
+        /// request, or did not close after the host program did, in time.
+        conns_timed_out,
     }
 );
 

@@ -7,6 +7,7 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{QueueOwnedT, QueueT};
@@ -15,6 +16,7 @@ use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{ByteValued, Bytes, GuestMemoryBackend, Le32, Le64};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::HOST_CID;
 use crate::metrics::VsockMetrics;
@@ -35,6 +37,12 @@ pub const MAX_CONNECTIONS: usize = 1024;
 const MAX_PKT_DATA: u32 = 64 * 1024;
 /// Longest `CONNECT <port>\n` line.
 const MAX_CONNECT_LINE: usize = 32;
+/// How long the guest has to answer a host program's connection request
+/// before the device gives up on it (the host program's socket closes).
+pub const CONN_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the guest has to close a connection the host program ended
+/// (the device sent it a shutdown) before the device resets it.
+pub const CONN_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 
 const RXQ: usize = 0;
 const TXQ: usize = 1;
@@ -56,6 +64,7 @@ const EVENT_TRANSPORT_RESET: u32 = 0;
 /// Device events, in [`VirtioDevice::event_fds`] order.
 pub(super) const EV_HOST: usize = 0;
 pub(super) const EV_KICK: usize = 1;
+pub(super) const EV_TIMER: usize = 2;
 
 /// Epoll data of the listener; others are the socket's fd.
 const LISTENER: u64 = u64::MAX;
@@ -126,6 +135,9 @@ struct Conn {
     interest: EventSet,
     /// Whether the socket is in the device's epoll set.
     registered: bool,
+    /// When the device gives up waiting for the guest: to answer a host
+    /// request, or to close after the host program did.
+    expires: Option<Instant>,
 }
 
 impl Conn {
@@ -144,6 +156,7 @@ impl Conn {
             guest_done_sending: false,
             interest: EventSet::empty(),
             registered: false,
+            expires: None,
         }
     }
 
@@ -200,6 +213,10 @@ pub struct Vsock<M> {
     /// A transport reset event is owed to the driver (after a restore).
     owe_reset_event: bool,
     kick: EventFd,
+    /// Fires when a connection's wait for the guest may have run out.
+    timer: TimerFd,
+    /// When `timer` fires, if it is armed.
+    timer_at: Option<Instant>,
     metrics: Arc<VsockMetrics>,
 }
 
@@ -242,6 +259,8 @@ impl<M> Vsock<M> {
             next_port: 1 << 30,
             owe_reset_event: false,
             kick: EventFd::new(EFD_NONBLOCK).map_err(VsockError::Events)?,
+            timer: TimerFd::new().map_err(|e| VsockError::Events(e.into()))?,
+            timer_at: None,
             metrics: Arc::default(),
         })
     }
@@ -273,6 +292,54 @@ impl<M> Vsock<M> {
         self.by_fd.clear();
         self.hellos.clear();
         self.ctl.clear();
+        // The timer stays armed: disarming it is a system call the vCPU
+        // thread (which resets and activates devices) may not make. When
+        // it fires there is nothing left to expire.
+        self.timer_at = None;
+    }
+
+    /// Gives the guest until `timeout` from now to move connection `key`
+    /// along, then resets it.
+    fn expire_in(&mut self, key: ConnKey, timeout: Duration) {
+        let Some(c) = self.conns.get_mut(&key) else {
+            return;
+        };
+        let at = Instant::now() + timeout;
+        c.expires = Some(at);
+        if self.timer_at.is_none_or(|t| at < t) {
+            self.arm_timer(at);
+        }
+    }
+
+    fn arm_timer(&mut self, at: Instant) {
+        let wait = at
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        match self.timer.reset(wait, None) {
+            Ok(()) => self.timer_at = Some(at),
+            Err(e) => crate::host_warn!("virtio-vsock: cannot arm the connection timer: {e}"),
+        }
+    }
+
+    /// Resets the connections whose wait for the guest ran out, and arms
+    /// the timer for the next.
+    fn expire_connections(&mut self) {
+        let _ = self.timer.clear();
+        self.timer_at = None;
+        let now = Instant::now();
+        let expired: Vec<ConnKey> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.expires.is_some_and(|t| t <= now))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in expired {
+            self.metrics.conns_timed_out.inc();
+            self.reset(key);
+        }
+        if let Some(next) = self.conns.values().filter_map(|c| c.expires).min() {
+            self.arm_timer(next);
+        }
     }
 
     fn remove(&mut self, key: ConnKey) {
@@ -467,6 +534,7 @@ impl<M> Vsock<M> {
             .insert(key, Conn::new(hello.stream, ConnState::HostRequested));
         self.by_fd.insert(fd, key);
         self.metrics.conns_added.inc();
+        self.expire_in(key, CONN_REQUEST_TIMEOUT);
         self.ctl.push_back(Ctl {
             key,
             op: OP_REQUEST,
@@ -628,6 +696,7 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Vsock<M> {
             OP_RESPONSE => match self.conns.get_mut(&key) {
                 Some(c) if c.state == ConnState::HostRequested => {
                     c.state = ConnState::Established;
+                    c.expires = None;
                     let ok = format!("OK {}\n", key.0);
                     // A few bytes on a fresh socket: written whole.
                     if c.stream.write_all(ok.as_bytes()).is_err() {
@@ -961,6 +1030,7 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> Vsock<M> {
                 c.readable = false;
                 c.host_eof = true;
                 self.fill_header(pkt, key, OP_SHUTDOWN, SHUT_RCV | SHUT_SEND);
+                self.expire_in(key, CONN_SHUTDOWN_TIMEOUT);
                 Some(0)
             }
             _ if io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock => {
@@ -1096,7 +1166,11 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> VirtioDevice<M> for Vsock<M
     }
 
     fn event_fds(&self) -> Vec<RawFd> {
-        vec![self.epoll.as_raw_fd(), self.kick.as_raw_fd()]
+        vec![
+            self.epoll.as_raw_fd(),
+            self.kick.as_raw_fd(),
+            self.timer.as_raw_fd(),
+        ]
     }
 
     fn event_edge_triggered(&self, index: usize) -> bool {
@@ -1109,6 +1183,9 @@ impl<M: GuestMemoryBackend + Clone + Send + 'static> VirtioDevice<M> for Vsock<M
             if self.transmit() {
                 let _ = self.kick.write(1);
             }
+        }
+        if index == EV_TIMER {
+            self.expire_connections();
         }
         if self.common.is_active() {
             self.receive();

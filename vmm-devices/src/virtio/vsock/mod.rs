@@ -12,8 +12,12 @@
 //! advertised buffer space, and resets a connection whose guest side sends
 //! more than the device's ([`CONN_BUF_SIZE`] per connection). Host data
 //! moves between the socket and guest buffers without a copy in the
-//! device. A device reset closes every connection; a restored device tells
-//! the driver its connections are gone (a transport reset event).
+//! device. A guest that does not answer a host program's request within
+//! [`CONN_REQUEST_TIMEOUT`], or does not close a connection within
+//! [`CONN_SHUTDOWN_TIMEOUT`] of the host program closing it, has that
+//! connection reset (as Firecracker does, 2 s each). A device reset closes
+//! every connection; a restored device tells the driver its connections are
+//! gone (a transport reset event).
 //!
 //! ```no_run
 //! use vm_memory::GuestMemoryMmap;
@@ -26,7 +30,10 @@
 
 mod device;
 
-pub use device::{Vsock, VsockError, VsockState, CONN_BUF_SIZE, MAX_CONNECTIONS, VSOCK_QUEUE_SIZE};
+pub use device::{
+    Vsock, VsockError, VsockState, CONN_BUF_SIZE, CONN_REQUEST_TIMEOUT, CONN_SHUTDOWN_TIMEOUT,
+    MAX_CONNECTIONS, VSOCK_QUEUE_SIZE,
+};
 
 /// The host's context id.
 pub const HOST_CID: u64 = 2;

@@ -1,14 +1,15 @@
 //! virtio-vsock against real Unix sockets: a test driver plays the guest.
 
 use std::io::{Read, Write};
+use std::os::fd::RawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::device::{EV_HOST, EV_KICK};
+use super::device::{EV_HOST, EV_KICK, EV_TIMER};
 use super::*;
 use crate::test_utils::{context, memory, Buf, Driver, TestInterrupt};
 use crate::virtio::{VirtioDevice, VIRTIO_F_VERSION_1};
@@ -190,6 +191,23 @@ impl Setup<'_> {
 
     fn host_event(&mut self) {
         self.dev.process_event(EV_HOST);
+    }
+
+    /// Waits (at most `limit`) for the device's connection timer to fire,
+    /// then lets the device handle it. Returns how long it took.
+    fn timer_event(&mut self, limit: Duration) -> Duration {
+        let start = Instant::now();
+        let fd: RawFd = self.dev.event_fds()[EV_TIMER];
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll(2) on one pollfd that lives across the call.
+        let n = unsafe { libc::poll(&mut p, 1, limit.as_millis() as i32) };
+        assert_eq!(n, 1, "the connection timer did not fire within {limit:?}");
+        self.dev.process_event(EV_TIMER);
+        start.elapsed()
     }
 }
 
@@ -383,6 +401,66 @@ fn a_device_reset_closes_every_connection_and_a_restore_tells_the_driver() {
         "TRANSPORT_RESET"
     );
     let _ = EV_KICK;
+}
+
+#[test]
+fn a_host_request_the_guest_never_answers_is_given_up_in_time() {
+    let mem = memory();
+    let mut s = setup(&mem);
+    let mut ignored = UnixStream::connect(&s.path).unwrap();
+    let mut answered = UnixStream::connect(&s.path).unwrap();
+    ignored.write_all(b"CONNECT 77\n").unwrap();
+    answered.write_all(b"CONNECT 78\n").unwrap();
+    s.host_event();
+    let got = s.received();
+    assert_eq!(ops(&got), [OP_REQUEST, OP_REQUEST]);
+    let to = |port: u32| got.iter().find(|(h, _)| h.dst_port == port).unwrap().0;
+    let (ignored_req, answered_req) = (to(77), to(78));
+    s.send(Hdr::guest(78, answered_req.src_port, OP_RESPONSE), &[]);
+    let waited = s.timer_event(CONN_REQUEST_TIMEOUT * 2);
+    assert!(waited >= CONN_REQUEST_TIMEOUT - Duration::from_millis(100));
+    // The guest is told the request is withdrawn; the host program's
+    // socket ends without an OK.
+    let got = s.received();
+    assert_eq!(ops(&got), [OP_RST]);
+    assert_eq!(
+        (got[0].0.src_port, got[0].0.dst_port),
+        (ignored_req.src_port, 77)
+    );
+    ignored
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut rest = Vec::new();
+    ignored.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    // The answered one lives on.
+    assert_eq!(s.dev.connections(), 1);
+    assert_eq!(s.dev.metrics().conns_timed_out.get(), 1);
+    answered.write_all(b"still here").unwrap();
+    s.host_event();
+    let got = s.received();
+    assert_eq!(
+        got.last().map(|(_, d)| d.as_slice()),
+        Some(&b"still here"[..])
+    );
+}
+
+#[test]
+fn a_guest_that_never_closes_after_the_host_did_is_reset() {
+    let mem = memory();
+    let mut s = setup(&mem);
+    let listener = UnixListener::bind(format!("{}_52", s.path.display())).unwrap();
+    s.send(Hdr::guest(1000, 52, OP_REQUEST), &[]);
+    s.received();
+    let (host, _) = listener.accept().unwrap();
+    drop(host);
+    s.host_event();
+    assert_eq!(ops(&s.received()), [OP_SHUTDOWN]);
+    // The guest neither resets nor shuts down its side.
+    s.timer_event(CONN_SHUTDOWN_TIMEOUT * 2);
+    assert_eq!(ops(&s.received()), [OP_RST]);
+    assert_eq!(s.dev.connections(), 0);
+    assert_eq!(s.dev.metrics().conns_timed_out.get(), 1);
 }
 
 #[test]
