@@ -94,6 +94,11 @@ fn bad_nic_flags_and_a_busy_tap_are_refused_clearly() {
         ("tap=tap0,tx-bandwidth=10/0", "must not be 0"),
         ("tap=tap0,rx-ops=100", "SIZE/MS"),
         ("tap=this-name-is-too-long", "bad TAP interface name"),
+        ("tap=tap0,tx-ops=1/1,tx-ops=2/2", "\"tx-ops\" given twice"),
+        ("tap=tap0,fd=3", "not both"),
+        // Standard input (here /dev/null) is not a TAP; the message names
+        // the descriptor given, not the VMM's duplicate of it.
+        ("fd=0", "file descriptor 0 is not a TAP device"),
     ] {
         let o = common::run_minimal(&["--net", flag]);
         common::assert_clean_failure(&o, needle);

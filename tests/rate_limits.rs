@@ -75,6 +75,7 @@ fn bad_disk_limits_are_refused() {
         ("ops=0/100", "not a usable size"),
         ("ops=10/0", "must not be 0"),
         ("iops=10/10", "unknown disk option"),
+        ("ops=10/10,ops=20/10", "\"ops\" given twice"),
     ] {
         let o = common::run_minimal(&["--disk", &format!("/dev/null,{spec}")]);
         common::assert_clean_failure(&o, needle);

@@ -178,6 +178,7 @@ fn bad_vsock_settings_are_refused_clearly() {
             "cid=3,uds=/tmp/x,port=1".to_string(),
             "unknown vsock option",
         ),
+        ("cid=3,uds=/tmp/x,cid=4".to_string(), "\"cid\" given twice"),
         (format!("cid=3,uds={}", dir.arg()), "cannot listen on"),
     ] {
         let o = common::run_minimal(&["--vsock", &spec]);

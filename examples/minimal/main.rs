@@ -258,8 +258,22 @@ fn parse_disk_override(s: &str) -> Result<(String, PathBuf), String> {
     }
 }
 
+/// Refuses an option given twice in one `KEY=VALUE,...` list (`what`
+/// names the list in the message): the second would silently win.
+fn once<'a>(what: &str, opts: impl Iterator<Item = &'a str>) -> Result<(), String> {
+    let mut seen = std::collections::HashSet::new();
+    for opt in opts {
+        let key = opt.split_once('=').map_or(opt, |(k, _)| k);
+        if !seen.insert(key) {
+            return Err(format!("{what} option {key:?} given twice"));
+        }
+    }
+    Ok(())
+}
+
 fn parse_vsock(s: &str) -> Result<VsockConfig, String> {
     let (mut cid, mut uds) = (None, None);
+    once("vsock", s.split(','))?;
     for opt in s.split(',') {
         match opt.split_once('=') {
             Some(("cid", v)) => {
@@ -323,6 +337,10 @@ fn parse_net(s: &str) -> Result<NetConfig, String> {
     let mut tap = None;
     let mut net = NetConfig::new("", "");
     let mut id = None;
+    once("NIC", s.split(','))?;
+    if s.split(',').any(|o| o.starts_with("tap=")) && s.split(',').any(|o| o.starts_with("fd=")) {
+        return Err("a NIC takes its TAP from tap=NAME or fd=N, not both".into());
+    }
     for opt in s.split(',') {
         let (k, v) = opt
             .split_once('=')
@@ -460,6 +478,7 @@ fn parse_disk(s: &str) -> Result<DiskConfig, String> {
         .filter(|p| !p.is_empty())
         .ok_or("a disk needs a path")?;
     let mut disk = DiskConfig::new(path);
+    once("disk", parts.clone())?;
     for opt in parts {
         match opt.split_once('=') {
             None if opt == "ro" => disk.read_only = true,

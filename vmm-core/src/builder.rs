@@ -514,7 +514,13 @@ impl VmBuilder {
                 }
                 // SAFETY: `dup` is a new descriptor, ours alone.
                 let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(dup) };
-                Tap::from_fd(owned).map_err(tap_err)?
+                // Errors name the caller's descriptor, not the duplicate.
+                Tap::from_fd(owned)
+                    .map_err(|e| match e {
+                        TapError::NotTap { source, .. } => TapError::NotTap { fd: *fd, source },
+                        other => other,
+                    })
+                    .map_err(tap_err)?
             }
         };
         let net_err = |source| DeviceError::Net {
