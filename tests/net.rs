@@ -7,7 +7,8 @@ use std::net::UdpSocket;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::netns::{finish, spawn_in, wait_line, NetNs, GUEST_IP, GUEST_MAC, HOST_IP};
+use common::netns::{spawn_in, NetNs, GUEST_IP, GUEST_MAC, HOST_IP};
+use common::{finish, wait_line};
 use vmm_kit::core::{HostIo, KernelSource, NetConfig, VmConfig, VmExit, Vmm};
 
 #[test]

@@ -9,7 +9,8 @@ use std::net::UdpSocket;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::netns::{finish, spawn_in, wait_line, NetNs, GUEST_MAC, HOST_IP};
+use common::netns::{spawn_in, NetNs, GUEST_MAC, HOST_IP};
+use common::{finish, wait_line};
 
 /// Held by each test for its whole run, so that no two run at once.
 fn alone() -> MutexGuard<'static, ()> {

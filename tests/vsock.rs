@@ -3,10 +3,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::process::{Command, Stdio};
-use std::sync::mpsc::channel;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -34,36 +33,16 @@ fn guest_and_host_programs_connect_both_ways_and_echo() {
         (buf, rest.len())
     });
     let vsock = format!("cid=3,uds={}", uds.display());
-    let mut child = Command::new(common::minimal_bin())
-        .args([
-            "--vsock",
-            &vsock,
-            "--cmdline",
-            "console=ttyS0 testguest.run=vsock,exit",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the VMM");
-    let out = child.stdout.take().expect("test step");
-    let (tx, rx) = channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let mut cmd = Command::new(common::minimal_bin());
+    cmd.args([
+        "--vsock",
+        &vsock,
+        "--cmdline",
+        "console=ttyS0 testguest.run=vsock,exit",
+    ]);
+    let (child, rx) = common::spawn_lines(cmd);
     let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !seen
-        .iter()
-        .any(|l: &String| l.contains("vsock listen port=1234 ready"))
-    {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("no listen line; so far:\n{}", seen.join("\n")));
-        seen.push(line);
-    }
+    common::wait_line(&rx, "vsock listen port=1234 ready", &mut seen);
     // A host program connects to the guest's port 1234.
     let mut s = UnixStream::connect(&uds).expect("connect to the VMM's socket");
     s.set_read_timeout(Some(Duration::from_secs(20)))
@@ -88,17 +67,9 @@ fn guest_and_host_programs_connect_both_ways_and_echo() {
     s.shutdown(std::net::Shutdown::Write).expect("test step");
     let mut rest = Vec::new();
     s.read_to_end(&mut rest).expect("the connection ends");
-    let status = child.wait().expect("test step");
-    seen.extend(rx.try_iter());
+    let (code, err) = common::finish(child, &rx, &mut seen);
     let out = seen.join("\n");
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .expect("test step")
-        .read_to_string(&mut err)
-        .ok();
-    assert!(status.success(), "{out}\n{err}");
+    assert_eq!(code, 0, "{out}\n{err}");
     let (got, extra) = echo.join().expect("test step");
     let sent: Vec<u8> = (0..6000u64)
         .map(|i| ((i % 4096) as u8).wrapping_mul(13).wrapping_add(5))
@@ -125,28 +96,16 @@ fn a_host_request_nobody_answers_ends_after_the_timeout() {
     common::require_kvm();
     let dir = common::TempFile::new("unused", b"");
     let uds = dir.path.with_file_name("v.sock");
-    let serial = dir.path.with_file_name("serial.log");
     let vsock = format!("cid=3,uds={}", uds.display());
-    let mut child = Command::new(common::minimal_bin())
-        .args([
-            "--vsock",
-            &vsock,
-            "--cmdline",
-            "console=ttyS0 testguest.run=spin",
-        ])
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&serial).expect("test step"))
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the VMM");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(&serial)
-        .unwrap_or_default()
-        .contains("testguest: spin")
-    {
-        assert!(Instant::now() < deadline, "the guest did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut cmd = Command::new(common::minimal_bin());
+    cmd.args([
+        "--vsock",
+        &vsock,
+        "--cmdline",
+        "console=ttyS0 testguest.run=spin",
+    ]);
+    let (mut child, rx) = common::spawn_lines(cmd);
+    common::wait_line(&rx, "testguest: spin", &mut Vec::new());
     let mut s = UnixStream::connect(&uds).expect("connect to the VMM's socket");
     s.set_read_timeout(Some(Duration::from_secs(20)))
         .expect("test step");

@@ -6,9 +6,10 @@ pub mod api;
 pub mod netns;
 
 use std::fs::OpenOptions;
-use std::io::{self, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -65,41 +66,82 @@ pub fn run_minimal_logging(args: &[&str], filter: &str) -> Output {
         .expect("cannot start the reference VMM")
 }
 
-/// Runs the reference VMM with `args` like [`run_minimal`], and also returns
-/// each line of its stdout with the time it arrived, counted from the start:
-/// for tests that time what the guest does apart from the process starting
-/// and stopping.
-pub fn run_minimal_timed(args: &[&str]) -> (Output, Vec<(Duration, String)>) {
-    use std::io::{BufRead, BufReader, Read};
-    let start = Instant::now();
-    let mut child = Command::new(minimal_bin())
-        .args(args)
+/// Starts `cmd` (the reference VMM, usually) with stdin closed, `RUST_LOG`
+/// at `warn` and its stdout lines on a channel, as they come.
+pub fn spawn_lines(mut cmd: Command) -> (Child, Receiver<String>) {
+    require_kvm();
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .env("RUST_LOG", "warn")
         .spawn()
-        .expect("cannot start the reference VMM");
-    let mut err = child.stderr.take().expect("stderr");
-    let errs = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
+        .expect("start the reference VMM");
+    let out = child.stdout.take().expect("stdout");
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
     });
-    let mut lines = Vec::new();
-    let mut out = Vec::new();
-    for line in BufReader::new(child.stdout.take().expect("stdout")).lines() {
-        let Ok(line) = line else { break };
-        out.extend_from_slice(line.as_bytes());
-        out.push(b'\n');
-        lines.push((start.elapsed(), line));
+    (child, rx)
+}
+
+/// Lines up to (and with) the first containing `needle`.
+pub fn wait_line(rx: &Receiver<String>, needle: &str, seen: &mut Vec<String>) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                let hit = line.contains(needle);
+                seen.push(line);
+                if hit {
+                    return;
+                }
+            }
+            Err(_) => panic!("no {needle:?}; output so far:\n{}", seen.join("\n")),
+        }
+    }
+}
+
+/// Waits for the VMM to exit: its status code and its stderr, with the rest
+/// of its stdout added to `seen`.
+pub fn finish(mut child: Child, rx: &Receiver<String>, seen: &mut Vec<String>) -> (i32, String) {
+    let status = child.wait().expect("wait for the VMM");
+    seen.extend(rx.try_iter());
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        std::io::Read::read_to_string(&mut e, &mut err).ok();
+    }
+    (status.code().unwrap_or(-1), err)
+}
+
+/// Runs the reference VMM with `args` like [`run_minimal`], and also returns
+/// each line of its stdout with the time it arrived, counted from the start:
+/// for tests that time what the guest does apart from the process starting
+/// and stopping.
+pub fn run_minimal_timed(args: &[&str]) -> (Output, Vec<(Duration, String)>) {
+    let start = Instant::now();
+    let mut cmd = Command::new(minimal_bin());
+    cmd.args(args);
+    let (mut child, rx) = spawn_lines(cmd);
+    let lines: Vec<(Duration, String)> = rx.iter().map(|l| (start.elapsed(), l)).collect();
+    let mut stderr = Vec::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_end(&mut stderr);
     }
     let status = child.wait().expect("the reference VMM");
-    let stderr = errs.join().expect("stderr reader");
+    let stdout = lines
+        .iter()
+        .flat_map(|(_, l)| format!("{l}\n").into_bytes())
+        .collect();
     (
         Output {
             status,
-            stdout: out,
+            stdout,
             stderr,
         },
         lines,

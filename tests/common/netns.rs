@@ -2,11 +2,9 @@
 //! a TAP (`tap0`, 172.16.0.1/24, up) for the guest, and removes it when done.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::os::fd::AsRawFd;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
-use std::time::{Duration, Instant};
+use std::sync::mpsc::Receiver;
 
 /// The host's address on the TAP.
 pub const HOST_IP: &str = "172.16.0.1";
@@ -108,54 +106,7 @@ impl Drop for NetNs {
 
 /// The reference VMM in `ns` with `args`, its stdout lines on a channel.
 pub fn spawn_in(ns: &NetNs, args: &[&str]) -> (Child, Receiver<String>) {
-    super::require_kvm();
-    let mut child = ns
-        .command(&super::minimal_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .expect("start the reference VMM");
-    let out = child.stdout.take().expect("stdout");
-    let (tx, rx) = channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    (child, rx)
-}
-
-/// Lines up to (and with) the first containing `needle`.
-pub fn wait_line(rx: &Receiver<String>, needle: &str, seen: &mut Vec<String>) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => {
-                let hit = line.contains(needle);
-                seen.push(line);
-                if hit {
-                    return;
-                }
-            }
-            Err(_) => panic!("no {needle:?}; output so far:\n{}", seen.join("\n")),
-        }
-    }
-}
-
-/// Waits for the VMM to exit: its status code and its stderr, with the rest
-/// of its stdout added to `seen`.
-pub fn finish(mut child: Child, rx: &Receiver<String>, seen: &mut Vec<String>) -> (i32, String) {
-    let status = child.wait().expect("wait for the VMM");
-    seen.extend(rx.try_iter());
-    let mut err = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        std::io::Read::read_to_string(&mut e, &mut err).ok();
-    }
-    (status.code().unwrap_or(-1), err)
+    let mut cmd = ns.command(&super::minimal_bin());
+    cmd.args(args);
+    super::spawn_lines(cmd)
 }
