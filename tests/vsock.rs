@@ -138,7 +138,10 @@ fn bad_vsock_settings_are_refused_clearly() {
             "unknown vsock option",
         ),
         ("cid=3,uds=/tmp/x,cid=4".to_string(), "\"cid\" given twice"),
-        (format!("cid=3,uds={}", dir.arg()), "cannot listen on"),
+        (
+            format!("cid=3,uds={}", dir.arg()),
+            "is a regular file, not a socket",
+        ),
     ] {
         let o = common::run_minimal(&["--vsock", &spec]);
         common::assert_clean_failure(&o, needle);
@@ -159,9 +162,14 @@ fn the_api_takes_a_vsock_device() {
     let (code, resp) = put(json!({"guest_cid": 3, "uds_path": taken}));
     assert_eq!(code, 400);
     assert!(
-        fault(&resp).contains("something is there already"),
+        fault(&resp).contains("is a regular file, not a socket"),
         "{resp}"
     );
+    // A live socket (the API's own) is refused; a stale one is replaced.
+    let (code, resp) = put(json!({"guest_cid": 3, "uds_path": sock}));
+    assert_eq!(code, 400);
+    assert!(fault(&resp).contains("is in use"), "{resp}");
+    drop(UnixListener::bind(&uds).expect("a socket nobody serves"));
     let (code, resp) = put(json!({"guest_cid": 3, "uds_path": uds, "vsock_id": "v"}));
     assert_eq!(code, 204, "{resp}");
     let (code, resp) = call(
@@ -180,7 +188,7 @@ fn the_api_takes_a_vsock_device() {
     );
     assert_eq!(code, 204, "{resp}");
     vmm.wait_serial("spin");
-    assert!(uds.exists(), "the device listens");
+    UnixStream::connect(&uds).expect("the device listens where the stale socket was");
     let (code, resp) = call(&sock, "GET", "/vm/config", None);
     assert_eq!(code, 200);
     let config: serde_json::Value = serde_json::from_str(&resp).expect("test step");

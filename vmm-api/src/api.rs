@@ -5,7 +5,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -697,12 +697,11 @@ impl Api {
         }
         let path = v.uds_path.clone();
         self.controller.on_owner(move || {
-            if std::fs::symlink_metadata(&path).is_ok() {
-                return Err(ApiError::Invalid(format!(
-                    "Cannot use {path} as the vsock socket: something is there already (remove it first)."
-                )));
-            }
-            Ok(())
+            vmm_devices::host_files::check_socket_path("vsock socket", Path::new(&path))
+                .map(drop)
+                .map_err(|e| {
+                    ApiError::Invalid(format!("Cannot use {path} as the vsock socket: {e}."))
+                })
         })??;
         let mut view = self.view.clone();
         view.vsock = Some(v);

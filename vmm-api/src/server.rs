@@ -9,7 +9,6 @@
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -58,22 +57,13 @@ impl ApiServer {
     /// Listens on `path`. A socket left there by a process that is gone is
     /// replaced; a live one, or anything that is not a socket, is refused.
     pub fn bind(path: &Path) -> Result<Self, ServerError> {
-        if let Ok(meta) = std::fs::symlink_metadata(path) {
-            if !meta.file_type().is_socket() {
-                return Err(ServerError::NotASocket(path.to_path_buf()));
-            }
-            match UnixStream::connect(path) {
-                Ok(_) => return Err(ServerError::InUse(path.to_path_buf())),
-                Err(_) => {
-                    let _ = std::fs::remove_file(path);
-                }
-            }
-        }
-        let listener =
-            UnixListener::bind(path).map_err(|e| ServerError::Bind(path.to_path_buf(), e))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| ServerError::Bind(path.to_path_buf(), e))?;
+        use vmm_devices::host_files::{listen_unix, HostFileError};
+        let listener = listen_unix("API socket", path).map_err(|e| match e {
+            HostFileError::WrongKind { .. } => ServerError::NotASocket(path.to_path_buf()),
+            HostFileError::SocketInUse { .. } => ServerError::InUse(path.to_path_buf()),
+            HostFileError::Listen { source, .. } => ServerError::Bind(path.to_path_buf(), source),
+            other => ServerError::Bind(path.to_path_buf(), io::Error::other(other)),
+        })?;
         Ok(Self {
             listener,
             path: path.to_path_buf(),

@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::HOST_CID;
+use crate::host_files::{listen_unix, HostFileError};
 use crate::metrics::VsockMetrics;
 use crate::persist::RestoreError;
 use crate::virtio::{
@@ -76,15 +77,10 @@ pub enum VsockError {
     /// beyond 32 bits.
     #[error("guest CID {0} is reserved or too large: use 3 to 4294967294")]
     BadCid(u64),
-    /// The Unix socket path cannot be listened on.
-    #[error("cannot listen on {path}")]
-    Listen {
-        /// The path.
-        path: PathBuf,
-        /// Why (EADDRINUSE: a file is there, perhaps another VMM's socket).
-        #[source]
-        source: io::Error,
-    },
+    /// The Unix socket path cannot be listened on: another process serves
+    /// it, something other than a socket is there, or it cannot be made.
+    #[error(transparent)]
+    Listen(#[from] HostFileError),
     /// An epoll instance or eventfd could not be made.
     #[error("cannot set up the device's event sources")]
     Events(#[source] io::Error),
@@ -222,18 +218,13 @@ pub struct Vsock<M> {
 
 impl<M> Vsock<M> {
     /// A device for guest context id `cid`, listening for host programs on
-    /// the Unix socket `uds_path` (which must not exist yet; it is removed
-    /// when the device is dropped).
+    /// the Unix socket `uds_path` (which must not exist, or be a socket
+    /// nobody serves any more; it is removed when the device is dropped).
     pub fn new(cid: u64, uds_path: PathBuf) -> Result<Self, VsockError> {
         if !(3..=u64::from(u32::MAX - 1)).contains(&cid) {
             return Err(VsockError::BadCid(cid));
         }
-        let listen_err = |source| VsockError::Listen {
-            path: uds_path.clone(),
-            source,
-        };
-        let listener = UnixListener::bind(&uds_path).map_err(listen_err)?;
-        listener.set_nonblocking(true).map_err(listen_err)?;
+        let listener = listen_unix("vsock socket", &uds_path)?;
         let epoll = Epoll::new().map_err(VsockError::Events)?;
         epoll
             .ctl(

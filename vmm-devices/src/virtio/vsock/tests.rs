@@ -11,6 +11,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::device::{EV_HOST, EV_KICK, EV_TIMER};
 use super::*;
+use crate::host_files::HostFileError;
 use crate::test_utils::{context, memory, Buf, Driver, TestInterrupt};
 use crate::virtio::{VirtioDevice, VIRTIO_F_VERSION_1};
 
@@ -473,12 +474,26 @@ fn the_socket_path_is_checked_and_removed_with_the_device() {
         Vsock::<GuestMemoryMmap>::new(2, path.clone()),
         Err(VsockError::BadCid(2))
     ));
+    // A socket whose process is gone is replaced.
+    drop(UnixListener::bind(&path).unwrap());
+    assert!(path.exists());
     let dev = Vsock::<GuestMemoryMmap>::new(3, path.clone()).unwrap();
+    // A live one (another VMM's) is not.
     assert!(matches!(
         Vsock::<GuestMemoryMmap>::new(3, path.clone()),
-        Err(VsockError::Listen { .. })
+        Err(VsockError::Listen(HostFileError::SocketInUse { .. }))
     ));
     drop(dev);
     assert!(!path.exists());
+    // Nor is a file that is not a socket, which stays as it was.
+    std::fs::write(&path, b"data").unwrap();
+    let err = Vsock::<GuestMemoryMmap>::new(3, path.clone())
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("is a regular file, not a socket"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), b"data");
     let _ = std::fs::remove_dir_all(&dir);
 }
