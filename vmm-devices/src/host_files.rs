@@ -388,6 +388,72 @@ fn process_name(pid: u32) -> String {
         .unwrap_or_default()
 }
 
+/// Listens on the Unix socket `path` (`what` names it in errors). A socket
+/// left there by a process that is gone (connecting to it is refused) is
+/// replaced; a live one, or anything that is not a socket, is refused and
+/// left untouched.
+///
+/// ```
+/// use vmm_devices::host_files::{listen_unix, HostFileError};
+///
+/// let dir = std::env::temp_dir().join(format!("listen-doc-{}", std::process::id()));
+/// std::fs::create_dir_all(&dir)?;
+/// let path = dir.join("api.sock");
+/// let live = listen_unix("API socket", &path)?;
+/// // A second listener on a live socket is refused.
+/// assert!(matches!(
+///     listen_unix("API socket", &path),
+///     Err(HostFileError::SocketInUse { .. })
+/// ));
+/// drop(live); // The file stays, stale: the next listener replaces it.
+/// let _again = listen_unix("API socket", &path)?;
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn listen_unix(what: &'static str, path: &Path) -> Result<UnixListener, HostFileError> {
+    let listen_err = |source| HostFileError::Listen {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    if check_socket_path(what, path)? {
+        std::fs::remove_file(path).map_err(listen_err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(listen_err)?;
+    listener.set_nonblocking(true).map_err(listen_err)?;
+    Ok(listener)
+}
+
+/// Checks that [`listen_unix`] may listen on `path`, without changing
+/// anything: `Ok(false)` when nothing is there, `Ok(true)` when a stale
+/// socket is (it would be replaced).
+pub fn check_socket_path(what: &'static str, path: &Path) -> Result<bool, HostFileError> {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(false);
+    };
+    if !meta.file_type().is_socket() {
+        return Err(HostFileError::WrongKind {
+            what,
+            path: path.to_path_buf(),
+            found: kind_name(meta.file_type()),
+            expected: "a socket (or nothing)",
+        });
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(HostFileError::SocketInUse {
+            what,
+            path: path.to_path_buf(),
+        }),
+        // Nobody listens: a socket its process left behind.
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(true),
+        Err(source) => Err(HostFileError::Listen {
+            what,
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -475,71 +541,5 @@ mod tests {
         let err = lock_image(&r3, &img, true).unwrap_err();
         assert!(err.to_string().contains("in use read-write"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
-    }
-}
-
-/// Listens on the Unix socket `path` (`what` names it in errors). A socket
-/// left there by a process that is gone (connecting to it is refused) is
-/// replaced; a live one, or anything that is not a socket, is refused and
-/// left untouched.
-///
-/// ```
-/// use vmm_devices::host_files::{listen_unix, HostFileError};
-///
-/// let dir = std::env::temp_dir().join(format!("listen-doc-{}", std::process::id()));
-/// std::fs::create_dir_all(&dir)?;
-/// let path = dir.join("api.sock");
-/// let live = listen_unix("API socket", &path)?;
-/// // A second listener on a live socket is refused.
-/// assert!(matches!(
-///     listen_unix("API socket", &path),
-///     Err(HostFileError::SocketInUse { .. })
-/// ));
-/// drop(live); // The file stays, stale: the next listener replaces it.
-/// let _again = listen_unix("API socket", &path)?;
-/// # std::fs::remove_dir_all(&dir)?;
-/// # Ok::<(), Box<dyn std::error::Error>>(())
-/// ```
-pub fn listen_unix(what: &'static str, path: &Path) -> Result<UnixListener, HostFileError> {
-    let listen_err = |source| HostFileError::Listen {
-        what,
-        path: path.to_path_buf(),
-        source,
-    };
-    if check_socket_path(what, path)? {
-        std::fs::remove_file(path).map_err(listen_err)?;
-    }
-    let listener = UnixListener::bind(path).map_err(listen_err)?;
-    listener.set_nonblocking(true).map_err(listen_err)?;
-    Ok(listener)
-}
-
-/// Checks that [`listen_unix`] may listen on `path`, without changing
-/// anything: `Ok(false)` when nothing is there, `Ok(true)` when a stale
-/// socket is (it would be replaced).
-pub fn check_socket_path(what: &'static str, path: &Path) -> Result<bool, HostFileError> {
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
-        return Ok(false);
-    };
-    if !meta.file_type().is_socket() {
-        return Err(HostFileError::WrongKind {
-            what,
-            path: path.to_path_buf(),
-            found: kind_name(meta.file_type()),
-            expected: "a socket (or nothing)",
-        });
-    }
-    match UnixStream::connect(path) {
-        Ok(_) => Err(HostFileError::SocketInUse {
-            what,
-            path: path.to_path_buf(),
-        }),
-        // Nobody listens: a socket its process left behind.
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(true),
-        Err(source) => Err(HostFileError::Listen {
-            what,
-            path: path.to_path_buf(),
-            source,
-        }),
     }
 }
