@@ -221,7 +221,7 @@ pub fn parse_request(method: &str, path: &str, bytes: &[u8]) -> Result<ApiReques
         }
         (
             "GET" | "PUT" | "PATCH",
-            ["vsock" | "balloon" | "mmds" | "cpu-config" | "pmem" | "hotplug" | "serial", ..],
+            ["balloon" | "mmds" | "cpu-config" | "pmem" | "hotplug" | "serial", ..],
         ) => {
             return Err(ApiError::NotSupported(format!(
                 "{method} /{}",
@@ -352,7 +352,10 @@ mod tests {
                 "missing field `refill_time`",
             ),
             ("PUT", "/vsock", "{}", "missing field `guest_cid`"),
-            ("PATCH", "/vsock", "{}", "not supported"),
+            // Firecracker has only PUT /vsock.
+            ("PATCH", "/vsock", "{}", "Invalid request method"),
+            ("GET", "/vsock", "", "Invalid request method"),
+            ("PUT", "/vsock/v0", "{}", "Invalid request method"),
             ("PUT", "/snapshot/create", "{}", "missing field"),
             (
                 "PUT",
