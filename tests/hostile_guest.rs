@@ -113,7 +113,7 @@ fn hostile_driver_on_a_nic_and_vsock_leaves_them_working() {
     use std::os::unix::net::UnixListener;
 
     require_kvm();
-    let ns = common::netns::NetNs::new("hostile");
+    let ns = common::netns::NetNs::with_tap("hostile", "tap0", common::netns::HOST_IP);
     let disk = TempFile::new("victim.img", &vec![0xabu8; 64 * 1024]);
     let uds = disk.path.with_file_name("v.sock");
     let echo = UnixListener::bind(format!("{}_52", uds.display())).expect("echo socket");

@@ -13,7 +13,7 @@ use vmm_kit::core::{HostIo, KernelSource, NetConfig, VmConfig, VmExit, Vmm};
 
 #[test]
 fn the_guest_and_the_host_stack_talk_both_ways() {
-    let ns = NetNs::new("both");
+    let ns = NetNs::with_tap("both", "tap0", HOST_IP);
     let net = format!("tap=tap0,mac={GUEST_MAC}");
     let (child, rx) = spawn_in(
         &ns,
@@ -57,7 +57,7 @@ fn the_guest_and_the_host_stack_talk_both_ways() {
 #[test]
 fn link_down_and_up_reach_the_guest_and_frames_flow_again() {
     common::require_kvm();
-    let ns = NetNs::new("link");
+    let ns = NetNs::with_tap("link", "tap0", HOST_IP);
     ns.run(|| {
         let serial = common::SharedBuf::default();
         let mut nic = NetConfig::new("eth0", "tap0");
@@ -135,7 +135,7 @@ fn bad_nic_flags_and_a_busy_tap_are_refused_clearly() {
     common::assert_clean_failure(&o, "two NICs have the id \"a\"");
 
     // A TAP another VMM is using.
-    let ns = NetNs::new("busy");
+    let ns = NetNs::with_tap("busy", "tap0", HOST_IP);
     let net = format!("tap=tap0,mac={GUEST_MAC}");
     let (mut first, rx) = spawn_in(
         &ns,
@@ -167,7 +167,7 @@ fn the_api_configures_interfaces_and_patches_their_limits() {
     use common::api::{call, fault, Vmm as ApiVmm};
     use serde_json::json;
 
-    let ns = NetNs::new("api");
+    let ns = NetNs::with_tap("api", "tap0", HOST_IP);
     ns.add_tap("tap1", "172.16.1.1");
     let mut vmm = ApiVmm::start_in_netns(&ns.name, &[]);
     let sock = vmm.sock.clone();
@@ -268,8 +268,8 @@ fn a_snapshot_keeps_the_nic_and_network_overrides_move_it() {
     use common::api::{call, Vmm as ApiVmm};
     use serde_json::json;
 
-    let first_ns = NetNs::new("snap");
-    let second_ns = NetNs::with_tap("snap2", "tapc");
+    let first_ns = NetNs::with_tap("snap", "tap0", HOST_IP);
+    let second_ns = NetNs::with_tap("snap2", "tapc", HOST_IP);
     let dir = common::TempFile::new("guest.elf", vmm_kit::testguest::IMAGE);
     let base = dir.path.parent().expect("test step").to_path_buf();
     let kernel = dir.arg().to_string();

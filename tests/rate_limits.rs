@@ -138,7 +138,7 @@ fn patching_a_running_disks_limit_over_the_api_takes_effect_at_once() {
 #[test]
 fn a_transmit_rate_limit_holds_the_guest_to_its_rate() {
     let _alone = alone();
-    let ns = NetNs::new("txlimit");
+    let ns = NetNs::with_tap("txlimit", "tap0", HOST_IP);
     let frames = 2000u64;
     let size = 1514u64;
     let iters = format!(
@@ -207,7 +207,7 @@ fn a_receive_rate_limit_paces_what_the_guest_gets() {
     let _alone = alone();
     use vmm_kit::devices::test_utils::{udp_frame, HostLink};
 
-    let ns = NetNs::new("rxlimit");
+    let ns = NetNs::with_tap("rxlimit", "tap0", HOST_IP);
     let net = format!("tap=tap0,mac={GUEST_MAC},rx-bandwidth=50000/10");
     let (child, rx) = spawn_in(
         &ns,

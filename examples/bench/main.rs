@@ -979,7 +979,7 @@ fn snapshot_rows(r: usize, qemu: bool, image: &PathBuf) {
 
 /// The network, vsock and rate limiter rows (see the `net` module).
 fn net_rows(r: usize, qemu: bool, image: &PathBuf, tsc_ghz: f64) {
-    let ns = net::Ns::new();
+    let ns = net::namespace();
     let iters = 20_000u64;
     for size in [1514usize, 64] {
         let cmdline = |ip: u8| {

@@ -5,7 +5,6 @@
 //! `vsock-bench` against a host Unix socket pair; and the transmit rate
 //! limiter's accuracy at 1 ms and 100 ms refill times.
 
-use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -13,87 +12,22 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vmm_kit::devices::test_utils::{self, HostLink};
+use vmm_kit::devices::test_utils::{self, HostLink, NetNs};
 use vmm_kit::devices::virtio::net::Tap;
 use vmm_kit::testguest::parse_output;
 
 /// A namespace with three TAPs: ours (`tap0`, 172.16.0.1), QEMU's (`tap1`,
 /// 172.16.1.1) and the floor's (`tapf`, 172.16.2.1).
-pub struct Ns {
-    name: String,
-}
-
-fn ip(args: &[&str]) {
-    let ok = Command::new("ip")
-        .args(args)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(
-        ok,
-        "ip {} failed (the bench needs iproute2 and root)",
-        args.join(" ")
-    );
-}
-
-impl Ns {
-    pub fn new() -> Ns {
-        let name = format!("vmmkit-bench-{}", std::process::id());
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        ip(&["netns", "add", &name]);
-        for (tap, addr) in [
-            ("tap0", "172.16.0.1"),
-            ("tap1", "172.16.1.1"),
-            ("tapf", "172.16.2.1"),
-        ] {
-            ip(&["-n", &name, "tuntap", "add", "dev", tap, "mode", "tap"]);
-            ip(&[
-                "-n",
-                &name,
-                "addr",
-                "add",
-                &format!("{addr}/24"),
-                "dev",
-                tap,
-            ]);
-            ip(&["-n", &name, "link", "set", tap, "up"]);
-        }
-        Ns { name }
+pub fn namespace() -> NetNs {
+    let ns = NetNs::new("bench");
+    for (tap, addr) in [
+        ("tap0", "172.16.0.1"),
+        ("tap1", "172.16.1.1"),
+        ("tapf", "172.16.2.1"),
+    ] {
+        ns.add_tap(tap, addr);
     }
-
-    /// `program` inside the namespace.
-    pub fn command(&self, program: &std::path::Path) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).arg(program);
-        c
-    }
-
-    /// Runs `f` on a thread inside the namespace.
-    pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        let path = format!("/var/run/netns/{}", self.name);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let ns = File::open(&path).expect("namespace");
-                // SAFETY: setns on an open namespace fd; this thread only.
-                let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(r, 0, "setns");
-                f()
-            })
-            .join()
-            .expect("namespace thread")
-        })
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
+    ns
 }
 
 /// A UDP frame to the guest's benchmark port (5001).
@@ -126,7 +60,7 @@ pub struct NetRun {
 /// guest has `guest_ip` and MAC 06:00:ac:10:0X:02), host frames blasted
 /// from a packet socket on that TAP when the guest is ready.
 pub fn net_run(
-    ns: &Ns,
+    ns: &NetNs,
     mut cmd: Command,
     ifname: &str,
     subnet: u8,
@@ -176,7 +110,7 @@ pub fn net_run(
 /// The host's own TAP: frames per second a host program writes into a TAP
 /// (with the virtio-net header, as a VMM does), and reads from one (batches
 /// of 500 frames a packet socket queued on it, read back to back).
-pub fn floor(ns: &Ns, size: usize, iters: u64) -> (f64, f64) {
+pub fn floor(ns: &NetNs, size: usize, iters: u64) -> (f64, f64) {
     ns.run(|| {
         let tap = Tap::open("tapf").expect("the floor's TAP");
         let mut frame = vec![0u8; 12];
@@ -306,7 +240,7 @@ pub fn unix_floor(iters: u64) -> f64 {
 /// second; returns (whole-run rate / limit, largest 20 ms window's rate /
 /// limit, smallest 20 ms window's / limit), past the first 100 ms.
 pub fn limiter_accuracy(
-    ns: &Ns,
+    ns: &NetNs,
     vmm: &std::path::Path,
     rate: u64,
     refill_ms: u64,
@@ -375,7 +309,7 @@ pub fn limiter_accuracy(
 }
 
 /// The guest image's path for QEMU.
-pub fn qemu_net(ns: &Ns, image: &PathBuf, cmdline: &str) -> Command {
+pub fn qemu_net(ns: &NetNs, image: &PathBuf, cmdline: &str) -> Command {
     let mut c = ns.command(std::path::Path::new("qemu-system-x86_64"));
     c.args([
         "-M",

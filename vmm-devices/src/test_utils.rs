@@ -1,7 +1,9 @@
 //! Test doubles for device tests, fuzz targets and benchmarks (the
 //! `test-utils` feature): a small guest memory, a driver that lays out a
 //! split queue and publishes chains ([`Driver`]), and an interrupt that
-//! counts what the device signalled ([`TestInterrupt`]).
+//! counts what the device signalled ([`TestInterrupt`]); for network
+//! tests, a namespace of their own ([`NetNs`]) and the host's end of a TAP
+//! ([`HostLink`]).
 //!
 //! They panic on misuse (a buffer outside their memory, say): they are
 //! for tests.
@@ -227,6 +229,101 @@ pub fn context(
         acked_features: features,
     };
     (ctx, interrupt)
+}
+
+/// A network namespace of its own for a network test or benchmark, made
+/// with iproute2's `ip` (which must be installed; root is needed) with `lo`
+/// up, and removed on drop. A namespace of the same name left by an earlier,
+/// killed run is removed first.
+pub struct NetNs {
+    /// Its name (under /var/run/netns): `vmmkit-<tag>-<pid>`.
+    pub name: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("network tests need iproute2's `ip` (apt-get install iproute2): {e}")
+        });
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl NetNs {
+    /// A namespace with `lo` up.
+    pub fn new(tag: &str) -> NetNs {
+        let name = format!("vmmkit-{tag}-{}", std::process::id());
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(std::process::Stdio::null())
+            .status();
+        ip(&["netns", "add", &name]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        NetNs { name }
+    }
+
+    /// A namespace with `lo` up and the TAP `tap` at `addr`/24, up.
+    pub fn with_tap(tag: &str, tap: &str, addr: &str) -> NetNs {
+        let ns = NetNs::new(tag);
+        ns.add_tap(tap, addr);
+        ns
+    }
+
+    /// Another TAP in the namespace, at `addr`/24, up.
+    pub fn add_tap(&self, tap: &str, addr: &str) {
+        ip(&["-n", &self.name, "tuntap", "add", "dev", tap, "mode", "tap"]);
+        ip(&[
+            "-n",
+            &self.name,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            tap,
+        ]);
+        ip(&["-n", &self.name, "link", "set", tap, "up"]);
+    }
+
+    /// `program`, to be run inside the namespace.
+    pub fn command(&self, program: &std::path::Path) -> std::process::Command {
+        let mut c = std::process::Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+
+    /// Runs `f` on a thread inside the namespace (sockets it makes, and
+    /// TAPs a VM built there opens, belong to the namespace).
+    pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let ns = std::fs::File::open(&path).expect("the namespace's file");
+                // SAFETY: setns on an open namespace fd; affects this thread.
+                let r = unsafe {
+                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET)
+                };
+                assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .expect("thread in the namespace")
+        })
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
 }
 
 /// The host's end of a TAP, for network tests and benchmarks: a packet
